@@ -1,0 +1,24 @@
+"""difflab: denoising diffusion models, from the schedule to the sample.
+
+    import torch, difflab
+    schedule = difflab.schedules.linear(1e-4, 0.02, timesteps=1000)
+    denoiser = difflab.Denoiser(net, schedule, prediction="eps")
+    x0 = difflab.sample(denoiser, noise, sampler="dpmpp_2m", steps=10,
+                        generator=torch.Generator().manual_seed(0))
+"""
+
+from difflab import guidance, objectives, process, schedules
+from difflab.denoiser import BaseDenoiser, Denoiser, Prediction
+
+__version__ = "0.1.0"
+
+__all__ = ["BaseDenoiser", "Denoiser", "Prediction", "guidance", "objectives", "process",
+           "schedules", "__version__"]
+
+try:  # the samplers package is the front door; it is imported here when present
+    from difflab import samplers
+    from difflab.samplers import sample
+
+    __all__ += ["samplers", "sample"]
+except ImportError:  # pragma: no cover - during bootstrap only
+    pass

@@ -1,0 +1,195 @@
+"""Denoisers: network + parameterisation + schedule -> an estimate of x_0.
+
+With x_t = alpha x_0 + sigma eps, every parameterisation is a linear change of variables;
+the conversions live here and nowhere else:
+
+    eps    -> x0 = (x_t - sigma eps) / alpha
+    x0     -> eps = (x_t - alpha x0) / sigma
+    v      -> v = alpha eps - sigma x0 (Salimans & Ho 2022), so
+              x0 = (alpha x_t - sigma v) / (alpha^2 + sigma^2),
+              eps = (sigma x_t + alpha v) / (alpha^2 + sigma^2)
+    score  -> grad_x log p_t(x_t) = -eps / sigma   (Song et al. 2021; Vincent 2011)
+    edm    -> Karras et al. 2022, Table 1, in the scaled variable x~ = x_t / alpha,
+              sigma~ = sigma / alpha:
+              D(x~; sigma~) = c_skip x~ + c_out F(c_in x~, c_noise),
+              c_skip = sd^2 / (sigma~^2 + sd^2), c_out = sigma~ sd / sqrt(sigma~^2 + sd^2),
+              c_in = 1 / sqrt(sigma~^2 + sd^2),  c_noise = log(sigma~) / 4.
+
+A denoiser answers one question from one network call: given x_t at time t (and a condition),
+what are x0_hat, eps_hat and the score? Samplers and guidance only ever talk to this
+interface (``predict`` / ``__call__``) and to ``denoiser.schedule``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from difflab.schedules import NoiseSchedule
+
+__all__ = [
+    "PREDICTIONS",
+    "Prediction",
+    "BaseDenoiser",
+    "Denoiser",
+    "broadcast_time",
+    "eps_to_x0",
+    "x0_to_eps",
+    "v_to_x0_eps",
+    "x0_eps_to_v",
+]
+
+PREDICTIONS = ("eps", "x0", "v", "score", "edm")
+
+
+# --- conversions: each formula exactly once ---------------------------------------------
+def eps_to_x0(x: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """x0 = (x_t - sigma eps) / alpha."""
+    return (x - sigma * eps) / alpha
+
+
+def x0_to_eps(x: Tensor, x0: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """eps = (x_t - alpha x0) / sigma."""
+    return (x - alpha * x0) / sigma
+
+
+def v_to_x0_eps(x: Tensor, v: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """Invert v = alpha eps - sigma x0 together with x_t = alpha x0 + sigma eps."""
+    norm = alpha * alpha + sigma * sigma
+    return (alpha * x - sigma * v) / norm, (sigma * x + alpha * v) / norm
+
+
+def x0_eps_to_v(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """v = alpha eps - sigma x0."""
+    return alpha * eps - sigma * x0
+
+
+def broadcast_time(t: Tensor | float, x: Tensor) -> Tensor:
+    """t as a (B,) tensor for a batch x of shape (B, ...)."""
+    t = torch.as_tensor(t, device=x.device)
+    if not t.is_floating_point():
+        t = t.to(torch.float64)
+    if t.ndim == 0:
+        t = t.expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"t must be a scalar or have shape ({x.shape[0]},), got {tuple(t.shape)}")
+    return t
+
+
+@dataclass
+class Prediction:
+    """Everything a denoiser says about x_t at time t.
+
+    ``x0`` and ``eps`` are both taken from the network's own output with one conversion, so
+    neither is recomputed from the other at low precision. ``alpha``/``sigma`` are shaped to
+    broadcast against x.
+    """
+
+    x: Tensor
+    x0: Tensor
+    eps: Tensor
+    alpha: Tensor
+    sigma: Tensor
+
+    @property
+    def score(self) -> Tensor:
+        """grad_x log p_t(x) = -eps / sigma."""
+        return -self.eps / self.sigma
+
+    @property
+    def v(self) -> Tensor:
+        return x0_eps_to_v(self.x0, self.eps, self.alpha, self.sigma)
+
+    def target(self, name: str) -> Tensor:
+        """The prediction in a training-target space: 'eps', 'x0' or 'v'."""
+        if name == "eps":
+            return self.eps
+        if name == "x0":
+            return self.x0
+        if name == "v":
+            return self.v
+        raise ValueError(f"unknown target {name!r}; valid: 'eps', 'x0', 'v'")
+
+
+class BaseDenoiser(nn.Module):
+    """The denoiser interface: ``predict(x, t, cond) -> Prediction``; calling it returns x0_hat.
+
+    Guidance transforms (:mod:`difflab.guidance`) are BaseDenoisers wrapping another one.
+    """
+
+    schedule: NoiseSchedule
+
+    def predict(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Prediction:
+        raise NotImplementedError  # pragma: no cover
+
+    def forward(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Tensor:
+        return self.predict(x, t, cond).x0
+
+    def coefficients(self, x: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+        """(t as (B,), alpha, sigma shaped (B, 1, ..., 1) in x's dtype)."""
+        tb = broadcast_time(t, x)
+        alpha, sigma = self.schedule.alpha_sigma(tb.to(torch.float64))
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        return tb, alpha.to(x.dtype).view(shape), sigma.to(x.dtype).view(shape)
+
+
+class Denoiser(BaseDenoiser):
+    """A network made into a denoiser.
+
+    Args:
+        net: ``net(x, net_time)`` or ``net(x, net_time, cond)``; returns the quantity named
+            by ``prediction``. ``net_time`` is ``schedule.net_time(t)`` (for discrete
+            schedules the fractional DDPM index) or, with ``prediction="edm"``, c_noise.
+        schedule: the model's :class:`~difflab.schedules.NoiseSchedule`.
+        prediction: one of ``eps``, ``x0``, ``v``, ``score``, ``edm``.
+        sigma_data: sd in EDM preconditioning (used only by ``edm``).
+    """
+
+    def __init__(self, net: nn.Module | Callable, schedule: NoiseSchedule,
+                 prediction: str = "eps", sigma_data: float = 0.5):
+        super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction type {prediction!r}; valid: {list(PREDICTIONS)}")
+        if prediction in ("eps", "score") and float(schedule.alpha(1.0)) == 0.0:
+            raise ValueError(
+                f"prediction={prediction!r} cannot recover x0 where alpha = 0 (this schedule has "
+                "zero terminal SNR: x0 = (x - sigma eps) / alpha divides by zero at t = 1). "
+                "Use prediction='v' or 'x0' with a zero-terminal-SNR schedule."
+            )
+        self.net = net
+        self.schedule = schedule
+        self.prediction = prediction
+        self.sigma_data = float(sigma_data)
+
+    def _call_net(self, x: Tensor, net_t: Tensor, cond: Any) -> Tensor:
+        return self.net(x, net_t) if cond is None else self.net(x, net_t, cond)
+
+    def predict(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Prediction:
+        tb, alpha, sigma = self.coefficients(x, t)
+        if self.prediction == "edm":
+            sd = self.sigma_data
+            s_tilde = sigma / alpha  # VE-equivalent noise level
+            x_tilde = x / alpha
+            denom = (s_tilde * s_tilde + sd * sd).sqrt()
+            c_skip = sd * sd / denom**2
+            c_out = s_tilde * sd / denom
+            c_in = 1 / denom
+            c_noise = 0.25 * torch.log(s_tilde.flatten())
+            out = self._call_net(c_in * x_tilde, c_noise, cond)
+            x0 = c_skip * x_tilde + c_out * out.to(x.dtype)
+            return Prediction(x, x0, x0_to_eps(x, x0, alpha, sigma), alpha, sigma)
+        net_t = self.schedule.net_time(tb).to(x.dtype if x.is_floating_point() else torch.float32)
+        out = self._call_net(x, net_t, cond).to(x.dtype)
+        if self.prediction == "eps":
+            return Prediction(x, eps_to_x0(x, out, alpha, sigma), out, alpha, sigma)
+        if self.prediction == "score":
+            eps = -sigma * out
+            return Prediction(x, eps_to_x0(x, eps, alpha, sigma), eps, alpha, sigma)
+        if self.prediction == "x0":
+            return Prediction(x, out, x0_to_eps(x, out, alpha, sigma), alpha, sigma)
+        x0, eps = v_to_x0_eps(x, out, alpha, sigma)
+        return Prediction(x, x0, eps, alpha, sigma)
+

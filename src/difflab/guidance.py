@@ -1,0 +1,137 @@
+"""Guidance as denoiser transforms: each takes a denoiser and returns one, so guidance stacks
+and works with every sampler.
+
+Classifier-free guidance (Ho & Salimans 2022), in the w-convention (w = 0 is unguided):
+
+    eps~ = (1 + w) eps(x_t, c) - w eps(x_t, ∅)
+
+diffusers / Stable Diffusion write the same thing as eps(∅) + s (eps(c) - eps(∅)) with
+``guidance_scale`` s = 1 + w (s = 1 is unguided). Because the combination's weights sum to one,
+the same combination holds for x0_hat and v_hat, so no division by alpha is needed.
+Optional guidance rescale (Lin et al. 2024, Alg. 2) on the v prediction:
+
+    v_rescaled = v~ * std(v(c)) / std(v~),   v_final = phi v_rescaled + (1 - phi) v~
+
+Classifier guidance (Dhariwal & Nichol 2021, Alg. 2; Song et al. 2021 Eq. 48):
+
+    eps~ = eps - s * sigma_t * grad_x log p(y | x_t, t)
+
+i.e. score~ = score + s grad log p(y | x_t): the sigma_t factor is part of the formula.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from difflab.denoiser import BaseDenoiser, Prediction, broadcast_time, eps_to_x0, v_to_x0_eps
+
+__all__ = ["ClassifierFreeGuidance", "ClassifierGuidance", "classifier_free",
+           "classifier_guidance", "classifier_log_prob"]
+
+
+def _null_like(cond: Tensor, uncond: Any) -> Tensor:
+    u = torch.as_tensor(uncond, device=cond.device)
+    if u.shape == cond.shape:
+        return u.to(cond.dtype)
+    return u.to(cond.dtype).expand_as(cond) if u.ndim else torch.full_like(cond, u.item())
+
+
+class ClassifierFreeGuidance(BaseDenoiser):
+    """eps~ = (1 + w) eps(x, c) - w eps(x, uncond), both from one batched network call.
+
+    Args:
+        denoiser: a conditional denoiser that also knows the null condition ``uncond``.
+        w: guidance weight (w = 0: the conditional model; diffusers' scale = 1 + w).
+        uncond: the null condition (e.g. the null class label), broadcast to cond's shape.
+        rescale: phi of guidance rescale (0 disables).
+    """
+
+    def __init__(self, denoiser: BaseDenoiser, w: float, uncond: Any, rescale: float = 0.0):
+        super().__init__()
+        self.denoiser, self.w, self.uncond, self.rescale = denoiser, float(w), uncond, rescale
+        self.schedule = denoiser.schedule
+
+    def predict(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Prediction:
+        if cond is None:
+            raise ValueError("classifier-free guidance needs a condition: pass cond=...")
+        if self.w == 0.0 and self.rescale == 0.0:
+            return self.denoiser.predict(x, t, cond)
+        cond = torch.as_tensor(cond, device=x.device)
+        tb = broadcast_time(t, x)
+        both = self.denoiser.predict(torch.cat([x, x]), torch.cat([tb, tb]),
+                                     torch.cat([cond, _null_like(cond, self.uncond)]))
+        B = x.shape[0]
+        w = self.w
+        x0 = (1 + w) * both.x0[:B] - w * both.x0[B:]
+        eps = (1 + w) * both.eps[:B] - w * both.eps[B:]
+        alpha, sigma = both.alpha[:B], both.sigma[:B]
+        if self.rescale:
+            v_cfg = (1 + w) * both.v[:B] - w * both.v[B:]
+            dims = tuple(range(1, x.ndim))
+            ratio = both.v[:B].std(dims, keepdim=True) / v_cfg.std(dims, keepdim=True)
+            v = self.rescale * v_cfg * ratio + (1 - self.rescale) * v_cfg
+            x0, eps = v_to_x0_eps(x, v, alpha, sigma)
+        return Prediction(x, x0, eps, alpha, sigma)
+
+
+class ClassifierGuidance(BaseDenoiser):
+    """eps~ = eps - scale * sigma_t * grad_x log p(y | x_t, t).
+
+    Args:
+        denoiser: the (unconditional or conditional) model.
+        log_prob: ``log_prob(x_t, t, y) -> (B,)`` log p(y | x_t, t), differentiable in x_t;
+            t is continuous time in [0, 1]. See :func:`classifier_log_prob`.
+        scale: s (s = 1 with the exact classifier gives the exact conditional score).
+        pass_cond: also give the label to ``denoiser`` (guiding a conditional model).
+    """
+
+    def __init__(self, denoiser: BaseDenoiser, log_prob: Callable[[Tensor, Tensor, Tensor], Tensor],
+                 scale: float = 1.0, pass_cond: bool = False):
+        super().__init__()
+        self.denoiser, self.log_prob, self.scale = denoiser, log_prob, float(scale)
+        self.pass_cond = pass_cond
+        self.schedule = denoiser.schedule
+
+    def grad_log_prob(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            lp = self.log_prob(x_in, t, y)
+            (grad,) = torch.autograd.grad(lp.sum(), x_in)
+        return grad
+
+    def predict(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Prediction:
+        if cond is None:
+            raise ValueError("classifier guidance needs target labels: pass cond=labels")
+        tb = broadcast_time(t, x)
+        base = self.denoiser.predict(x, tb, cond if self.pass_cond else None)
+        if self.scale == 0.0:
+            return base
+        grad = self.grad_log_prob(x, tb, torch.as_tensor(cond, device=x.device))
+        eps = base.eps - self.scale * base.sigma * grad.to(x.dtype)
+        return Prediction(x, eps_to_x0(x, eps, base.alpha, base.sigma), eps,
+                          base.alpha, base.sigma)
+
+
+def classifier_free(denoiser: BaseDenoiser, w: float, uncond: Any,
+                    rescale: float = 0.0) -> ClassifierFreeGuidance:
+    """See :class:`ClassifierFreeGuidance`."""
+    return ClassifierFreeGuidance(denoiser, w, uncond, rescale)
+
+
+def classifier_guidance(denoiser: BaseDenoiser, log_prob: Callable, scale: float = 1.0,
+                        pass_cond: bool = False) -> ClassifierGuidance:
+    """See :class:`ClassifierGuidance`."""
+    return ClassifierGuidance(denoiser, log_prob, scale, pass_cond)
+
+
+def classifier_log_prob(classifier: nn.Module, schedule) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """Wrap a noise-aware classifier ``classifier(x_t, net_time) -> logits`` as log p(y | x_t, t)."""
+
+    def log_prob(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        logits = classifier(x, schedule.net_time(t).to(x.dtype))
+        return torch.log_softmax(logits.float(), -1).gather(1, y.long().view(-1, 1)).squeeze(1)
+
+    return log_prob
