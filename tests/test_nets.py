@@ -1,0 +1,194 @@
+"""Networks: config round trips, conditioning, zero-init, adaLN-Zero, attention equivariance,
+gradient flow."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from difflab import nets
+from difflab.nets.blocks import Attention, AttentionBlock, timestep_embedding
+
+SMALL_UNET = {"type": "unet", "in_channels": 1, "model_channels": 16, "channel_mult": [1, 2],
+              "num_res_blocks": 1, "attention_resolutions": [7], "image_size": 14,
+              "num_heads": 2, "num_classes": 3}
+
+
+def _randomize_zero_params(net: nn.Module, seed: int = 0) -> None:
+    """Give the zero-initialised layers random weights (as after some training)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            if not bool(p.any()):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def _inputs(net_cfg: dict, batch: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    if net_cfg["type"] == "mlp":
+        x = torch.randn(batch, net_cfg.get("dim", 2), generator=g)
+    else:
+        c = net_cfg.get("in_channels", 1)
+        s = net_cfg.get("image_size", net_cfg.get("input_size", 14))
+        x = torch.randn(batch, c, s, s, generator=g)
+    t = torch.rand(batch, generator=g) * 999
+    return x, t
+
+
+def _round_trip(net: nn.Module) -> nn.Module:
+    twin = nets.build(json.loads(json.dumps(net.config)))
+    assert twin.config == net.config
+    twin.load_state_dict(net.state_dict())
+    return twin
+
+
+# -- time embedding --------------------------------------------------------------------------
+def test_timestep_embedding_formula_and_fractional_t():
+    t = torch.tensor([0.0, 1.5, 999.0])
+    emb = timestep_embedding(t, 8)
+    freqs = 10000.0 ** (-torch.arange(4, dtype=torch.float64) / 4)
+    args = t.double()[:, None] * freqs
+    # float32 phase error at t = 999 is ~ 999 * 2^-24 * few ~ 1e-4
+    assert torch.allclose(emb[:, :4].double(), torch.cos(args), atol=5e-4)
+    assert torch.allclose(emb[:, 4:].double(), torch.sin(args), atol=5e-4)
+    assert emb[0, :4].eq(1).all() and emb[0, 4:].eq(0).all()
+    # fractional times give distinct embeddings (no rounding to integer timesteps)
+    assert not torch.allclose(timestep_embedding(torch.tensor([10.0]), 64),
+                              timestep_embedding(torch.tensor([10.25]), 64))
+
+
+# -- MLP ----------------------------------------------------------------------------------------
+def test_mlp_round_trip_conditioning_and_zero_init():
+    cfg = {"type": "mlp", "dim": 2, "hidden": 32, "depth": 2, "emb_dim": 16, "num_classes": 4}
+    net = nets.build(cfg)
+    x, t = _inputs(cfg)
+    assert torch.equal(net(x, t, torch.tensor([0, 1, 4])), torch.zeros_like(x))  # zero-init out
+    _randomize_zero_params(net)
+    twin = _round_trip(net)
+    c = torch.tensor([0, 1, 2])
+    assert torch.equal(net(x, t, c), twin(x, t, c))
+    assert not torch.allclose(net(x, t, c), net(x, t + 100, c))
+    assert not torch.allclose(net(x, t, c), net(x, t, torch.tensor([3, 3, 3])))
+    null = torch.full((3,), 4)
+    assert not torch.allclose(net(x, t, c), net(x, t, null))
+    assert torch.equal(net(x, t), net(x, t, null))  # cond=None is the null label
+    with pytest.raises(ValueError, match=r"\[0, 4\]"):
+        net(x, t, torch.tensor([0, 1, 5]))
+
+
+# -- U-Net --------------------------------------------------------------------------------------
+def test_unet_28_levels_and_zero_output_at_init():
+    net = nets.build({"type": "unet", "in_channels": 1, "model_channels": 16,
+                      "channel_mult": [1, 2, 2], "num_res_blocks": 1,
+                      "attention_resolutions": [7], "image_size": 28})
+    assert net.encoder.resolutions == [28, 14, 7]
+    x = torch.randn(2, 1, 28, 28)
+    out = net(x, torch.tensor([3.0, 500.0]))
+    assert out.shape == x.shape and torch.equal(out, torch.zeros_like(x))
+    assert nets.count_parameters(net) == sum(p.numel() for p in net.parameters())
+
+
+def test_unet_round_trip_time_and_class_dependence():
+    net = nets.build(SMALL_UNET)
+    _randomize_zero_params(net)
+    net.eval()
+    x, t = _inputs(SMALL_UNET)
+    c = torch.tensor([0, 1, 2])
+    out = net(x, t, c)
+    assert torch.equal(out, _round_trip(net)(x, t, c))
+    assert (out - net(x, t + 1.0, c)).abs().max() > 1e-4
+    assert (out - net(x, t, torch.tensor([1, 2, 0]))).abs().max() > 1e-4
+    null = torch.full((3,), 3)
+    assert (out - net(x, t, null)).abs().max() > 1e-4
+    assert torch.equal(net(x, t), net(x, t, null))
+    # one image of a batch does not depend on the others (no batch statistics)
+    assert torch.allclose(net(x[:1], t[:1], c[:1]), out[:1], atol=1e-5)
+
+
+def test_unet_odd_resolution_and_channels_last():
+    cfg = dict(SMALL_UNET, channel_mult=[1, 1, 2], image_size=7, attention_resolutions=[4])
+    net = nets.build(cfg)
+    _randomize_zero_params(net)
+    x, t = _inputs(cfg, 2)
+    assert net.encoder.resolutions == [7, 4, 2]
+    out = net(x, t)
+    net_cl = net.to(memory_format=torch.channels_last)
+    out_cl = net_cl(x.to(memory_format=torch.channels_last), t)
+    assert out.shape == x.shape and torch.allclose(out, out_cl, atol=1e-5)
+
+
+def test_unet_cross_attention_and_control_residuals():
+    cfg = dict(SMALL_UNET, context_dim=5, num_classes=None)
+    net = nets.build(cfg)
+    _randomize_zero_params(net)
+    x, t = _inputs(cfg, 2)
+    g = torch.Generator().manual_seed(1)
+    ctx = torch.randn(2, 4, 5, generator=g)
+    base = net(x, t, context=ctx)
+    assert (base - net(x, t, context=ctx.flip(0))).abs().max() > 1e-4
+    # cross-attention is invariant to the order of the context tokens
+    assert torch.allclose(base, net(x, t, context=ctx[:, [2, 0, 3, 1]]), atol=1e-5)
+    # masked-out tokens do not matter
+    mask = torch.tensor([[True, True, False, False]] * 2)
+    ctx2 = ctx.clone()
+    ctx2[:, 2:] = 7.0
+    assert torch.allclose(net(x, t, context=ctx, context_mask=mask),
+                          net(x, t, context=ctx2, context_mask=mask), atol=1e-5)
+    zeros = [torch.zeros(1)] * (net.num_skips + 1)
+    assert torch.allclose(net(x, t, context=ctx, control=zeros), base)
+    with pytest.raises(ValueError, match="control must hold"):
+        net(x, t, context=ctx, control=zeros[:-1])
+
+
+def test_unet_gradient_reaches_every_parameter():
+    net = nets.build(dict(SMALL_UNET, context_dim=4))
+    _randomize_zero_params(net)
+    x, t = _inputs(SMALL_UNET, 2)
+    loss = net(x, t, torch.tensor([0, 3]), context=torch.randn(2, 3, 4)).square().mean()
+    loss.backward()
+    # the null-label row and one class row get gradient; unused class rows cannot
+    for name, p in net.named_parameters():
+        if name.endswith("class_embed.embedding.weight"):
+            assert p.grad[[0, 3]].abs().sum(1).gt(0).all()
+            continue
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+# -- attention ---------------------------------------------------------------------------------
+def test_self_attention_is_permutation_equivariant():
+    torch.manual_seed(0)
+    attn = Attention(8, 2)
+    x = torch.randn(2, 5, 8)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    assert torch.allclose(attn(x)[:, perm], attn(x[:, perm]), atol=1e-6)
+    # and matches the textbook formula softmax(q k^T / sqrt(d)) v, head by head
+    q = attn.q(x).view(2, 5, 2, 4).transpose(1, 2)
+    k, v = attn.kv(x).view(2, 5, 2, 2, 4).permute(2, 0, 3, 1, 4)
+    w = torch.softmax(q @ k.transpose(-1, -2) / 2.0, -1)
+    ref = attn.proj((w @ v).transpose(1, 2).reshape(2, 5, 8))
+    assert torch.allclose(attn(x), ref, atol=1e-6)
+
+
+def test_spatial_attention_block_identity_at_init_and_equivariant():
+    block = AttentionBlock(8, 2)
+    x = torch.randn(1, 8, 3, 3)
+    assert torch.equal(block(x), x)  # zero-initialised output projection
+    _randomize_zero_params(block)
+    # permuting pixels permutes the output the same way (no positional information)
+    perm = torch.randperm(9, generator=torch.Generator().manual_seed(0))
+    xp = x.flatten(2)[:, :, perm].view_as(x)
+    assert torch.allclose(block(x).flatten(2)[:, :, perm], block(xp).flatten(2), atol=1e-5)
+
+
+def test_build_errors():
+    with pytest.raises(ValueError, match="unknown network type 'resnet'.*unet"):
+        nets.build({"type": "resnet"})
+    with pytest.raises(ValueError, match="'type'"):
+        nets.build({"in_channels": 1})
+    net = nets.build({"type": "unet", "model_channels": 8, "channel_mult": [1],
+                      "num_res_blocks": 1, "attention_resolutions": [], "image_size": 4})
+    with pytest.raises(ValueError, match="num_classes"):
+        net(torch.randn(1, 1, 4, 4), torch.zeros(1), torch.zeros(1, dtype=torch.long))
