@@ -1,0 +1,80 @@
+"""Samplers: stateless functions ``sample_<name>(denoiser, x, ts, *, cond, generator, callback,
+**opts) -> x0`` and the front door :func:`sample`.
+
+Every sampler works in log-SNR / data-prediction form on any schedule (VP, VE/EDM, zero
+terminal SNR) and any prediction type, keeps no state between calls (one denoiser may serve
+many threads) and precomputes its per-step coefficients before the loop. Grids: see
+:mod:`difflab.samplers.timesteps`; the last step to sigma = 0: see
+:mod:`difflab.samplers.common`.
+
+=================  ========================  ==========  ==========  ===========================
+name               method                    NFE         spacing     notes
+=================  ========================  ==========  ==========  ===========================
+ddpm               Ho et al. 2020, Alg. 2    steps       uniform     ancestral; variance option
+ddim               Song et al. 2021a         steps       uniform     eta option (0: ODE)
+dpm_solver_1/2/3   Lu et al. 2022 (eps)      k(n-1)+1    log_snr     singlestep
+dpmpp_2m, _3m      Lu et al. 2022b           steps       log_snr     multistep, data prediction
+dpmpp_2m_sde       Lu et al. 2022b, Alg. 3   steps       log_snr     stochastic
+euler, heun        Karras et al. 2022        n, 2n - 1   karras      heun: last step Euler
+euler_ancestral    k-diffusion               steps       karras      stochastic
+unipc              Zhao et al. 2023 (bh2)    steps       log_snr     UniP-2 + UniC
+=================  ========================  ==========  ==========  ===========================
+
+``difflab.samplers.get(name).nfe(steps)`` is the exact number of denoiser calls
+(``nfe_rule`` says it in words); on a zero-terminal-SNR grid heun and dpm_solver_k take their
+first step (from alpha = 0) as a one-call Euler/DDIM step, so they use order - 1 fewer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from difflab.denoiser import BaseDenoiser
+from difflab.samplers import ddpm, dpm_solver, dpmpp, euler, unipc  # noqa: F401  (register)
+from difflab.samplers.common import FINAL_MODES, REGISTRY, SamplerSpec, randn_like
+from difflab.samplers.timesteps import SPACINGS, timesteps
+
+__all__ = ["sample", "names", "get", "timesteps", "SPACINGS", "FINAL_MODES", "SamplerSpec",
+           "randn_like"]
+
+
+def names() -> list[str]:
+    """The registered sampler names, sorted."""
+    return sorted(REGISTRY)
+
+
+def get(name: str) -> SamplerSpec:
+    """The :class:`SamplerSpec` of ``name`` (function, nfe(steps), default spacing, ...)."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown sampler {name!r}; valid: {names()}")
+    return REGISTRY[name]
+
+
+def sample(denoiser: BaseDenoiser, noise: Tensor, sampler: str = "dpmpp_2m", steps: int = 10, *,
+           spacing: str | None = None, cond: Any = None,
+           generator: torch.Generator | list[torch.Generator] | None = None,
+           callback: Callable[[dict], None] | None = None, t_start: float = 1.0,
+           **opts: Any) -> Tensor:
+    """Draw x_0 from standard-normal ``noise`` with ``steps`` steps of ``sampler``.
+
+    The grid is ``timesteps(schedule, steps, spacing or the sampler's default, t_start)``; the
+    noise is multiplied by the std of x_{t_start} for unit-variance data,
+    sqrt(alpha^2 + sigma^2) (= ``schedule.prior_std()`` at t_start = 1: 1 for VP, ~sigma_max for
+    VE). ``generator`` (one, or a list with one per image) drives the noise stochastic
+    samplers draw during sampling; ``opts`` are the sampler's options (see its docstring).
+    """
+    spec = get(sampler)
+    unknown = sorted(set(opts) - set(spec.options))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for sampler {sampler!r}; valid: "
+                         f"{list(spec.options)}")
+    schedule = denoiser.schedule
+    ts = timesteps(schedule, steps, spacing or spec.spacing, t_start=t_start)
+    alpha, sigma = schedule.alpha_sigma(float(ts[0]))
+    scale = float((alpha * alpha + sigma * sigma).sqrt())
+    return spec.fn(denoiser, noise * scale, ts, cond=cond, generator=generator,
+                   callback=callback, **opts)

@@ -1,0 +1,73 @@
+"""Ancestral DDPM and DDIM: the posterior q(x_s | x_t, x0_hat) family."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from difflab import process
+from difflab.denoiser import BaseDenoiser
+from difflab.samplers.common import Grid, predict, randn_like, register
+
+__all__ = ["sample_ddpm", "sample_ddim"]
+
+VARIANCES = ("posterior", "beta")
+
+
+def _pairs(ts: Tensor) -> tuple[Tensor, Tensor]:
+    ts = torch.as_tensor(ts, dtype=torch.float64).cpu()
+    return ts[1:], ts[:-1]  # (s, t) with s < t for every step t -> s
+
+
+@register("ddpm", nfe=lambda steps: steps, nfe_rule="steps", spacing="uniform", order=1,
+          stochastic=True)
+@torch.no_grad()
+def sample_ddpm(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = None,
+                generator: Any = None, callback: Callable | None = None,
+                variance: str = "posterior") -> Tensor:
+    """Ancestral sampling, Ho et al. 2020, Alg. 2: x_s ~ N(mu~(x_t, x0_hat), var), with
+    var = beta~ (``"posterior"``, DDPM's sigma^2 = beta~) or sigma_{t|s}^2 (``"beta"``, = beta_t
+    for neighbouring DDPM steps). No noise is added on the step to sigma = 0."""
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown variance={variance!r}; valid: {list(VARIANCES)}")
+    g = Grid(denoiser.schedule, ts, x.device)
+    s, t = _pairs(ts)
+    c_xt, c_x0, var = process.posterior_coefficients(denoiser.schedule, s, t)
+    if variance == "beta":
+        var = process.transition(denoiser.schedule, s, t)[1]
+    std = var.clamp(min=0).sqrt()
+    c_xt, c_x0, std = c_xt.tolist(), c_x0.tolist(), std.tolist()
+    for i in range(g.n):
+        x0 = predict(denoiser, x, g, i, cond).x0
+        x = c_xt[i] * x + c_x0[i] * x0
+        if not g.is_final(i):
+            x = x + std[i] * randn_like(x, generator)
+        if callback is not None:
+            callback({"i": i, "t": g.times[i], "x": x, "x0": x0})
+    return x
+
+
+@register("ddim", nfe=lambda steps: steps, nfe_rule="steps", spacing="uniform", order=1)
+@torch.no_grad()
+def sample_ddim(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = None,
+                generator: Any = None, callback: Callable | None = None,
+                eta: float = 0.0) -> Tensor:
+    """DDIM, Song et al. 2021a, Eq. 12: x_s = alpha_s x0_hat + sqrt(sigma_s^2 - s_eta^2) eps_hat
+    + s_eta z, s_eta^2 = eta^2 * posterior variance (eta = 0: deterministic, eta = 1: DDPM)."""
+    g = Grid(denoiser.schedule, ts, x.device)
+    s, t = _pairs(ts)
+    var = process.posterior_coefficients(denoiser.schedule, s, t)[2]
+    s_eta2 = (eta**2 * var).clamp(min=0)
+    c_eps = (torch.as_tensor(g.sigma[1:], dtype=torch.float64) ** 2 - s_eta2).clamp(min=0).sqrt()
+    c_eps, s_eta = c_eps.tolist(), s_eta2.sqrt().tolist()
+    for i in range(g.n):
+        pred = predict(denoiser, x, g, i, cond)
+        x = g.alpha[i + 1] * pred.x0 + c_eps[i] * pred.eps
+        if s_eta[i] > 0:
+            x = x + s_eta[i] * randn_like(x, generator)
+        if callback is not None:
+            callback({"i": i, "t": g.times[i], "x": x, "x0": pred.x0})
+    return x

@@ -1,0 +1,129 @@
+"""Multistep DPM-Solver++ in data-prediction form (Lu et al. 2022b, "DPM-Solver++").
+
+Every step is the first-order step x_t = (sigma_t / sigma_s) x_s + alpha_t (1 - e^{-h}) D plus
+corrections built from earlier data predictions D_{i-1}, D_{i-2} with step ratios
+r = h_{i-1} / h_i. A previous step across an infinite log-SNR gap (the first step from
+alpha = 0) gives r = inf and so a zero correction: the order drops by itself, no NaN. NFE = steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from difflab.denoiser import BaseDenoiser
+from difflab.samplers.common import (
+    Grid,
+    check_final,
+    final_x0,
+    first_order,
+    predict,
+    randn_like,
+    register,
+)
+
+__all__ = ["sample_dpmpp_2m", "sample_dpmpp_3m", "sample_dpmpp_2m_sde"]
+
+
+@register("dpmpp_2m", nfe=lambda steps: steps, nfe_rule="steps", spacing="log_snr", order=2)
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = None,
+                    generator: Any = None, callback: Callable | None = None,
+                    final: str = "extrapolate") -> Tensor:
+    """DPM-Solver++(2M), Lu et al. 2022b, Alg. 2: D = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}."""
+    check_final(final)
+    g = Grid(denoiser.schedule, ts, x.device)
+    x0_prev = None
+    for i in range(g.n):
+        x0 = predict(denoiser, x, g, i, cond).x0
+        if g.is_final(i):
+            x = final_x0(g, x0, x0_prev, final, i - 1)
+        else:
+            ratio, c = first_order(g, i)
+            d = x0
+            if x0_prev is not None:
+                k = g.h(i) / (2 * g.h(i - 1))  # 1 / (2r); 0 after a step from alpha = 0
+                d = x0 + k * (x0 - x0_prev)
+            x = ratio * x + c * d
+        x0_prev = x0
+        if callback is not None:
+            callback({"i": i, "t": g.times[i], "x": x, "x0": x0})
+    return x
+
+
+@register("dpmpp_3m", nfe=lambda steps: steps, nfe_rule="steps", spacing="log_snr", order=3)
+@torch.no_grad()
+def sample_dpmpp_3m(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = None,
+                    generator: Any = None, callback: Callable | None = None,
+                    final: str = "extrapolate") -> Tensor:
+    """DPM-Solver++(3M), Lu et al. 2022b, multistep 3rd order: x += alpha_t (phi_2 d1 - phi_3 d2).
+
+    d1 ~ h D' and d2 ~ h^2 D'' from the last three data predictions. The exact integral
+    alpha_t int_0^h e^{-(h-u)} (u^2 / 2) D'' du = alpha_t h^2 phi_3 D'' needs d2 ~ h^2 D''; the
+    reference code (DPM-Solver, k-diffusion dpmpp_3m_sde, diffusers) uses half of it,
+    (d1_0 - d1_1) / (r0 + r1) ~ h^2 D'' / 2, which leaves the method 2nd order (measured
+    slope 2.3 on a Gaussian mixture vs 3.0 here; tests/test_samplers.py checks the order)."""
+    check_final(final)
+    g = Grid(denoiser.schedule, ts, x.device)
+    hist: list[Tensor] = []  # D_{i-1}, D_{i-2}
+    for i in range(g.n):
+        x0 = predict(denoiser, x, g, i, cond).x0
+        if g.is_final(i):
+            x = final_x0(g, x0, hist[0] if hist else None, final, i - 1)
+        else:
+            ratio, c = first_order(g, i)
+            x = ratio * x + c * x0
+            h = g.h(i)
+            phi_2 = math.expm1(-h) / h + 1 if math.isfinite(h) else 1.0
+            if hist:
+                r0 = g.h(i - 1) / h
+                d1_0 = (x0 - hist[0]) / r0
+                if len(hist) == 2:
+                    r1 = g.h(i - 2) / h
+                    d1_1 = (hist[0] - hist[1]) / r1
+                    phi_3 = phi_2 / h - 0.5
+                    d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
+                    d2 = 2 * (d1_0 - d1_1) / (r0 + r1)  # ~ h^2 D''
+                    x = x + g.alpha[i + 1] * (phi_2 * d1 - phi_3 * d2)
+                else:
+                    x = x + g.alpha[i + 1] * phi_2 * d1_0
+        hist = [x0] + hist[:1]
+        if callback is not None:
+            callback({"i": i, "t": g.times[i], "x": x, "x0": x0})
+    return x
+
+
+@register("dpmpp_2m_sde", nfe=lambda steps: steps, nfe_rule="steps", spacing="log_snr",
+          order=1, stochastic=True)
+@torch.no_grad()
+def sample_dpmpp_2m_sde(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = None,
+                        generator: Any = None, callback: Callable | None = None,
+                        eta: float = 1.0) -> Tensor:
+    """SDE-DPM-Solver++(2M), Lu et al. 2022b, Alg. 3 (midpoint form, as k-diffusion):
+    x_t = (sigma_t/sigma_s) e^{-eta h} x_s + alpha_t (1 - e^{-(1+eta)h}) (D + (D - D_prev)/(2r))
+    + sigma_t sqrt(1 - e^{-2 eta h}) z; the step to sigma = 0 returns x0_hat."""
+    g = Grid(denoiser.schedule, ts, x.device)
+    x0_prev = None
+    for i in range(g.n):
+        x0 = predict(denoiser, x, g, i, cond).x0
+        if g.is_final(i):
+            x = g.alpha[-1] * x0
+        else:
+            h = g.h(i)
+            decay = g.sigma[i + 1] / g.sigma[i] * math.exp(-eta * h)
+            c = -g.alpha[i + 1] * math.expm1(-(1 + eta) * h)
+            d = x0
+            if x0_prev is not None:
+                d = x0 + h / (2 * g.h(i - 1)) * (x0 - x0_prev)
+            x = decay * x + c * d
+            if eta > 0:
+                x = x + g.sigma[i + 1] * math.sqrt(-math.expm1(-2 * eta * h)) * randn_like(
+                    x, generator)
+        x0_prev = x0
+        if callback is not None:
+            callback({"i": i, "t": g.times[i], "x": x, "x0": x0})
+    return x

@@ -1,0 +1,112 @@
+"""Karras et al. 2022 (EDM) samplers on the VE-scaled probability-flow ODE
+dx~/dsigma~ = (x~ - D(x~; sigma~)) / sigma~ with x~ = x / alpha, sigma~ = sigma / alpha.
+
+An Euler step in (sigma~, x~) is exactly the DDIM step of :func:`difflab.samplers.common.
+first_order` (x~_t = (sigma~_t / sigma~_s) x~_s + (1 - sigma~_t / sigma~_s) D), which is how it
+is computed here: finite at sigma~_s = inf (zero terminal SNR). Heun's trapezoid correction
+does not exist across sigma~ = inf or to sigma~ = 0, so those steps are Euler steps
+(k-diffusion convention: NFE = 2 * steps - 1, one less on a zero-terminal-SNR grid).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from difflab.denoiser import BaseDenoiser
+from difflab.samplers.common import (
+    Grid,
+    check_final,
+    final_x0,
+    first_order,
+    predict,
+    randn_like,
+    register,
+)
+
+__all__ = ["sample_euler", "sample_heun", "sample_euler_ancestral"]
+
+
+@register("euler", nfe=lambda steps: steps, nfe_rule="steps", spacing="karras", order=1)
+@torch.no_grad()
+def sample_euler(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = None,
+                 generator: Any = None, callback: Callable | None = None,
+                 final: str = "x0") -> Tensor:
+    """Euler, Karras et al. 2022, Alg. 2 without churn (x~ += (sigma~_t - sigma~_s) d)."""
+    check_final(final)
+    g = Grid(denoiser.schedule, ts, x.device)
+    x0_prev = None
+    for i in range(g.n):
+        x0 = predict(denoiser, x, g, i, cond).x0
+        if g.is_final(i):
+            x = final_x0(g, x0, x0_prev, final, i - 1)
+        else:
+            ratio, c = first_order(g, i)
+            x = ratio * x + c * x0
+        x0_prev = x0
+        if callback is not None:
+            callback({"i": i, "t": g.times[i], "x": x, "x0": x0})
+    return x
+
+
+@register("heun", nfe=lambda steps: 2 * steps - 1, nfe_rule="2 * steps - 1", spacing="karras",
+          order=2)
+@torch.no_grad()
+def sample_heun(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = None,
+                generator: Any = None, callback: Callable | None = None,
+                final: str = "extrapolate") -> Tensor:
+    """Heun's 2nd-order method, Karras et al. 2022, Alg. 1 (deterministic, no churn)."""
+    check_final(final)
+    g = Grid(denoiser.schedule, ts, x.device)
+    x0_prev = None
+    for i in range(g.n):
+        x0 = predict(denoiser, x, g, i, cond).x0
+        if g.is_final(i):
+            x = final_x0(g, x0, x0_prev, final, i - 1)
+        else:
+            ratio, c = first_order(g, i)
+            x_euler = ratio * x + c * x0
+            if math.isinf(g.s2[i]):
+                x = x_euler
+            else:
+                x0_next = predict(denoiser, x_euler, g, i + 1, cond).x0
+                # x~_t = x~_s + (sigma~_t - sigma~_s) (d_s + d_t) / 2, d = (x~ - D) / sigma~
+                s_s, s_t = math.sqrt(g.s2[i]), math.sqrt(g.s2[i + 1])
+                d_s = (x / g.alpha[i] - x0) / s_s
+                d_t = (x_euler / g.alpha[i + 1] - x0_next) / s_t
+                x = g.alpha[i + 1] * (x / g.alpha[i] + (s_t - s_s) * 0.5 * (d_s + d_t))
+        x0_prev = x0
+        if callback is not None:
+            callback({"i": i, "t": g.times[i], "x": x, "x0": x0})
+    return x
+
+
+@register("euler_ancestral", nfe=lambda steps: steps, nfe_rule="steps", spacing="karras",
+          order=1, stochastic=True)
+@torch.no_grad()
+def sample_euler_ancestral(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = None,
+                           generator: Any = None, callback: Callable | None = None,
+                           eta: float = 1.0) -> Tensor:
+    """Ancestral Euler (k-diffusion ``sample_euler_ancestral``): an Euler step to sigma~_down,
+    then noise sigma~_up, sigma~_up^2 = min(sigma~_t^2, eta^2 sigma~_t^2 (1 - sigma~_t^2 /
+    sigma~_s^2)), sigma~_down^2 = sigma~_t^2 - sigma~_up^2 (Song et al. 2021 ancestral step)."""
+    g = Grid(denoiser.schedule, ts, x.device)
+    for i in range(g.n):
+        x0 = predict(denoiser, x, g, i, cond).x0
+        s2_s, s2_t = g.s2[i], g.s2[i + 1]
+        q = s2_t / s2_s  # 0 from sigma~ = inf
+        s_up = min(math.sqrt(s2_t), eta * math.sqrt(s2_t * (1 - q)))
+        s_down = math.sqrt(max(s2_t - s_up * s_up, 0.0))
+        # x~_down = (s_down / sigma~_s) x~ + (1 - s_down / sigma~_s) D, x~ = x / alpha
+        k = s_down / math.sqrt(s2_s)
+        x_tilde = (s_down / g.sigma[i]) * x + (1 - k) * x0
+        if s_up > 0:
+            x_tilde = x_tilde + s_up * randn_like(x, generator)
+        x = g.alpha[i + 1] * x_tilde
+        if callback is not None:
+            callback({"i": i, "t": g.times[i], "x": x, "x0": x0})
+    return x
