@@ -1,0 +1,193 @@
+"""Training configurations: nested JSON-safe dicts, presets and command-line overrides.
+
+A config has five sections; every one is stored in the checkpoint's ``config.json`` so the
+checkpoint alone rebuilds the model:
+
+* ``net``        the network config understood by :func:`difflab.nets.build` ("type": ...)
+* ``schedule``   :meth:`NoiseSchedule.config` (rebuilt by :func:`difflab.schedules.from_config`)
+* ``prediction`` what the network predicts (eps, x0, v, edm), ``sigma_data`` for EDM
+* ``data``       name (or path), resolution, channels, num_classes, split
+* ``train``      optimisation: lr, warm-up, batch size, EMA, objective, seeds, budgets, logging
+
+Overrides use dotted keys with JSON values: ``train.lr=3e-4``, ``net.channels=[32,64]``,
+``train.conditional=true``; a value that is not JSON is taken as a string.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PRESETS", "TRAIN_DEFAULTS", "preset", "load_config", "apply_overrides",
+           "parse_override", "complete"]
+
+# every key of the "train" section with its default; presets override some of them
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "steps": 1000,              # optimizer steps (stop earlier at max_minutes)
+    "max_minutes": None,        # wall-clock budget; None = no limit
+    "batch_size": 128,          # global batch per optimizer step (all ranks, all micro-batches)
+    "grad_accum": 1,            # micro-batches per optimizer step
+    "lr": 1e-3,
+    "warmup": 100,              # linear warm-up steps of the learning rate
+    "lr_decay": "none",         # "none" or "cosine" (to lr_min at train.steps)
+    "lr_min": 0.0,
+    "betas": [0.9, 0.999],
+    "weight_decay": 0.0,
+    "grad_clip": 1.0,           # max global grad norm; 0 disables
+    "ema_decay": 0.999,         # maximum EMA decay, warmed up as min(decay, (1 + n) / (10 + n))
+    "target": "eps",            # eps | x0 | v
+    "weighting": "none",        # none | min_snr | edm
+    "min_snr_gamma": 5.0,
+    "t_sampler": "uniform",     # uniform | lognormal
+    "conditional": False,       # class-conditional training (needs labels)
+    "p_uncond": 0.1,            # probability of replacing the label by the null label
+    "precision": "auto",        # auto (bf16 on CUDA if supported, fp32 on CPU) | fp32 | bf16
+    "log_every": 10,
+    "sample_every": 0,          # save a sample grid every N steps (0: only at the end)
+    "ckpt_every": 0,            # save a checkpoint every N steps (0: only at the end)
+    "sample_steps": 10,         # sampler steps for grids
+    "sampler": "dpmpp_2m",
+    "grid_size": 64,            # images in a sample grid (0: no grids)
+    "threads": None,            # torch.set_num_threads (None: leave as is)
+}
+
+_FASHION = {
+    "net": {"type": "unet", "in_channels": 1, "out_channels": 1, "base_channels": 32,
+            "channel_mults": [1, 2, 2], "num_res_blocks": 1, "attention_levels": [2],
+            "num_classes": None, "dropout": 0.0},
+    "schedule": {"type": "cosine", "timesteps": 1000, "s": 0.008, "max_beta": 0.999},
+    "prediction": "v",
+    "sigma_data": 0.5,
+    "data": {"name": "fashion_mnist", "resolution": 28, "channels": 1, "num_classes": 10,
+             "split": "train"},
+    "train": {"steps": 100000, "max_minutes": 10, "batch_size": 64, "lr": 2e-3, "warmup": 100,
+              "ema_decay": 0.999, "target": "v", "weighting": "min_snr", "min_snr_gamma": 5.0,
+              "grad_clip": 1.0, "sample_every": 500, "ckpt_every": 500, "log_every": 20},
+}
+
+_DIGITS = {
+    "net": {"type": "unet", "in_channels": 1, "out_channels": 1, "base_channels": 32,
+            "channel_mults": [1, 2], "num_res_blocks": 1, "attention_levels": [],
+            "num_classes": None, "dropout": 0.0},
+    "schedule": {"type": "cosine", "timesteps": 1000, "s": 0.008, "max_beta": 0.999},
+    "prediction": "v",
+    "sigma_data": 0.5,
+    "data": {"name": "digits", "resolution": 8, "channels": 1, "num_classes": 10,
+             "split": "train"},
+    "train": {"steps": 3000, "max_minutes": 10, "batch_size": 128, "lr": 2e-3, "warmup": 100,
+              "ema_decay": 0.999, "target": "v", "weighting": "min_snr",
+              "sample_every": 500, "ckpt_every": 500},
+}
+
+_TOY2D = {
+    "net": {"type": "mlp", "in_dim": 2, "hidden": 128, "depth": 3, "num_classes": None},
+    "schedule": {"type": "cosine", "timesteps": 1000, "s": 0.008, "max_beta": 0.999},
+    "prediction": "eps",
+    "sigma_data": 0.5,
+    "data": {"name": "ring", "resolution": None, "channels": 2, "num_classes": None,
+             "split": "train", "n": 8192},
+    "train": {"steps": 2000, "batch_size": 256, "lr": 2e-3, "warmup": 50, "ema_decay": 0.995,
+              "target": "eps", "weighting": "none", "grid_size": 1024},
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "fashion_mnist": _FASHION,
+    "digits": _DIGITS,
+    "toy2d": _TOY2D,
+}
+
+
+def complete(config: dict[str, Any]) -> dict[str, Any]:
+    """Fill missing keys with defaults and check the names of the known choices."""
+    cfg = copy.deepcopy(config)
+    for key in ("net", "schedule", "data"):
+        if key not in cfg or not isinstance(cfg[key], dict):
+            raise ValueError(f"config needs a {key!r} section (a dict); see the presets "
+                             f"{sorted(PRESETS)} for examples")
+    cfg.setdefault("prediction", "eps")
+    cfg.setdefault("sigma_data", 0.5)
+    train = dict(TRAIN_DEFAULTS)
+    unknown = sorted(set(cfg.get("train", {})) - set(TRAIN_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown train option(s) {unknown}; valid: {sorted(TRAIN_DEFAULTS)}")
+    train.update(cfg.get("train", {}))
+    cfg["train"] = train
+    from difflab.objectives import T_SAMPLERS, TARGETS, WEIGHTINGS
+
+    for key, valid in (("target", TARGETS), ("weighting", WEIGHTINGS),
+                       ("t_sampler", T_SAMPLERS), ("precision", ("auto", "fp32", "bf16")),
+                       ("lr_decay", ("none", "cosine"))):
+        if train[key] not in valid:
+            raise ValueError(f"unknown train.{key} {train[key]!r}; valid: {list(valid)}")
+    for key in ("batch_size", "grad_accum", "steps"):
+        if not isinstance(train[key], int) or train[key] < 1:
+            raise ValueError(f"train.{key} must be a positive integer, got {train[key]!r}")
+    if train["batch_size"] % train["grad_accum"]:
+        raise ValueError(f"train.batch_size ({train['batch_size']}) must be divisible by "
+                         f"train.grad_accum ({train['grad_accum']})")
+    if not 0 <= train["p_uncond"] < 1:
+        raise ValueError(f"train.p_uncond must lie in [0, 1), got {train['p_uncond']}")
+    if train["conditional"]:
+        nc = cfg["data"].get("num_classes")
+        if not nc:
+            raise ValueError("train.conditional=true needs labelled data: set data.num_classes")
+        cfg["net"]["num_classes"] = nc
+    return cfg
+
+
+def preset(name: str) -> dict[str, Any]:
+    """A deep copy of a named preset (completed with the defaults)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid: {sorted(PRESETS)} or a JSON file")
+    return complete(PRESETS[name])
+
+
+def load_config(name_or_path: str) -> dict[str, Any]:
+    """A preset name or the path of a JSON config file (for example a checkpoint's
+    config.json)."""
+    if name_or_path in PRESETS:
+        return preset(name_or_path)
+    path = Path(name_or_path)
+    if path.is_dir() and (path / "config.json").is_file():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no preset or config file {name_or_path!r}; presets: "
+                                f"{sorted(PRESETS)}, or give the path of a JSON config")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config file {path} is not valid JSON: {e}") from e
+    return complete(cfg)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=3e-4"`` -> (["train", "lr"], 3e-4); values are JSON, else strings."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like section.key=value, "
+                         "e.g. train.lr=3e-4")
+    key, value = text.split("=", 1)
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ValueError(f"override key {key!r} is not a dotted path like train.lr")
+    return parts, parsed
+
+
+def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides and re-complete the config."""
+    cfg = copy.deepcopy(config)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = cfg
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = value
+    return complete(cfg)

@@ -1,0 +1,173 @@
+"""What a training run shows and leaves behind: a progress bar on stderr, a JSONL metrics log,
+sample grids (PNG) and a loss-curve plot (matplotlib if installed, else drawn with PIL)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["ProgressBar", "MetricsLog", "to_uint8", "save_grid", "save_points",
+           "plot_loss", "read_metrics"]
+
+
+class ProgressBar:
+    """``step 120/1000 [####------]  loss 0.0412  312 img/s  0:41 elapsed`` on one line."""
+
+    def __init__(self, total: int, stream: TextIO | None = None, width: int = 24,
+                 enabled: bool = True):
+        self.total, self.width, self.enabled = total, width, enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.t0 = time.perf_counter()
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def update(self, step: int, loss: float, images_per_s: float, extra: str = "") -> None:
+        if not self.enabled:
+            return
+        frac = min(1.0, step / max(1, self.total))
+        filled = int(frac * self.width)
+        el = int(time.perf_counter() - self.t0)
+        line = (f"step {step}/{self.total} [{'#' * filled}{'-' * (self.width - filled)}] "
+                f"loss {loss:.4f}  {images_per_s:.0f} img/s  {el // 60}:{el % 60:02d} "
+                f"elapsed{extra}")
+        self.stream.write(("\r" + line) if self.tty else (line + "\n"))
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class MetricsLog:
+    """Append one JSON object per line to ``path``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records beyond ``step`` (after resuming from a checkpoint at ``step``)."""
+        if not self.path.is_file():
+            return
+        keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    out = []
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a crash
+                continue
+    return out
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """Images in [-1, 1] (NCHW float) -> uint8 NHWC: round((x + 1) * 127.5) clipped."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, pad: int = 2,
+              scale: int = 1) -> Path:
+    """Tile images (NCHW in [-1, 1]) into one PNG; ``scale`` enlarges with nearest pixels."""
+    from PIL import Image
+
+    u8 = to_uint8(images).numpy()
+    n, h, w, c = u8.shape
+    nrow = nrow or int(math.ceil(math.sqrt(n)))
+    ncol = int(math.ceil(n / nrow))
+    canvas = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + q * (w + pad)
+        canvas[y:y + h, x:x + w] = u8[i]
+    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def save_points(points: Tensor, path: str | Path, size: int = 256, extent: float = 2.0
+                ) -> Path:
+    """Scatter 2-D samples (N, 2) into a PNG (for toy data)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("L", (size, size), 255)
+    draw = ImageDraw.Draw(img)
+    p = points.detach().float().cpu().numpy()
+    xy = (p / extent * 0.5 + 0.5) * (size - 1)
+    for x, y in xy:
+        draw.point((float(x), float(size - 1 - y)), fill=0)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def plot_loss(records: list[dict[str, Any]], path: str | Path) -> Path:
+    """Loss against step (log scale), with a moving average; matplotlib if available."""
+    steps = np.array([r["step"] for r in records if "loss" in r], dtype=float)
+    loss = np.array([r["loss"] for r in records if "loss" in r], dtype=float)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    k = max(1, len(loss) // 20)
+    smooth = np.convolve(loss, np.ones(k) / k, mode="valid") if len(loss) else loss
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+        ax.plot(steps, loss, alpha=0.35, label="loss")
+        if len(smooth):
+            ax.plot(steps[k - 1:], smooth, label=f"moving average ({k})")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+    except ImportError:
+        pass
+    from PIL import Image, ImageDraw
+
+    W, H, m = 600, 350, 40
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle((m, m // 2, W - m // 2, H - m), outline="black")
+    if len(loss) >= 2:
+        ly = np.log10(np.maximum(loss, 1e-12))
+        lo, hi = ly.min(), max(ly.max(), ly.min() + 1e-6)
+        x0, x1 = steps.min(), max(steps.max(), steps.min() + 1)
+
+        def pt(s: float, v: float) -> tuple[float, float]:
+            return (m + (s - x0) / (x1 - x0) * (W - 1.5 * m),
+                    H - m - (v - lo) / (hi - lo) * (H - 1.5 * m))
+
+        d.line([pt(s, v) for s, v in zip(steps, ly)], fill=(120, 160, 220))
+        d.text((m, H - m + 5), f"step {int(x0)} .. {int(x1)}; log10 loss {lo:.2f} .. {hi:.2f}",
+               fill="black")
+    img.save(path)
+    return path
