@@ -60,9 +60,10 @@ def describe(net: nn.Module) -> str:
     return f"{kind}: {count_parameters(net) / 1e6:.2f}M parameters"
 
 
-for _module in _BUILTIN.values():  # register the built-in types (cheap: torch only)
-    try:
-        importlib.import_module(_module)
-    except ModuleNotFoundError as _e:  # pragma: no cover - only while a room is being built
-        if _e.name != _module:
-            raise
+# the built-in types register themselves on import (cheap: torch only)
+from difflab.nets.classifier import EncoderClassifier  # noqa: E402
+from difflab.nets.dit import DiT  # noqa: E402
+from difflab.nets.mlp import MLP  # noqa: E402
+from difflab.nets.unet import UNet, UNetEncoder  # noqa: E402
+
+__all__ += ["DiT", "EncoderClassifier", "MLP", "UNet", "UNetEncoder"]
