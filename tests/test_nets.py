@@ -188,6 +188,10 @@ def test_build_errors():
         nets.build({"type": "resnet"})
     with pytest.raises(ValueError, match="'type'"):
         nets.build({"in_channels": 1})
+    with pytest.raises(ValueError, match=r"\['base_channels'\].*model_channels"):
+        nets.build({"type": "unet", "base_channels": 32})
+    with pytest.raises(ValueError, match=r"attention_resolutions \[8\].*\[28, 14, 7\]"):
+        nets.build({"type": "unet", "attention_resolutions": [8], "image_size": 28})
     net = nets.build({"type": "unet", "model_channels": 8, "channel_mult": [1],
                       "num_res_blocks": 1, "attention_resolutions": [], "image_size": 4})
     with pytest.raises(ValueError, match="num_classes"):

@@ -13,6 +13,7 @@ Types: "mlp", "unet", "dit", "classifier". Other modules add types with :func:`r
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 from torch import nn
@@ -46,7 +47,15 @@ def build(config: dict[str, Any]) -> nn.Module:
     if kind not in NET_TYPES:
         valid = sorted(set(NET_TYPES) | set(_BUILTIN))
         raise ValueError(f"unknown network type {kind!r}; valid: {valid}")
-    return NET_TYPES[kind](**cfg)
+    cls = NET_TYPES[kind]
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        valid_keys = [k for k in params if k != "self"]
+        unknown = sorted(set(cfg) - set(valid_keys))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} for network type {kind!r}; "
+                             f"valid: {valid_keys}")
+    return cls(**cfg)
 
 
 def count_parameters(net: nn.Module, trainable_only: bool = False) -> int:

@@ -97,6 +97,12 @@ class UNetEncoder(nn.Module):
                 res = (res + 1) // 2
                 self.skip_channels.append(ch)
                 self.resolutions.append(res)
+        missing = sorted(set(attention_resolutions) - set(self.resolutions))
+        if missing:
+            raise ValueError(
+                f"attention_resolutions {missing} are not level resolutions of this network "
+                f"(image_size={image_size}, channel_mult={list(channel_mult)} gives "
+                f"{self.resolutions}); pick from those or set image_size to the data's")
         self.mid_res1 = ResBlock(ch, ch, self.emb_dim, dropout, scale_shift_norm)
         self.mid_attn = AttentionBlock(ch, _heads(ch, num_heads, num_head_channels), context_dim)
         self.mid_res2 = ResBlock(ch, ch, self.emb_dim, dropout, scale_shift_norm)
