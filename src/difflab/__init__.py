@@ -7,18 +7,11 @@
                         generator=torch.Generator().manual_seed(0))
 """
 
-from difflab import guidance, objectives, process, schedules
+from difflab import guidance, objectives, process, samplers, schedules
 from difflab.denoiser import BaseDenoiser, Denoiser, Prediction
+from difflab.samplers import sample
 
 __version__ = "0.1.0"
 
 __all__ = ["BaseDenoiser", "Denoiser", "Prediction", "guidance", "objectives", "process",
-           "schedules", "__version__"]
-
-try:  # the samplers package is the front door; it is imported here when present
-    from difflab import samplers
-    from difflab.samplers import sample
-
-    __all__ += ["samplers", "sample"]
-except ImportError:  # pragma: no cover - during bootstrap only
-    pass
+           "samplers", "sample", "schedules", "__version__"]
