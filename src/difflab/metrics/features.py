@@ -129,6 +129,7 @@ class FeatureExtractor(nn.Module):
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    os.chmod(tmp, 0o644)  # shipped package data: readable by everyone
     os.replace(tmp, path)
 
 
