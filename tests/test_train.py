@@ -182,9 +182,9 @@ def test_presets_and_overrides_round_trip():
     for name in ("fashion_mnist", "digits", "toy2d"):
         cfg = preset(name)
         assert complete(cfg) == cfg
-    cfg = apply_overrides(preset("digits"), ["train.lr=3e-4", "net.base_channels=[8]",
+    cfg = apply_overrides(preset("digits"), ["train.lr=3e-4", "net.model_channels=8",
                                              "train.conditional=true", "data.name=mine"])
-    assert cfg["train"]["lr"] == 3e-4 and cfg["net"]["base_channels"] == [8]
+    assert cfg["train"]["lr"] == 3e-4 and cfg["net"]["model_channels"] == 8
     assert cfg["data"]["name"] == "mine" and cfg["net"]["num_classes"] == 10
     assert parse_override("train.sampler=ddim") == (["train", "sampler"], "ddim")
 

@@ -77,7 +77,7 @@ def resolve(path: str | os.PathLike) -> Path:
         old = _old_path(cand)
         if not cand.exists() and old.is_dir():
             os.replace(old, cand)
-    if (p / "checkpoint" / CONFIG).is_file() and not (p / CONFIG).is_file():
+    if (p / "checkpoint" / MODEL).is_file() and not (p / MODEL).is_file():
         return p / "checkpoint"
     return p
 

@@ -58,7 +58,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config entry with a JSON value, e.g. --set train.lr=3e-4 "
-                        "--set net.base_channels=64 (repeatable)")
+                        "--set net.model_channels=64 (repeatable)")
     p.add_argument("--conditional", action="store_true",
                    help="class-conditional training with condition dropout train.p_uncond "
                         "(default 0.1) to the null label, for classifier-free guidance")
@@ -204,9 +204,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
-        arr = to_uint8(x).numpy() if args.npy_dtype == "uint8" else x.float().numpy()
-        if x.ndim == 2:
+        if x.ndim == 2:  # points are always float
             arr = x.float().numpy()
+        else:
+            arr = to_uint8(x).numpy() if args.npy_dtype == "uint8" else x.float().numpy()
         np.save(out, arr)
     elif out.suffix == ".png":
         if x.ndim == 2:

@@ -9,7 +9,7 @@ checkpoint alone rebuilds the model:
 * ``data``       name (or path), resolution, channels, num_classes, split
 * ``train``      optimisation: lr, warm-up, batch size, EMA, objective, seeds, budgets, logging
 
-Overrides use dotted keys with JSON values: ``train.lr=3e-4``, ``net.channels=[32,64]``,
+Overrides use dotted keys with JSON values: ``train.lr=3e-4``, ``net.model_channels=64``,
 ``train.conditional=true``; a value that is not JSON is taken as a string.
 """
 
@@ -55,9 +55,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 
 _FASHION = {
-    "net": {"type": "unet", "in_channels": 1, "out_channels": 1, "base_channels": 32,
-            "channel_mults": [1, 2, 2], "num_res_blocks": 1, "attention_levels": [2],
-            "num_classes": None, "dropout": 0.0},
+    "net": {"type": "unet", "in_channels": 1, "out_channels": 1, "model_channels": 32,
+            "channel_mult": [1, 2, 2], "num_res_blocks": 1, "attention_resolutions": [],
+            "image_size": 28, "num_classes": None, "dropout": 0.0},
     "schedule": {"type": "cosine", "timesteps": 1000, "s": 0.008, "max_beta": 0.999},
     "prediction": "v",
     "sigma_data": 0.5,
@@ -69,9 +69,9 @@ _FASHION = {
 }
 
 _DIGITS = {
-    "net": {"type": "unet", "in_channels": 1, "out_channels": 1, "base_channels": 32,
-            "channel_mults": [1, 2], "num_res_blocks": 1, "attention_levels": [],
-            "num_classes": None, "dropout": 0.0},
+    "net": {"type": "unet", "in_channels": 1, "out_channels": 1, "model_channels": 32,
+            "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [],
+            "image_size": 8, "num_classes": None, "dropout": 0.0},
     "schedule": {"type": "cosine", "timesteps": 1000, "s": 0.008, "max_beta": 0.999},
     "prediction": "v",
     "sigma_data": 0.5,
@@ -83,7 +83,7 @@ _DIGITS = {
 }
 
 _TOY2D = {
-    "net": {"type": "mlp", "in_dim": 2, "hidden": 128, "depth": 3, "num_classes": None},
+    "net": {"type": "mlp", "dim": 2, "hidden": 128, "depth": 3, "num_classes": None},
     "schedule": {"type": "cosine", "timesteps": 1000, "s": 0.008, "max_beta": 0.999},
     "prediction": "eps",
     "sigma_data": 0.5,

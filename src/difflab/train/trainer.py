@@ -81,11 +81,11 @@ def load_training_data(data_cfg: dict[str, Any], seed: int = 0
         return torch.as_tensor(pts, dtype=torch.float32), None
     from difflab.data import load_dataset
 
-    kw = {k: data_cfg[k] for k in ("resolution", "channels") if data_cfg.get(k)}
-    try:
-        ds = load_dataset(name, split=data_cfg.get("split", "train"), **kw)
-    except TypeError:  # a loader without resolution/channels options
-        ds = load_dataset(name, split=data_cfg.get("split", "train"))
+    split = data_cfg.get("split", "train")
+    ds = load_dataset(name, split=split)
+    res, ch = data_cfg.get("resolution"), data_cfg.get("channels")
+    if (res and tuple(ds.images.shape[2:]) != (res, res)) or (ch and ds.images.shape[1] != ch):
+        ds = load_dataset(name, split=split, resolution=res, channels=ch)
     images = torch.as_tensor(ds.images)
     labels = getattr(ds, "labels", None)
     return images, (None if labels is None else torch.as_tensor(labels).long())
@@ -323,7 +323,7 @@ class Trainer:
     def save_samples(self, path: Path) -> Path:
         x = self.sample()
         if x.ndim == 2:
-            return save_points(x, path)
+            return save_points(x, path, extent=3.0)
         nrow = int(self.config["data"]["num_classes"]) if self.tc["conditional"] else None
         return save_grid(x, path, nrow=nrow, scale=2 if x.shape[-1] <= 32 else 1)
 
