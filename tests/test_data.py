@@ -204,7 +204,8 @@ def test_image_folder_errors_name_the_file(tmp_path):
 def test_folder_split_subfolders(tmp_path):
     _write(tmp_path / "train" / "a.png", np.zeros((3, 3), np.uint8))
     _write(tmp_path / "test" / "b.png", np.full((3, 3), 9, np.uint8))
-    assert int(D.load_dataset(tmp_path, split="test").images.max()) == 9
+    test = D.load_dataset(tmp_path, split="test")
+    assert int(test.images.max()) == 9 and test.name == str(tmp_path)
     assert int(D.load_dataset(tmp_path, split="train").images.max()) == 0
 
 

@@ -73,6 +73,7 @@ def load_dataset(name_or_path: str | Path, split: str = "train", resolution: int
         elif split not in ("train", "all"):
             raise ValueError(f"image folder {name} has no {split!r} subfolder; a folder without "
                              "split subfolders has only split='train' (= 'all')")
+        kw.setdefault("name", name)  # the path as given, so a config can reload it
         ds = load_image_folder(root, resolution, channels, **kw)
         kw = {}
     else:
