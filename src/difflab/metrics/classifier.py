@@ -8,8 +8,14 @@ feature map phi(x). Distances computed in that space are reported as "FID-FMNIST
 Architecture (all convolutions 3x3, padding 1, each followed by BatchNorm and ReLU):
 
     28x28x1 -> conv 32 -> maxpool 2 -> conv 64 -> conv 64 -> maxpool 2 -> conv 128
-            -> maxpool 2 (3x3) -> flatten -> linear feature_dim -> ReLU   = phi(x)  (features)
+            -> maxpool 2 (3x3) -> flatten -> linear feature_dim -> ReLU   = h(x)
             -> dropout -> linear num_classes                              = logits
+
+The metric features are phi(x) = feature_scale * h(x), where ``feature_scale`` (stored in the
+config, fixed once after training) makes the mean squared feature on the training split
+equal to 1: mean_i ||phi(x_i)||^2 / d = 1. The scale does not change any classification; it
+gives KID's kernel k(x, y) = (x.y / d + 1)^3 well-conditioned values (raw ReLU features are
+~20x larger) and fixes the unit of FID-FMNIST / FID-MNIST.
 
 Input: float images in [-1, 1], NCHW, at ``config["resolution"]``.
 """
@@ -38,14 +44,15 @@ class FeatureCNN(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, resolution: int = 28,
                  widths: tuple[int, int, int] | list[int] = (32, 64, 128), feature_dim: int = 128,
-                 dropout: float = 0.3):
+                 dropout: float = 0.3, feature_scale: float = 1.0):
         super().__init__()
         w1, w2, w3 = (int(w) for w in widths)
         self.config: dict[str, Any] = {
             "type": "feature_cnn", "in_channels": in_channels, "num_classes": num_classes,
             "resolution": resolution, "widths": [w1, w2, w3], "feature_dim": feature_dim,
-            "dropout": dropout,
+            "dropout": dropout, "feature_scale": float(feature_scale),
         }
+        self.feature_scale = float(feature_scale)
         self.body = nn.Sequential(
             _block(in_channels, w1), nn.MaxPool2d(2),
             _block(w1, w2), _block(w2, w2), nn.MaxPool2d(2),
@@ -61,11 +68,19 @@ class FeatureCNN(nn.Module):
         return int(self.config["feature_dim"])
 
     def features(self, x: Tensor) -> Tensor:
-        """phi(x): penultimate activations, shape (B, feature_dim)."""
+        """phi(x) = feature_scale * h(x), shape (B, feature_dim)."""
+        return self.feature_scale * self.hidden(x)
+
+    def hidden(self, x: Tensor) -> Tensor:
+        """h(x): the penultimate activations (after ReLU)."""
         return self.fc(self.body(x))
 
+    def set_feature_scale(self, scale: float) -> None:
+        self.feature_scale = float(scale)
+        self.config["feature_scale"] = float(scale)
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
+        return self.head(self.hidden(x))
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> FeatureCNN:

@@ -46,8 +46,8 @@ def cache_dir() -> Path:
 
 
 def _net_fingerprint(extractor: FeatureExtractor) -> str:
-    """A short hash of the feature network's weights (so stale caches are never reused)."""
-    h = hashlib.sha256()
+    """A short hash of the feature network's config and weights (stale caches are never used)."""
+    h = hashlib.sha256(json.dumps(getattr(extractor.net, "config", {}), sort_keys=True).encode())
     for k, v in sorted(extractor.net.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().float().contiguous().numpy().tobytes()[:4096])

@@ -61,6 +61,22 @@ def evaluate_accuracy(net: FeatureCNN, images: Tensor, labels: Tensor,
     return correct / images.shape[0]
 
 
+@torch.no_grad()
+def calibrate_feature_scale(net: FeatureCNN, images: Tensor, batch_size: int = 1000) -> float:
+    """Set and return feature_scale = 1 / sqrt(mean_i ||h(x_i)||^2 / d) over ``images``
+    (float in [-1, 1], the training split), so that the metric features have unit mean
+    square there."""
+    net.eval()
+    total, count = 0.0, 0
+    for i in range(0, images.shape[0], batch_size):
+        h = net.hidden(images[i:i + batch_size]).double()
+        total += float((h * h).sum())
+        count += h.numel()
+    scale = 1.0 / math.sqrt(total / count)
+    net.set_feature_scale(scale)
+    return scale
+
+
 def train_feature_net(x_train: Tensor, y_train: Tensor, *, num_classes: int, epochs: int = 12,
                       batch_size: int = 128, lr: float = 2e-3, weight_decay: float = 5e-4,
                       shift: int = 2, flip: bool = False, seed: int = 0,
@@ -125,9 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ASSETS), help="output directory")
+    p.add_argument("--calibrate", metavar="STEM", default=None,
+                   help="only (re)compute feature_scale of an existing <STEM>.safetensors on "
+                        "its training split and rewrite <STEM>.json")
     args = p.parse_args(argv)
 
     from difflab.data import load_dataset
+
+    if args.calibrate:
+        return _calibrate_existing(Path(args.calibrate), argv, args.threads)
 
     torch.set_num_threads(args.threads)
     train, test = load_dataset(args.dataset, split="train"), load_dataset(args.dataset,
@@ -147,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.time() - t0
     acc = evaluate_accuracy(net, x_test, test.labels)
     train_acc = evaluate_accuracy(net, x_train, train.labels)
+    scale = calibrate_feature_scale(net, x_train)
+    print(f"feature_scale {scale:.6g}", flush=True)
 
     from difflab.metrics.features import save_feature_net
 
@@ -169,6 +193,25 @@ def main(argv: list[str] | None = None) -> int:
     path = save_feature_net(net, Path(args.out) / f"feature_{args.name}", meta)
     print(json.dumps({"path": str(path), "test_accuracy": acc, "train_accuracy": train_acc,
                       "seconds": round(seconds, 1)}))
+    return 0
+
+
+def _calibrate_existing(stem: Path, argv: list[str] | None, threads: int) -> int:
+    """Add feature_scale to a trained network saved before calibration was part of training
+    (the weights are unchanged; only the JSON gains the scale and this command)."""
+    from difflab.data import load_dataset
+    from difflab.metrics.features import _load_cnn, save_feature_net
+
+    torch.set_num_threads(threads)
+    stem = stem.with_suffix("") if stem.suffix in (".safetensors", ".json") else stem
+    ext = _load_cnn(stem, stem.name.removeprefix("feature_"))
+    meta = {k: v for k, v in ext.meta.items() if k != "net"}
+    x_train = to_unit(load_dataset(meta["dataset"], split=meta.get("train_split", "train")).images)
+    scale = calibrate_feature_scale(ext.net, x_train)
+    meta["calibration_command"] = "python -m difflab.metrics.train_features " + shlex.join(
+        sys.argv[1:] if argv is None else argv)
+    save_feature_net(ext.net, stem, meta)
+    print(json.dumps({"path": str(stem), "feature_scale": scale}))
     return 0
 
 
