@@ -99,7 +99,8 @@ def sample_checkpoint(den, config: dict, num: int, sampler: str, steps: int, *,
     """``num`` samples with labels ``i % num_classes`` (class-conditional) from seed ``seed``.
 
     The noise is drawn once from ``seed``, so every sampler / step count starts from the same
-    points. ``cost["nfe"]`` counts network evaluations per image (a classifier-free guided
+    points. Samples are clamped to [-1, 1] (as saving them would); images with NaN / inf
+    are counted in ``cost["nonfinite_images"]`` and measured as zeros. ``cost["nfe"]`` counts network evaluations per image (a classifier-free guided
     step costs two). Returns (images in [-1, 1], labels or None, cost).
     """
     import difflab
@@ -129,11 +130,16 @@ def sample_checkpoint(den, config: dict, num: int, sampler: str, steps: int, *,
     finally:
         counter.handle.remove()
     seconds = time.perf_counter() - t0
+    x = torch.cat(chunks)
+    # measured as they would be saved: clamped to [-1, 1]; non-finite images are counted
+    nonfinite = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+    x = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0).clamp(-1, 1)
     batches = -(-num // batch_size)
     cost = {"nfe": counter.rows / num, "network_calls_per_batch": counter.calls / batches,
             "nfe_expected": difflab.samplers.get(sampler).nfe(steps),
-            "seconds": round(seconds, 3), "seconds_per_image": seconds / num}
-    return torch.cat(chunks), labels, cost
+            "seconds": round(seconds, 3), "seconds_per_image": seconds / num,
+            "nonfinite_images": nonfinite}
+    return x, labels, cost
 
 
 def _csv(text: str, kind=str) -> list:

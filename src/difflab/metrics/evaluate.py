@@ -121,7 +121,7 @@ def class_metrics(images: Tensor, labels: Tensor | None = None,
     pred = logits.argmax(1)
     counts = torch.bincount(pred, minlength=logits.shape[1]).to(torch.float64)
     p = counts / counts.sum()
-    entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
+    entropy = float(-(p[p > 0] * p[p > 0].log()).sum()) + 0.0  # no "-0.0"
     out: dict[str, Any] = {"entropy": entropy, "entropy_max": math.log(logits.shape[1]),
                            "histogram": counts.long().tolist(), "feature_net": extractor.name}
     if labels is not None:
