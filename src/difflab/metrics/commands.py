@@ -101,7 +101,8 @@ def sample_checkpoint(den, config: dict, num: int, sampler: str, steps: int, *,
     The noise is drawn once from ``seed``, so every sampler / step count starts from the same
     points. Samples are clamped to [-1, 1] (as saving them would); images with NaN / inf
     are counted in ``cost["nonfinite_images"]`` and measured as zeros. ``cost["nfe"]``
-    counts network evaluations per image (a classifier-free guided step costs two). Returns (images in [-1, 1], labels or None, cost).
+    counts network evaluations per image (a classifier-free guided step costs two).
+    Returns (images in [-1, 1], labels or None, cost).
     """
     import difflab
 
