@@ -272,6 +272,7 @@ def plot_quality_vs_nfe(records: list[dict[str, Any]], path: str | Path, label: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     names = sorted({r["sampler"] for r in records if r.get("sampler")})
@@ -282,6 +283,9 @@ def plot_quality_vs_nfe(records: list[dict[str, Any]], path: str | Path, label: 
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    nfes = sorted({r["nfe"] for r in records if r.get("sampler")})
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xticks(nfes, [f"{v:g}" for v in nfes])
     ax.set_xlabel("network evaluations per image (NFE)")
     ax.set_ylabel(label)
     ax.set_title(title[-60:], fontsize=9)
