@@ -339,6 +339,7 @@ class Trainer:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(self.config, indent=2))
+            self.log.truncate_after(self.step)  # a fresh run starts a fresh log
         bar = ProgressBar(total, enabled=not self.quiet)
         B = int(tc["batch_size"])
         t_last, n_last, loss = time.perf_counter(), self.step, float("nan")
