@@ -77,17 +77,15 @@ def register(subparsers: Any) -> None:
     s.add_argument("--steps", type=int, default=10, help="sampler steps")
     s.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     s.add_argument("--count", type=int, default=64, help="number of samples")
-    s.add_argument("--label", type=int, default=None,
-                   help="class label for a conditional model (default: cycle through classes)")
-    s.add_argument("--guidance", type=float, default=0.0,
-                   help="classifier-free guidance weight w: eps = (1 + w) eps(c) - w eps(null); "
-                        "0 = unguided (diffusers' guidance_scale = 1 + w)")
     s.add_argument("--out", default="samples.png", help="output: grid .png, .npy, or directory")
     s.add_argument("--npy-dtype", choices=("uint8", "float"), default="uint8",
                    help="array type for a .npy output")
     s.add_argument("--batch-size", type=int, default=256, help="samples per network batch")
     s.add_argument("--no-ema", action="store_true", help="use the raw instead of the EMA weights")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
+    from difflab.train.guided import add_guidance_args
+
+    add_guidance_args(s)  # --label, --cfg/--guidance, --cfg-rescale, --classifier, ...
     s.set_defaults(func=cmd_sample)
 
     d = subparsers.add_parser(
@@ -171,35 +169,27 @@ def cmd_sample(args: argparse.Namespace) -> int:
     names = difflab.samplers.names()
     if args.sampler not in names:
         raise ValueError(f"unknown sampler {args.sampler!r}; valid: {sorted(names)}")
+    from difflab.train.guided import guided_denoiser
+
     data = config.get("data", {})
     num_classes = data.get("num_classes")
-    conditional = bool(config.get("train", {}).get("conditional"))
-    if args.label is not None and not conditional:
-        raise ValueError("--label needs a class-conditional checkpoint (trained with "
-                         "--conditional); this one is unconditional")
-    if args.label is not None and not 0 <= args.label < int(num_classes):
-        raise ValueError(f"--label must lie in 0..{int(num_classes) - 1}, got {args.label}")
-    if args.guidance and not conditional:
-        raise ValueError("--guidance needs a class-conditional checkpoint")
-    if conditional and args.guidance:
-        den = difflab.guidance.classifier_free(den, args.guidance, uncond=int(num_classes))
+    den, labels = guided_denoiser(den, config, args, args.count)
+    conditional = labels is not None
     if data.get("resolution"):
         shape = (int(data["channels"]), int(data["resolution"]), int(data["resolution"]))
     else:
         shape = (int(data.get("channels", 2)),)
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn((args.count,) + shape, generator=g)
-    labels = None
-    if conditional:
-        labels = (torch.full((args.count,), args.label) if args.label is not None
-                  else torch.arange(args.count) % int(num_classes))
     chunks = []
     for i in range(0, args.count, args.batch_size):
         sl = slice(i, i + args.batch_size)
         cond = None if labels is None else labels[sl].to(args.device)
-        with torch.no_grad():
-            chunks.append(difflab.sample(den, noise[sl].to(args.device), sampler=args.sampler,
-                                         steps=args.steps, cond=cond, generator=g).cpu())
+        # no torch.no_grad(): classifier guidance differentiates the classifier; the
+        # diffusion network's weights do not require gradients (load_denoiser)
+        x_i = difflab.sample(den, noise[sl].to(args.device), sampler=args.sampler,
+                             steps=args.steps, cond=cond, generator=g)
+        chunks.append(x_i.detach().cpu())
     x = torch.cat(chunks)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
