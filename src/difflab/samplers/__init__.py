@@ -15,8 +15,8 @@ ddim               Song et al. 2021a         steps       uniform     eta option 
 dpm_solver_1/2/3   Lu et al. 2022 (eps)      k(n-1)+1    log_snr     singlestep
 dpmpp_2m, _3m      Lu et al. 2022b           steps       log_snr     multistep, data prediction
 dpmpp_2m_sde       Lu et al. 2022b, Alg. 3   steps       log_snr     stochastic
-euler, heun        Karras et al. 2022        n, 2n - 1   karras      heun: last step Euler
-euler_ancestral    k-diffusion               steps       karras      stochastic
+euler, heun        Karras et al. 2022        n, 2n - 1   log_snr     heun: last step Euler
+euler_ancestral    k-diffusion               steps       log_snr     stochastic
 unipc              Zhao et al. 2023 (bh2)    steps       log_snr     UniP-2 + UniC
 =================  ========================  ==========  ==========  ===========================
 

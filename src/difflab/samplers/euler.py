@@ -6,6 +6,15 @@ first_order` (x~_t = (sigma~_t / sigma~_s) x~_s + (1 - sigma~_t / sigma~_s) D), 
 is computed here: finite at sigma~_s = inf (zero terminal SNR). Heun's trapezoid correction
 does not exist across sigma~ = inf or to sigma~ = 0, so those steps are Euler steps
 (k-diffusion convention: NFE = 2 * steps - 1, one less on a zero-terminal-SNR grid).
+
+Default grid: ``log_snr`` for all three. The Karras grid takes sigma_max from the schedule
+(157 for DDPM's linear betas, 2e4 for the discrete cosine schedule), where rho = 7 spends most
+steps at huge sigma~ (measured: 15 Heun steps on the cosine schedule put 46% of the samples
+near the data, 100% with log_snr). **Heun's limit** (PITFALLS): the trapezoid multiplies the
+end-point slope by (sigma~_s - sigma~_t) / sigma~_t, so it amplifies errors when a step shrinks
+sigma~ by more than ~10x (log-SNR step h > ~2.3, e.g. <= 4 steps on DDPM's schedule, or
+``uniform`` spacing whose first step on the cosine schedule goes from sigma~ = 2e4 to ~10).
+Use dpmpp_2m / unipc there.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from difflab.samplers.common import (
 __all__ = ["sample_euler", "sample_heun", "sample_euler_ancestral"]
 
 
-@register("euler", nfe=lambda steps: steps, nfe_rule="steps", spacing="karras", order=1)
+@register("euler", nfe=lambda steps: steps, nfe_rule="steps", spacing="log_snr", order=1)
 @torch.no_grad()
 def sample_euler(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = None,
                  generator: Any = None, callback: Callable | None = None,
@@ -53,8 +62,8 @@ def sample_euler(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = N
     return x
 
 
-@register("heun", nfe=lambda steps: 2 * steps - 1, nfe_rule="2 * steps - 1", spacing="karras",
-          order=2)
+@register("heun", nfe=lambda steps: 2 * steps - 1, nfe_rule="2 * steps - 1",
+          spacing="log_snr", order=2)
 @torch.no_grad()
 def sample_heun(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = None,
                 generator: Any = None, callback: Callable | None = None,
@@ -85,8 +94,8 @@ def sample_heun(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = No
     return x
 
 
-@register("euler_ancestral", nfe=lambda steps: steps, nfe_rule="steps", spacing="karras",
-          order=1, stochastic=True)
+@register("euler_ancestral", nfe=lambda steps: steps, nfe_rule="steps",
+          spacing="log_snr", order=1, stochastic=True)
 @torch.no_grad()
 def sample_euler_ancestral(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = None,
                            generator: Any = None, callback: Callable | None = None,
