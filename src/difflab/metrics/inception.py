@@ -153,8 +153,9 @@ class FIDInceptionV3(nn.Module):
 
     feature_dim = 2048
 
-    def __init__(self):
+    def __init__(self, resize_to: int = 299):
         super().__init__()
+        self.resize_to = resize_to  # 299 for FID; smaller (>= 75) only to test fast
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
@@ -175,7 +176,8 @@ class FIDInceptionV3(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """pool3 features of float images in [-1, 1] (B, 3, H, W), resized to 299x299."""
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        size = (self.resize_to, self.resize_to)
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
