@@ -298,3 +298,38 @@ def test_ddp_two_processes_equal_one_process_full_batch(tmp_path):
                                atol=1e-7)
     for k, v in weights(single).items():
         torch.testing.assert_close(ddp_state[k], v, rtol=1e-5, atol=1e-6)
+
+
+# --- precision and what a run leaves behind ---------------------------------------------
+def test_bf16_autocast_step_matches_fp32_to_bf16_precision(tmp_path):
+    a = make_trainer(tmp_path, "fp32", precision="fp32")
+    b = make_trainer(tmp_path, "bf16", precision="bf16")
+    assert isinstance(a.autocast(), __import__("contextlib").nullcontext)
+    la, lb = a.train_step(), b.train_step()
+    # bf16 keeps 8 mantissa bits: relative error ~ 2^-8 per op; a few ops -> a few percent
+    assert math.isfinite(lb) and abs(la - lb) < 0.05 * abs(la)
+    for p in b.net.parameters():  # master weights stay float32
+        assert p.dtype == torch.float32
+
+
+def test_progress_bar_metrics_log_and_loss_plot_without_matplotlib(tmp_path, monkeypatch):
+    import io
+    import json
+
+    from difflab.train import monitor
+
+    stream = io.StringIO()
+    bar = monitor.ProgressBar(10, stream=stream)
+    bar.update(5, 0.25, 123.0)
+    assert "step 5/10" in stream.getvalue() and "loss 0.2500" in stream.getvalue()
+    assert "123 img/s" in stream.getvalue()
+    tr = make_trainer(tmp_path, steps=10, log_every=2)
+    tr.run()
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6, 8, 10]
+    assert all(r["lr"] == pytest.approx(lr_at(r["step"] - 1, tr.tc)) for r in records)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    path = monitor.plot_loss(records, tmp_path / "loss.png")
+    from PIL import Image
+
+    assert Image.open(path).size == (600, 350)

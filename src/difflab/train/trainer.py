@@ -343,6 +343,7 @@ class Trainer:
         bar = ProgressBar(total, enabled=not self.quiet)
         B = int(tc["batch_size"])
         t_last, n_last, loss = time.perf_counter(), self.step, float("nan")
+        last_ips = 0.0
         start_seconds = self.train_seconds
         t_start = time.perf_counter()
         stopped_by = "steps"
@@ -360,6 +361,9 @@ class Trainer:
                     self.log.write({"step": self.step, "loss": loss, "lr": lr_at(self.step - 1, tc),
                                     "images_per_s": ips, "seconds": self.train_seconds})
                 bar.update(self.step, loss, ips)
+                last_ips = ips
+            elif bar.tty:  # an interactive terminal gets every step
+                bar.update(self.step, loss, last_ips)
             if self.dist.is_main and tc["sample_every"] and self.step % tc["sample_every"] == 0:
                 self.save_samples(self.out / "samples" / f"step_{self.step:07d}.png")
             if tc["ckpt_every"] and self.step % tc["ckpt_every"] == 0:
