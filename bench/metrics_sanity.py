@@ -93,10 +93,13 @@ def feature_net_table() -> list[str]:
         ext = load_feature_net(cfg_path.with_suffix(".safetensors"))
         params = sum(p.numel() for p in ext.net.parameters())
         size = cfg_path.with_suffix(".safetensors").stat().st_size / 1e6
+        command = f"`{cfg['command']}`"
+        if cfg.get("calibration_command"):  # feature_scale added after training
+            command += f", then `{cfg['calibration_command']}`"
         lines.append(f"| `{cfg['name']}` | {ext.label} | {cfg['dataset']} train "
                      f"({cfg['train_size']}) | {100 * cfg['test_accuracy']:.2f}% on "
                      f"{cfg['test_size']} test images | {params:,} | {size:.2f} MB | "
-                     f"`{cfg['command']}` ({cfg['train_seconds'] / 60:.0f} min, "
+                     f"{command} ({cfg['train_seconds'] / 60:.0f} min, "
                      f"{cfg['machine']}) |")
     return lines
 
@@ -134,8 +137,10 @@ def main() -> None:
         "",
         *feature_net_table(),
         "",
-        "Features = penultimate layer (128-d, after ReLU). Input: images resized to 28x28 "
-        "grayscale, in [-1, 1]; float samples are quantised to 8 bits first, as when saved.",
+        "Features = penultimate layer (128-d, after ReLU), times the fixed `feature_scale` "
+        "that gives them unit mean square on the training split (so KID's cubic kernel "
+        "(x.y/d + 1)^3 is well-scaled). Input: images resized to 28x28 grayscale, in [-1, 1]; "
+        "float samples are quantised to 8 bits first, as when saved.",
         "",
         "## Sanity table",
         "",
