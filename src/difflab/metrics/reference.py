@@ -111,7 +111,8 @@ def reference_stats(dataset: str, feature_net: str | FeatureExtractor = "fmnist"
                     split: str = "train", n: int | None = 10000, *, cache: bool = True,
                     keep_features: bool = True, seed: int = 0) -> Reference:
     """Statistics of ``n`` images of ``load_dataset(dataset, split)`` (a fixed random subset,
-    seed 0), computed once and cached under :func:`cache_dir`."""
+    seed 0; all of them if the split is smaller or ``n`` is None), computed once and cached
+    under :func:`cache_dir`. The file's JSON records the actual count."""
     extractor = load_feature_net(feature_net)
     from difflab.data import load_dataset
 
@@ -123,10 +124,10 @@ def reference_stats(dataset: str, feature_net: str | FeatureExtractor = "fmnist"
         if ref.features is not None or not keep_features:
             return ref
     data = load_dataset(dataset, split=split)
-    idx = _subset(len(data), n, seed)
-    if n is not None and n > len(data):
-        raise ValueError(f"reference {dataset!r} split {split!r} has {len(data)} images, "
-                         f"fewer than n={n}; pass n <= {len(data)} (or n=None for all)")
+    idx = _subset(len(data), n, seed)  # all images when the split has fewer than n
+    if len(idx) < 2:
+        raise ValueError(f"reference {dataset!r} split {split!r} has {len(data)} images; "
+                         "statistics need at least 2")
     meta = {"dataset": str(dataset), "split": split, "feature_net": extractor.name,
             "feature_net_fingerprint": fp, "label": extractor.label, "seed": seed,
             "feature_dim": extractor.feature_dim}
