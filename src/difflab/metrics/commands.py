@@ -151,9 +151,10 @@ def register(subparsers: Any) -> None:
     """Add ``eval`` to the ``difflab`` command line."""
     p = subparsers.add_parser(
         "eval", formatter_class=_F, help="FID / KID / precision / recall of a model or images",
-        description=__doc__.split("\n\n")[0] + " SOURCE: a checkpoint directory, a .npy array "
-        "or an image folder. Shipped feature networks give FID-FMNIST / FID-MNIST, which are "
-        "not Inception FID.")
+        description="FID, KID, precision / recall of a checkpoint (sampled with each --sampler x "
+        "--steps pair, with its sampling cost) or of saved images (.npy array or image "
+        "folder), against a reference data set or statistics file. The shipped feature "
+        "networks give FID-FMNIST / FID-MNIST, which are not Inception FID.")
     p.add_argument("source", help="checkpoint directory, .npy file or image folder")
     p.add_argument("--reference", default="fashion_mnist",
                    help="data set name (load_dataset), image folder, or a statistics "
@@ -207,8 +208,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return rec
 
     if _is_checkpoint(source):
-        import difflab  # noqa: F401  (samplers registered)
+        import difflab
         from difflab.train.checkpoint import load_denoiser
+
+        for name in samplers:  # fail before any work on a typo
+            difflab.samplers.get(name)
 
         den, config = load_denoiser(source, ema=not args.no_ema)
         for name in samplers:
