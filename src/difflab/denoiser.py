@@ -69,6 +69,8 @@ def x0_eps_to_v(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor
 
 def broadcast_time(t: Tensor | float, x: Tensor) -> Tensor:
     """t as a (B,) tensor for a batch x of shape (B, ...)."""
+    if not isinstance(t, Tensor):  # Python numbers: keep float64 (as_tensor gives float32)
+        t = torch.as_tensor(t, dtype=torch.float64)
     t = torch.as_tensor(t, device=x.device)
     if not t.is_floating_point():
         t = t.to(torch.float64)
