@@ -33,6 +33,7 @@ from difflab.schedules import NoiseSchedule
 __all__ = [
     "PREDICTIONS",
     "Prediction",
+    "TimePoint",
     "BaseDenoiser",
     "Denoiser",
     "broadcast_time",
@@ -116,6 +117,29 @@ class Prediction:
         raise ValueError(f"unknown target {name!r}; valid: 'eps', 'x0', 'v'")
 
 
+@dataclass(frozen=True)
+class TimePoint:
+    """A time with its schedule coefficients, looked up once: t (0-d float64), alpha, sigma
+    (0-d, in the sample's dtype) and the network's time input net_t = schedule.net_time(t)."""
+
+    t: Tensor
+    alpha: Tensor
+    sigma: Tensor
+    net_t: Tensor
+
+    @staticmethod
+    def grid(schedule: NoiseSchedule, ts: Tensor, like: Tensor) -> list[TimePoint]:
+        """One TimePoint per time in ``ts`` for samples like ``like`` (dtype, device)."""
+        ts = torch.as_tensor(ts, dtype=torch.float64).flatten()
+        alpha, sigma = schedule.alpha_sigma(ts)
+        dtype = like.dtype if like.is_floating_point() else torch.float32
+        net_t = schedule.net_time(ts).to(device=like.device, dtype=dtype)
+        alpha, sigma = (c.to(device=like.device, dtype=dtype) for c in (alpha, sigma))
+        ts = ts.to(like.device)
+        return [TimePoint(*c) for c in zip(ts.unbind(), alpha.unbind(), sigma.unbind(),
+                                           net_t.unbind())]
+
+
 class BaseDenoiser(nn.Module):
     """The denoiser interface: ``predict(x, t, cond) -> Prediction``; calling it returns x0_hat.
 
@@ -126,6 +150,11 @@ class BaseDenoiser(nn.Module):
 
     def predict(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Prediction:
         raise NotImplementedError  # pragma: no cover
+
+    def predict_at(self, x: Tensor, point: TimePoint, cond: Any = None) -> Prediction:
+        """:meth:`predict` at a :class:`TimePoint` (samplers build them before their loop);
+        a denoiser that can skip its schedule lookups overrides this."""
+        return self.predict(x, point.t, cond)
 
     def forward(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Tensor:
         return self.predict(x, t, cond).x0
@@ -171,6 +200,19 @@ class Denoiser(BaseDenoiser):
 
     def predict(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Prediction:
         tb, alpha, sigma = self.coefficients(x, t)
+        net_t = None
+        if self.prediction != "edm":
+            net_t = self.schedule.net_time(tb).to(
+                x.dtype if x.is_floating_point() else torch.float32)
+        return self._predict(x, alpha, sigma, net_t, cond)
+
+    def predict_at(self, x: Tensor, point: TimePoint, cond: Any = None) -> Prediction:
+        """:meth:`predict` with the schedule lookups of ``point`` done beforehand."""
+        net_t = None if self.prediction == "edm" else point.net_t.expand(x.shape[0])
+        return self._predict(x, point.alpha, point.sigma, net_t, cond)
+
+    def _predict(self, x: Tensor, alpha: Tensor, sigma: Tensor, net_t: Tensor | None,
+                 cond: Any) -> Prediction:
         if self.prediction == "edm":
             sd = self.sigma_data
             s_tilde = sigma / alpha  # VE-equivalent noise level
@@ -179,11 +221,10 @@ class Denoiser(BaseDenoiser):
             c_skip = sd * sd / denom**2
             c_out = s_tilde * sd / denom
             c_in = 1 / denom
-            c_noise = 0.25 * torch.log(s_tilde.flatten())
+            c_noise = 0.25 * torch.log(s_tilde.flatten()).expand(x.shape[0])
             out = self._call_net(c_in * x_tilde, c_noise, cond)
             x0 = c_skip * x_tilde + c_out * out.to(x.dtype)
             return Prediction(x, x0, x0_to_eps(x, x0, alpha, sigma), alpha, sigma)
-        net_t = self.schedule.net_time(tb).to(x.dtype if x.is_floating_point() else torch.float32)
         out = self._call_net(x, net_t, cond).to(x.dtype)
         if self.prediction == "eps":
             return Prediction(x, eps_to_x0(x, out, alpha, sigma), out, alpha, sigma)
@@ -194,4 +235,3 @@ class Denoiser(BaseDenoiser):
             return Prediction(x, out, x0_to_eps(x, out, alpha, sigma), alpha, sigma)
         x0, eps = v_to_x0_eps(x, out, alpha, sigma)
         return Prediction(x, x0, eps, alpha, sigma)
-

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from difflab.denoiser import BaseDenoiser, Prediction
+from difflab.denoiser import BaseDenoiser, Prediction, TimePoint
 from difflab.schedules import NoiseSchedule
 
 __all__ = ["Grid", "SamplerSpec", "REGISTRY", "register", "randn_like", "FINAL_MODES",
@@ -51,12 +51,13 @@ FINAL_MODES = ("extrapolate", "x0")
 class Grid:
     """Per-point coefficients of a time grid as Python floats, computed once before the loop.
 
-    Attributes (lists over the ``n + 1`` grid points): ``t`` (0-d tensors on the sample's
-    device, what the denoiser receives), ``alpha``, ``sigma``, ``lam`` (= log_snr / 2,
-    -inf where alpha = 0, +inf where sigma = 0) and ``s2`` (sigma~^2, inf where alpha = 0).
+    Attributes (lists over the ``n + 1`` grid points): ``points`` (:class:`TimePoint`: what
+    the denoiser receives, with its schedule lookups done here, in the dtype and on the device
+    of ``like``), ``alpha``, ``sigma``, ``lam`` (= log_snr / 2, -inf where alpha = 0, +inf
+    where sigma = 0) and ``s2`` (sigma~^2, inf where alpha = 0).
     """
 
-    def __init__(self, schedule: NoiseSchedule, ts: Tensor, device: torch.device | None = None):
+    def __init__(self, schedule: NoiseSchedule, ts: Tensor, like: Tensor):
         ts = torch.as_tensor(ts, dtype=torch.float64).detach().cpu().flatten()
         if ts.numel() < 2 or not bool((ts[1:] < ts[:-1]).all()):
             raise ValueError("ts must be a strictly decreasing grid of at least 2 times, got "
@@ -67,7 +68,7 @@ class Grid:
         alpha, sigma = schedule.alpha_sigma(ts)
         self.n = ts.numel() - 1
         self.times = ts.tolist()
-        self.t = list(ts.to(device).unbind()) if device is not None else list(ts.unbind())
+        self.points = TimePoint.grid(schedule, ts, like)
         self.alpha, self.sigma = alpha.tolist(), sigma.tolist()
         self.lam = (0.5 * schedule.log_snr(ts)).tolist()
         self.s2 = [s * s / (a * a) if a > 0 else math.inf for a, s in zip(self.alpha, self.sigma)]
@@ -120,7 +121,7 @@ def randn_like(x: Tensor, generator: torch.Generator | list[torch.Generator] | N
 
 def predict(denoiser: BaseDenoiser, x: Tensor, g: Grid, i: int, cond: Any) -> Prediction:
     """One denoiser call (one NFE) at grid point i."""
-    return denoiser.predict(x, g.t[i], cond)
+    return denoiser.predict_at(x, g.points[i], cond)
 
 
 @dataclass(frozen=True)

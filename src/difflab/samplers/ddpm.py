@@ -33,7 +33,7 @@ def sample_ddpm(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = No
     for neighbouring DDPM steps). No noise is added on the step to sigma = 0."""
     if variance not in VARIANCES:
         raise ValueError(f"unknown variance={variance!r}; valid: {list(VARIANCES)}")
-    g = Grid(denoiser.schedule, ts, x.device)
+    g = Grid(denoiser.schedule, ts, x)
     s, t = _pairs(ts)
     c_xt, c_x0, var = process.posterior_coefficients(denoiser.schedule, s, t)
     if variance == "beta":
@@ -42,9 +42,9 @@ def sample_ddpm(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = No
     c_xt, c_x0, std = c_xt.tolist(), c_x0.tolist(), std.tolist()
     for i in range(g.n):
         x0 = predict(denoiser, x, g, i, cond).x0
-        x = c_xt[i] * x + c_x0[i] * x0
+        x = torch.add(c_xt[i] * x, x0, alpha=c_x0[i])
         if not g.is_final(i):
-            x = x + std[i] * randn_like(x, generator)
+            x = x.add_(randn_like(x, generator), alpha=std[i])
         if callback is not None:
             callback({"i": i, "t": g.times[i], "x": x, "x0": x0})
     return x
@@ -57,7 +57,7 @@ def sample_ddim(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = No
                 eta: float = 0.0) -> Tensor:
     """DDIM, Song et al. 2021a, Eq. 12: x_s = alpha_s x0_hat + sqrt(sigma_s^2 - s_eta^2) eps_hat
     + s_eta z, s_eta^2 = eta^2 * posterior variance (eta = 0: deterministic, eta = 1: DDPM)."""
-    g = Grid(denoiser.schedule, ts, x.device)
+    g = Grid(denoiser.schedule, ts, x)
     s, t = _pairs(ts)
     var = process.posterior_coefficients(denoiser.schedule, s, t)[2]
     s_eta2 = (eta**2 * var).clamp(min=0)
@@ -65,9 +65,9 @@ def sample_ddim(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = No
     c_eps, s_eta = c_eps.tolist(), s_eta2.sqrt().tolist()
     for i in range(g.n):
         pred = predict(denoiser, x, g, i, cond)
-        x = g.alpha[i + 1] * pred.x0 + c_eps[i] * pred.eps
+        x = torch.add(g.alpha[i + 1] * pred.x0, pred.eps, alpha=c_eps[i])
         if s_eta[i] > 0:
-            x = x + s_eta[i] * randn_like(x, generator)
+            x = x.add_(randn_like(x, generator), alpha=s_eta[i])
         if callback is not None:
             callback({"i": i, "t": g.times[i], "x": x, "x0": pred.x0})
     return x

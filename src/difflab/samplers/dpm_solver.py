@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from difflab.denoiser import BaseDenoiser
+from difflab.denoiser import BaseDenoiser, TimePoint
 from difflab.samplers.common import Grid, check_final, final_x0, predict, register
 
 __all__ = ["sample_dpm_solver_1", "sample_dpm_solver_2", "sample_dpm_solver_3"]
@@ -30,13 +30,14 @@ _R = {1: (), 2: (0.5,), 3: (1 / 3, 2 / 3)}
 def _dpm_solver(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, order: int, cond: Any,
                 callback: Callable | None, final: str) -> Tensor:
     check_final(final)
-    g, r = Grid(denoiser.schedule, ts, x.device), _R[order]
+    g, r = Grid(denoiser.schedule, ts, x), _R[order]
     hs = [g.h(i) for i in range(g.n)]
     lam_mid = torch.tensor([[g.lam[i] + rk * h if math.isfinite(h) else 0.0 for rk in r]
                             for i, h in enumerate(hs)], dtype=torch.float64).reshape(g.n, len(r))
     t_mid = denoiser.schedule.t_from_log_snr(2 * lam_mid)
     a_mid, s_mid = (c.tolist() for c in denoiser.schedule.alpha_sigma(t_mid))
-    t_mid = t_mid.to(x.device)
+    p_mid = TimePoint.grid(denoiser.schedule, t_mid, x)  # row-major: step i, point k
+    k = len(r)
     x0_prev = None
     for i in range(g.n):
         pred = predict(denoiser, x, g, i, cond)
@@ -49,14 +50,14 @@ def _dpm_solver(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, order: int, cond:
             if order > 1 and math.isfinite(h):
                 (a1, *a2), (s1, *s2) = a_mid[i], s_mid[i]
                 u1 = a1 * x0 + s1 * eps
-                d1 = denoiser.predict(u1, t_mid[i, 0], cond).eps - eps
+                d1 = denoiser.predict_at(u1, p_mid[i * k], cond).eps - eps
                 if order == 2:
                     x = x - s_t * math.expm1(h) / (2 * r[0]) * d1
                 else:
                     r1, r2 = r
                     phi = math.expm1(r2 * h) / (r2 * h) - 1
                     u2 = a2[0] * x0 + s2[0] * eps - s2[0] * r2 / r1 * phi * d1
-                    d2 = denoiser.predict(u2, t_mid[i, 1], cond).eps - eps
+                    d2 = denoiser.predict_at(u2, p_mid[i * k + 1], cond).eps - eps
                     x = x - s_t / r2 * (math.expm1(h) / h - 1) * d2
         x0_prev = x0
         if callback is not None:

@@ -47,7 +47,7 @@ def sample_euler(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = N
                  final: str = "x0") -> Tensor:
     """Euler, Karras et al. 2022, Alg. 2 without churn (x~ += (sigma~_t - sigma~_s) d)."""
     check_final(final)
-    g = Grid(denoiser.schedule, ts, x.device)
+    g = Grid(denoiser.schedule, ts, x)
     x0_prev = None
     for i in range(g.n):
         x0 = predict(denoiser, x, g, i, cond).x0
@@ -55,7 +55,7 @@ def sample_euler(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = N
             x = final_x0(g, x0, x0_prev, final, i - 1)
         else:
             ratio, c = first_order(g, i)
-            x = ratio * x + c * x0
+            x = torch.add(ratio * x, x0, alpha=c)
         x0_prev = x0
         if callback is not None:
             callback({"i": i, "t": g.times[i], "x": x, "x0": x0})
@@ -70,7 +70,7 @@ def sample_heun(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = No
                 final: str = "extrapolate") -> Tensor:
     """Heun's 2nd-order method, Karras et al. 2022, Alg. 1 (deterministic, no churn)."""
     check_final(final)
-    g = Grid(denoiser.schedule, ts, x.device)
+    g = Grid(denoiser.schedule, ts, x)
     x0_prev = None
     for i in range(g.n):
         x0 = predict(denoiser, x, g, i, cond).x0
@@ -78,16 +78,17 @@ def sample_heun(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = No
             x = final_x0(g, x0, x0_prev, final, i - 1)
         else:
             ratio, c = first_order(g, i)
-            x_euler = ratio * x + c * x0
+            x_euler = torch.add(ratio * x, x0, alpha=c)
             if math.isinf(g.s2[i]):
                 x = x_euler
             else:
                 x0_next = predict(denoiser, x_euler, g, i + 1, cond).x0
-                # x~_t = x~_s + (sigma~_t - sigma~_s) (d_s + d_t) / 2, d = (x~ - D) / sigma~
-                s_s, s_t = math.sqrt(g.s2[i]), math.sqrt(g.s2[i + 1])
-                d_s = (x / g.alpha[i] - x0) / s_s
-                d_t = (x_euler / g.alpha[i + 1] - x0_next) / s_t
-                x = g.alpha[i + 1] * (x / g.alpha[i] + (s_t - s_s) * 0.5 * (d_s + d_t))
+                # x~_t = x~_s + (sigma~_t - sigma~_s) (d_s + d_t) / 2, d = (x~ - D) / sigma~,
+                # x~ = x / alpha, written as one linear combination in x (VP or VE)
+                s_s, s_t, a_t = math.sqrt(g.s2[i]), math.sqrt(g.s2[i + 1]), g.alpha[i + 1]
+                k_s, k_t = 0.5 * (s_t - s_s) / s_s, 0.5 * (s_t - s_s) / s_t
+                x = (a_t / g.alpha[i] * (1 + k_s) * x).add_(x0, alpha=-a_t * k_s)
+                x = x.add_(x_euler, alpha=k_t).add_(x0_next, alpha=-a_t * k_t)
         x0_prev = x0
         if callback is not None:
             callback({"i": i, "t": g.times[i], "x": x, "x0": x0})
@@ -103,7 +104,7 @@ def sample_euler_ancestral(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, con
     """Ancestral Euler (k-diffusion ``sample_euler_ancestral``): an Euler step to sigma~_down,
     then noise sigma~_up, sigma~_up^2 = min(sigma~_t^2, eta^2 sigma~_t^2 (1 - sigma~_t^2 /
     sigma~_s^2)), sigma~_down^2 = sigma~_t^2 - sigma~_up^2 (Song et al. 2021 ancestral step)."""
-    g = Grid(denoiser.schedule, ts, x.device)
+    g = Grid(denoiser.schedule, ts, x)
     for i in range(g.n):
         x0 = predict(denoiser, x, g, i, cond).x0
         s2_s, s2_t = g.s2[i], g.s2[i + 1]

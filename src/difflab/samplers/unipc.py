@@ -37,6 +37,22 @@ from difflab.samplers.common import (
 __all__ = ["sample_unipc"]
 
 
+def _solve(A: list[list[float]], b: list[float]) -> list[float]:
+    """Solve the small (<= 3x3) system A y = b by Gaussian elimination with pivoting."""
+    n = len(b)
+    M = [list(row) + [bi] for row, bi in zip(A, b)]
+    for c in range(n):
+        piv = max(range(c, n), key=lambda r: abs(M[r][c]))
+        M[c], M[piv] = M[piv], M[c]
+        for r in range(c + 1, n):
+            f = M[r][c] / M[c][c]
+            M[r] = [a - f * m for a, m in zip(M[r], M[c])]
+    y = [0.0] * n
+    for r in reversed(range(n)):
+        y[r] = (M[r][n] - sum(M[r][k] * y[k] for k in range(r + 1, n))) / M[r][r]
+    return y
+
+
 def _unipc_coefficients(g: Grid, i: int, order: int) -> dict[str, Any]:
     """Scalars of step i -> i + 1: weights of D_k in the predictor and in the corrector."""
     h = g.h(i)
@@ -57,14 +73,13 @@ def _unipc_coefficients(g: Grid, i: int, order: int) -> dict[str, Any]:
         b.append(h_phi_k * factorial / b_h)
         factorial *= j + 1
         h_phi_k = h_phi_k / hh - 1 / factorial
-    R64, b64 = torch.tensor(R, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
     if p == 2:
         rho_p = [0.5]
     elif p > 2:
-        rho_p = torch.linalg.solve(R64[:-1, :-1], b64[:-1]).tolist()
+        rho_p = _solve([row[:-1] for row in R[:-1]], b[:-1])
     else:
         rho_p = []
-    rho_c = [0.5] if p == 1 else torch.linalg.solve(R64, b64).tolist()
+    rho_c = [0.5] if p == 1 else _solve(R, b)
     out.update(aB=g.alpha[i + 1] * b_h, pred=[r / rk for r, rk in zip(rho_p, rks)],
                corr=[r / rk for r, rk in zip(rho_c[:-1], rks)], new=rho_c[-1])
     return out
@@ -79,7 +94,7 @@ def sample_unipc(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = N
     check_final(final)
     if order not in (1, 2, 3):
         raise ValueError(f"unipc order must be 1, 2 or 3, got {order!r}")
-    g = Grid(denoiser.schedule, ts, x.device)
+    g = Grid(denoiser.schedule, ts, x)
     co = [_unipc_coefficients(g, i, order) for i in range(g.n)]
     hist: list[Tensor] = []  # x0_{i-1}, x0_{i-2}, ... before the call at step i
     x_prev = x
@@ -87,19 +102,21 @@ def sample_unipc(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = N
         x0 = predict(denoiser, x, g, i, cond).x0
         if corrector and i > 0 and co[i - 1]["correct"] and not g.is_final(i):
             k = co[i - 1]  # UniC for step i-1 -> i, with the new prediction x0
-            d0 = hist[0]
-            corr = k["new"] * (x0 - d0)
+            d0, aB = hist[0], k["aB"]
+            # ratio x_prev + c d0 - aB (new (x0 - d0) + sum_k w_k (d_k - d0))
+            c0 = k["c"] + aB * (k["new"] + sum(k["corr"]))
+            x = torch.add(k["ratio"] * x_prev, d0, alpha=c0).add_(x0, alpha=-aB * k["new"])
             for w, dk in zip(k["corr"], hist[1:]):
-                corr = corr + w * (dk - d0)
-            x = k["ratio"] * x_prev + k["c"] * d0 - k["aB"] * corr
+                x = x.add_(dk, alpha=-aB * w)
         hist = [x0] + hist[: order - 1]
         if g.is_final(i):
             x = final_x0(g, x0, hist[1] if len(hist) > 1 else None, final, i - 1)
         else:
-            k = co[i]
-            x_prev, x = x, k["ratio"] * x + k["c"] * x0
+            k, aB = co[i], co[i]["aB"]
+            # ratio x + c x0 - aB sum_k w_k (d_k - x0)
+            x_prev, x = x, torch.add(k["ratio"] * x, x0, alpha=k["c"] + aB * sum(k["pred"]))
             for w, dk in zip(k["pred"], hist[1:]):
-                x = x - k["aB"] * w * (dk - x0)
+                x = x.add_(dk, alpha=-aB * w)
         if callback is not None:
             callback({"i": i, "t": g.times[i], "x": x, "x0": x0})
     return x
