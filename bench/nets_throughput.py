@@ -57,6 +57,16 @@ def time_steps(cfg: dict, batch: int, steps: int, channels_last: bool) -> float:
     return statistics.median(times)
 
 
+def forward_gflops(cfg: dict) -> float:
+    """Forward GFLOPs per 28x28 image (torch.utils.flop_counter; machine independent)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = nets.build(cfg)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(torch.randn(1, 1, 28, 28), torch.tensor([500.0]), torch.tensor([0]))
+    return counter.get_total_flops() / 1e9
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--threads", type=int, default=1)
@@ -64,16 +74,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--only", nargs="*", default=None, help="config names to run")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--flops-only", action="store_true", help="skip the timing")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    print(f"| net | params | s/step (batch {a.batch}) | images/s |")
-    print("|---|---:|---:|---:|")
+    print(f"| net | params | fwd GFLOP/image | s/step (batch {a.batch}) | images/s |")
+    print("|---|---:|---:|---:|---:|")
     for name, cfg in CONFIGS.items():
         if a.only and name not in a.only:
             continue
-        s = time_steps(cfg, a.batch, a.steps, a.channels_last)
+        s = float("nan") if a.flops_only else time_steps(cfg, a.batch, a.steps, a.channels_last)
         n = nets.count_parameters(nets.build(cfg))
-        print(f"| {name} | {n / 1e6:.2f}M | {s:.3f} | {a.batch / s:.0f} |", flush=True)
+        gf = forward_gflops(cfg)
+        print(f"| {name} | {n / 1e6:.2f}M | {gf:.3f} | {s:.3f} | {a.batch / s:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

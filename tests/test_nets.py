@@ -17,6 +17,12 @@ SMALL_UNET = {"type": "unet", "in_channels": 1, "model_channels": 16, "channel_m
               "num_heads": 2, "num_classes": 3}
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    """Fixed initial weights in every test (nets are built from the global RNG)."""
+    torch.manual_seed(0)
+
+
 def _randomize_zero_params(net: nn.Module, seed: int = 0) -> None:
     """Give the zero-initialised layers random weights (as after some training)."""
     g = torch.Generator().manual_seed(seed)
@@ -117,7 +123,9 @@ def test_unet_odd_resolution_and_channels_last():
     out = net(x, t)
     net_cl = net.to(memory_format=torch.channels_last)
     out_cl = net_cl(x.to(memory_format=torch.channels_last), t)
-    assert out.shape == x.shape and torch.allclose(out, out_cl, atol=1e-5)
+    # same math, different float32 summation order in the convolutions: outputs are O(1)
+    # after ~20 layers, so differences of a few 1e-6 (up to ~1e-5) are rounding
+    assert out.shape == x.shape and torch.allclose(out, out_cl, atol=1e-4)
 
 
 def test_unet_cross_attention_and_control_residuals():
