@@ -19,11 +19,12 @@ __all__ = ["ProgressBar", "MetricsLog", "to_uint8", "save_grid", "save_points",
 
 
 class ProgressBar:
-    """``step 120/1000 [####------]  loss 0.0412  312 img/s  0:41 elapsed`` on one line."""
+    """``step 120/1000 [####------] loss 0.0412  312 img/s  0:41 / 10:00`` on one line (the bar
+    fills with the larger of steps done and wall-clock budget spent)."""
 
     def __init__(self, total: int, stream: TextIO | None = None, width: int = 24,
-                 enabled: bool = True):
-        self.total, self.width, self.enabled = total, width, enabled
+                 enabled: bool = True, budget_s: float = math.inf):
+        self.total, self.width, self.enabled, self.budget_s = total, width, enabled, budget_s
         self.stream = stream if stream is not None else sys.stderr
         self.t0 = time.perf_counter()
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
@@ -31,12 +32,15 @@ class ProgressBar:
     def update(self, step: int, loss: float, images_per_s: float, extra: str = "") -> None:
         if not self.enabled:
             return
-        frac = min(1.0, step / max(1, self.total))
+        el = time.perf_counter() - self.t0
+        frac = min(1.0, max(step / max(1, self.total), el / self.budget_s))
         filled = int(frac * self.width)
-        el = int(time.perf_counter() - self.t0)
+        clock = f"{int(el) // 60}:{int(el) % 60:02d}"
+        if math.isfinite(self.budget_s):  # a wall-clock budget: show time of budget
+            b = int(self.budget_s)
+            clock += f" / {b // 60}:{b % 60:02d}"
         line = (f"step {step}/{self.total} [{'#' * filled}{'-' * (self.width - filled)}] "
-                f"loss {loss:.4f}  {images_per_s:.0f} img/s  {el // 60}:{el % 60:02d} "
-                f"elapsed{extra}")
+                f"loss {loss:.4f}  {images_per_s:.0f} img/s  {clock}{extra}")
         self.stream.write(("\r" + line) if self.tty else (line + "\n"))
         self.stream.flush()
 

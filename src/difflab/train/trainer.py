@@ -340,7 +340,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(self.config, indent=2))
             self.log.truncate_after(self.step)  # a fresh run starts a fresh log
-        bar = ProgressBar(total, enabled=not self.quiet)
+        bar = ProgressBar(total, enabled=not self.quiet,
+                          budget_s=budget_s - self.train_seconds)
         B = int(tc["batch_size"])
         t_last, n_last, loss = time.perf_counter(), self.step, float("nan")
         last_ips = 0.0
