@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--feature-net", default="fmnist",
                     help="metrics feature network (fmnist; others only for smoke runs)")
     ap.add_argument("--work", default="runs/guidance/bench", help="per-setting cache")
+    ap.add_argument("--sample-only", action="store_true",
+                    help="only draw (and cache) the samples; measure in a later run")
     ap.add_argument("--out", default=str(ROOT / "docs/results/guidance.md"))
     ap.add_argument("--figures", default=str(ROOT / "docs"))
     args = ap.parse_args(argv)
@@ -207,34 +209,19 @@ def main(argv: list[str] | None = None) -> int:
     if t_max < 1:
         log_prob = limit_log_prob(log_prob, t_max)
 
-    extractor = load_feature_net(args.feature_net)
-    ref = resolve_reference("fashion_mnist", extractor, split="train", n=10000)
     labels = torch.arange(args.n) % nc
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    class_refs = class_references(extractor, nc, work)
-    cache_path = work / f"results_n{args.n}_s{args.steps}_seed{args.seed}_{extractor.name}.json"
-    results = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-
-    # the FID floor of real images at this sample size (test split, labels cycling)
-    if "real" not in results:
-        from difflab.data import load_dataset
-
-        test = load_dataset("fashion_mnist", split="test")
-        idx = torch.cat([torch.nonzero(test.labels == c)[: args.n // nc, 0] for c in range(nc)])
-        real = test.images[idx]
-        results["real"] = {"method": "real", "weight": 0.0, "seconds": 0.0,
-                           **measure(real, test.labels[idx], extractor, ref, class_refs)}
-        cache_path.write_text(json.dumps(results, indent=1))
-
     settings = [("cfg", w) for w in args.cfg] + [("classifier", s) for s in args.scales]
+
+    # 1. sampling (no feature network needed; samples and timings are kept in --work)
+    from safetensors.torch import load_file, save_file
+
     samples: dict[str, Tensor] = {}
     for method, weight in settings:
         key = f"{method}:{weight:g}"
-        x_path = work / f"{method}_{weight:g}_n{args.n}_s{args.steps}.pt.safetensors"
-        if key in results and x_path.is_file():
-            from safetensors.torch import load_file
-
+        x_path = work / f"{method}_{weight:g}_n{args.n}_s{args.steps}_seed{args.seed}.safetensors"
+        if x_path.is_file():
             samples[key] = load_file(str(x_path))["x"]
             continue
         if method == "cfg":
@@ -244,16 +231,43 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         x = draw(den, args.n, shape, labels, args.steps, args.batch, args.seed)
         seconds = time.perf_counter() - t0
-        from safetensors.torch import save_file
-
-        save_file({"x": x.contiguous()}, str(x_path))
+        save_file({"x": x.contiguous()}, str(x_path), metadata={"seconds": f"{seconds:.3f}"})
         samples[key] = x
+        print(f"sampled {key} in {seconds:.0f} s", file=sys.stderr)
+    if args.sample_only:
+        return 0
+
+    # 2. measuring
+    from safetensors import safe_open
+
+    extractor = load_feature_net(args.feature_net)
+    ref = resolve_reference("fashion_mnist", extractor, split="train", n=10000)
+    class_refs = class_references(extractor, nc, work)
+    cache_path = work / f"results_n{args.n}_s{args.steps}_seed{args.seed}_{extractor.name}.json"
+    results = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    if "real" not in results:  # the floor of real images at this sample size (test split)
+        from difflab.data import load_dataset
+
+        test = load_dataset("fashion_mnist", split="test")
+        idx = torch.cat([torch.nonzero(test.labels == c)[: args.n // nc, 0] for c in range(nc)])
+        results["real"] = {"method": "real", "weight": 0.0, "seconds": 0.0,
+                           **measure(test.images[idx], test.labels[idx], extractor, ref,
+                                     class_refs)}
+    for method, weight in settings:
+        key = f"{method}:{weight:g}"
+        if key in results:
+            continue
+        x_path = work / f"{method}_{weight:g}_n{args.n}_s{args.steps}_seed{args.seed}.safetensors"
+        with safe_open(str(x_path), "pt") as f:
+            seconds = float((f.metadata() or {}).get("seconds", "nan"))
         results[key] = {"method": method, "weight": weight, "seconds": seconds,
-                        **measure(x, labels, extractor, ref, class_refs)}
-        cache_path.write_text(json.dumps(results, indent=1))
+                        **measure(samples[key], labels, extractor, ref, class_refs)}
         r = results[key]
         print(f"{key:16s} acc {r['accuracy']:.3f} FID {r['fid']:.2f} entropy "
               f"{r['entropy']:.3f} ({seconds:.0f} s)", file=sys.stderr)
+    cache_path.write_text(json.dumps(results, indent=1))
+    results = {k: v for k, v in results.items()
+               if k == "real" or k in {f"{m}:{w:g}" for m, w in settings}}
 
     fig = Path(args.figures)
     guided = {k: v for k, v in results.items() if k != "real"}
