@@ -80,7 +80,7 @@ def sample_dpm_solver_1(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: 
 @torch.no_grad()
 def sample_dpm_solver_2(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = None,
                         generator: Any = None, callback: Callable | None = None,
-                        final: str = "extrapolate") -> Tensor:
+                        final: str = "x0") -> Tensor:
     """DPM-Solver-2, Lu et al. 2022, Alg. 1 (r1 = 1/2), singlestep, noise prediction."""
     return _dpm_solver(denoiser, x, ts, 2, cond, callback, final)
 

@@ -38,7 +38,7 @@ H_MAX_3RD = 2.0
 @torch.no_grad()
 def sample_dpmpp_2m(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = None,
                     generator: Any = None, callback: Callable | None = None,
-                    final: str = "extrapolate") -> Tensor:
+                    final: str = "x0") -> Tensor:
     """DPM-Solver++(2M), Lu et al. 2022b, Alg. 2: D = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}."""
     check_final(final)
     g = Grid(denoiser.schedule, ts, x)

@@ -67,7 +67,7 @@ def sample_euler(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = N
 @torch.no_grad()
 def sample_heun(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = None,
                 generator: Any = None, callback: Callable | None = None,
-                final: str = "extrapolate") -> Tensor:
+                final: str = "x0") -> Tensor:
     """Heun's 2nd-order method, Karras et al. 2022, Alg. 1 (deterministic, no churn)."""
     check_final(final)
     g = Grid(denoiser.schedule, ts, x)
