@@ -84,6 +84,18 @@ def test_grid_definitions():
     torch.testing.assert_close(sig, (hi + torch.linspace(0, 1, 6, dtype=F64) * (lo - hi)) ** 7)
 
 
+def test_t_start_and_the_front_door_noise_scale():
+    for spacing in ("uniform", "log_snr", "karras"):
+        ts = timesteps(LINEAR, 6, spacing, t_start=0.5)
+        assert float(ts[0]) == 0.5 and float(ts[-1]) == 0.0 and bool((ts[1:] < ts[:-1]).all())
+    edm = schedules.edm()
+    seen = []
+    S.sample(RING.denoiser(edm), noise(4), "euler", 3, callback=seen.append)
+    # the first step is x_1 = sigma_max-scaled noise: x0_hat of the exact model at sigma 80
+    x1 = noise(4) * edm.prior_std()
+    torch.testing.assert_close(seen[0]["x0"], RING.posterior_mean(x1, 1.0, 80.0))
+
+
 def test_zero_terminal_snr_grids_start_at_the_prior():
     ztsnr = schedules.linear(zero_terminal_snr=True)
     for spacing in ("log_snr", "karras", "uniform", "trailing"):

@@ -111,12 +111,11 @@ def sample_euler_ancestral(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, con
         q = s2_t / s2_s  # 0 from sigma~ = inf
         s_up = min(math.sqrt(s2_t), eta * math.sqrt(s2_t * (1 - q)))
         s_down = math.sqrt(max(s2_t - s_up * s_up, 0.0))
-        # x~_down = (s_down / sigma~_s) x~ + (1 - s_down / sigma~_s) D, x~ = x / alpha
-        k = s_down / math.sqrt(s2_s)
-        x_tilde = (s_down / g.sigma[i]) * x + (1 - k) * x0
-        if s_up > 0:
-            x_tilde = x_tilde + s_up * randn_like(x, generator)
-        x = g.alpha[i + 1] * x_tilde
+        # x~_down = (s_down / sigma~_s) x~ + (1 - s_down / sigma~_s) D, x~ = x / alpha;
+        # x_t = alpha_t (x~_down + s_up z)
+        a_t, k = g.alpha[i + 1], s_down / math.sqrt(s2_s)
+        x_new = torch.add(a_t * s_down / g.sigma[i] * x, x0, alpha=a_t * (1 - k))
+        x = x_new.add_(randn_like(x, generator), alpha=a_t * s_up) if s_up > 0 else x_new
         if callback is not None:
             callback({"i": i, "t": g.times[i], "x": x, "x0": x0})
     return x
