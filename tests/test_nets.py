@@ -350,3 +350,30 @@ def test_unet_denoiser_with_fractional_and_negative_net_time(schedule_name):
         x, torch.tensor([0.5001, 0.5]), torch.tensor([0, 1]))
     assert torch.isfinite(a).all() and (a[0] - b[0]).abs().max() > 0
     assert torch.equal(a[1], b[1])
+
+
+# -- dropout and mixed precision -------------------------------------------------------------
+def test_unet_dropout_only_in_training_mode():
+    net = nets.build(dict(SMALL_UNET, dropout=0.3))
+    _randomize_zero_params(net)
+    x, t = _inputs(SMALL_UNET, 2)
+    net.train()
+    assert (net(x, t) - net(x, t)).abs().max() > 1e-4  # a fresh mask per call
+    net.eval()
+    assert torch.equal(net(x, t), net(x, t))
+
+
+@pytest.mark.parametrize("cfg", [dict(SMALL_UNET, context_dim=4), SMALL_DIT],
+                         ids=["unet", "dit"])
+def test_bf16_autocast_matches_float32(cfg):
+    """Under bf16 autocast (what the trainer uses on GPUs) outputs agree with float32 to a
+    few bf16 roundings (eps = 2^-8 = 0.4%) per layer: 5% of the output scale."""
+    net = nets.build(cfg)
+    _randomize_zero_params(net)
+    x, t = _inputs(dict(cfg, image_size=cfg.get("image_size", cfg.get("input_size"))))
+    kw = {"context": torch.randn(3, 2, 4)} if cfg.get("context_dim") else {}
+    ref = net(x, t, torch.tensor([0, 1, 2]), **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x, t, torch.tensor([0, 1, 2]), **kw)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
