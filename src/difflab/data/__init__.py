@@ -77,9 +77,9 @@ def load_dataset(name_or_path: str | Path, split: str = "train", resolution: int
         ds = load_image_folder(root, resolution, channels, **kw)
         kw = {}
     else:
-        hint = " (path does not exist)" if ("/" in name or Path(name).suffix == "") else ""
-        raise FileNotFoundError(f"unknown data set {name!r}{hint}; valid: {list(DATASET_NAMES)} "
-                                "or the path of a folder of PNG/JPEG images")
+        what = "is not a folder" if Path(name).exists() else "is neither a data set nor a folder"
+        raise FileNotFoundError(f"{name!r} {what}; valid: {list(DATASET_NAMES)} or the path "
+                                "of a folder of PNG/JPEG images")
     if kw:
         raise ValueError(f"unknown options for {name!r}: {sorted(kw)}")
     if channels is not None:

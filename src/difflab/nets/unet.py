@@ -49,7 +49,8 @@ def _heads(channels: int, num_heads: int, num_head_channels: int) -> int:
 
 
 class _Level(nn.Module):
-    """A list of (ResBlock, AttentionBlock | None) pairs plus an optional resampler."""
+    """One resolution level: ResBlocks ``res[i]`` each followed by ``attn[i]`` (an
+    AttentionBlock or Identity)."""
 
     def __init__(self) -> None:
         super().__init__()
