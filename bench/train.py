@@ -318,7 +318,9 @@ def write_report(work: Path, out: Path, command: str) -> None:
     lines = [
         "# Training benchmark: difflab default preset vs the diffusers recipe (Fashion-MNIST)",
         "",
-        f"Command: `{command}`  ",
+        f"Command: `{info.get('command', command)}`"
+        + (f" (evaluated again with `{command}`)  " if info.get("command", command) != command
+           else "  "),
         f"Machine: 2-core CPU (CI-class), shared with other jobs (load average during the run "
         f"{info.get('load', '?')}); each trainer ran in its own process with "
         f"{info['threads']} torch thread(s), side by side, {info['minutes']} min each.  ",
@@ -371,7 +373,12 @@ def write_report(work: Path, out: Path, command: str) -> None:
             f"{ab['images_per_s']:.1f} img/s): {ev['label']} {fids} (DPMSolver++). It separates "
             "the share of the gain that comes from the learning-rate schedule from the share "
             "of the rest of the recipe (v-prediction, min-SNR, cosine schedule, EMA warm-up, "
-            "architecture).",
+            "architecture). Commands: `python bench/train.py --work "
+            f"{info['ablation']['work']} --only diffusers --minutes {info['minutes']} "
+            f"--threads {info['threads']} --samples {info['samples']} --diffusers-lr "
+            f"{ab['lr']:g} --diffusers-warmup {ab['warmup']} --diffusers-batch "
+            f"{ab['batch_size']} --diffusers-schedulers dpmsolver` (phases train, sample, "
+            "eval).",
         ]
     lines += ["", "Sample grids (20 NFE, first 64 samples):", ""]
     lines += [f"![{p}]({p})" for p in info.get("grids", [])]
@@ -461,6 +468,7 @@ def main() -> None:
         info = json.loads(info_path.read_text()) if info_path.is_file() and a.only else {}
         info.update(res)
         now = datetime.datetime.now(datetime.timezone.utc)
+        info.update(command="python bench/train.py " + " ".join(sys.argv[1:]))
         info.update(minutes=a.minutes, threads=a.threads, samples=a.samples,
                     date=now.strftime("%Y-%m-%d %H:%M UTC"),
                     load=" / ".join(f"{x:.1f}" for x in os.getloadavg()))
