@@ -259,10 +259,17 @@ def quick_classifier_features():
     return features, x_all
 
 
-def evaluate_all(work: Path) -> dict:
+def evaluate_all(work: Path, extra: Path | None = None) -> dict:
+    """FIDs of every ``*_<nfe>.npy`` under ``work`` (and, keyed "ablation/<name>", under
+    ``extra``), all with the same feature network."""
     import numpy as np
 
     files = sorted(work.glob("*_[0-9]*.npy"))
+    names = {f: f.stem for f in files}
+    if extra is not None:
+        for f in sorted(extra.glob("*_[0-9]*.npy")):
+            files.append(f)
+            names[f] = "ablation/" + f.stem
     results = {}
     try:
         import difflab.metrics as M
@@ -272,7 +279,7 @@ def evaluate_all(work: Path) -> dict:
         for f in files:
             u8 = torch.from_numpy(np.load(f)).permute(0, 3, 1, 2).contiguous()
             m = M.evaluate(u8, reference="fashion_mnist", feature_net="fmnist")
-            results[f.stem] = float(m["fid"])
+            results[names[f]] = float(m["fid"])
     except (FileNotFoundError, ImportError) as e:
         print(f"FID-FMNIST unavailable ({e}); using a quick classifier", file=sys.stderr)
         from difflab.metrics import frechet_distance, gaussian_stats
@@ -285,7 +292,7 @@ def evaluate_all(work: Path) -> dict:
         for f in files:
             u8 = torch.from_numpy(np.load(f)).permute(0, 3, 1, 2).contiguous()
             s = gaussian_stats(features(u8))
-            results[f.stem] = float(frechet_distance(s.mu, s.sigma, real.mu, real.sigma))
+            results[names[f]] = float(frechet_distance(s.mu, s.sigma, real.mu, real.sigma))
     return {"label": label, "fid": results}
 
 
@@ -484,16 +491,18 @@ def main() -> None:
         info["peak"] = peak_gflops(a.threads)
         for j in ([a.only] if a.only else ["difflab", "diffusers"]):
             info[j]["flops"] = train_flops_per_image(j, work)
-        ev = evaluate_all(work)
+        ev = evaluate_all(work, Path(a.ablation) if a.ablation else None)
         (work / "eval.json").write_text(json.dumps(ev, indent=1))
         info_path.write_text(json.dumps(info, indent=1))
         if a.only:  # an ablation run: numbers only, added to the main report by --ablation
             print(json.dumps(ev, indent=1))
             return
         if a.ablation:
+            fids = {k.split("/", 1)[1]: v for k, v in ev["fid"].items()
+                    if k.startswith("ablation/")}
             info["ablation"] = {"info": json.loads((Path(a.ablation) / "train_info.json")
                                                    .read_text())["diffusers"],
-                                "eval": json.loads((Path(a.ablation) / "eval.json").read_text()),
+                                "eval": {"label": ev["label"], "fid": fids},
                                 "work": a.ablation}
         out_dir = Path(a.report).parent
         out_dir.mkdir(parents=True, exist_ok=True)
