@@ -3,7 +3,7 @@ null labels) on Fashion-MNIST for a few minutes with a plain loop (no trainer), 
 classifier-free guided (w = 1) sample grid, 20 DPM++(2M) steps, one row per seed, one
 column per class.
 
-    python bench/nets_sanity_train.py MINUTES OUT.png
+    python bench/nets_sanity_train.py MINUTES OUT.png [unet|dit]
 """
 
 from __future__ import annotations
@@ -19,13 +19,19 @@ import difflab
 from difflab import nets, objectives, schedules
 from difflab.data import load_dataset, to_uint8
 
+NETS = {
+    "unet": {"type": "unet", "model_channels": 32, "channel_mult": [1, 2, 2],
+             "num_res_blocks": 1, "attention_resolutions": [7], "num_classes": 10},
+    "dit": {"type": "dit", "input_size": 28, "patch_size": 4, "hidden_size": 192, "depth": 6,
+            "num_heads": 6, "num_classes": 10},
+}
 
-def main(minutes: float, out_png: str) -> None:
+
+def main(minutes: float, out_png: str, kind: str = "unet") -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     ds = load_dataset("fashion_mnist")
-    net = nets.build({"type": "unet", "model_channels": 32, "channel_mult": [1, 2, 2],
-                      "num_res_blocks": 1, "attention_resolutions": [7], "num_classes": 10})
+    net = nets.build(NETS[kind])
     sched = schedules.cosine()
     den = difflab.Denoiser(net, sched, "v")
     ema = copy.deepcopy(net).requires_grad_(False)
@@ -62,4 +68,5 @@ def main(minutes: float, out_png: str) -> None:
 
 if __name__ == "__main__":
     main(float(sys.argv[1]) if len(sys.argv) > 1 else 4.0,
-         sys.argv[2] if len(sys.argv) > 2 else "grid.png")
+         sys.argv[2] if len(sys.argv) > 2 else "grid.png",
+         sys.argv[3] if len(sys.argv) > 3 else "unet")
