@@ -4,8 +4,10 @@ Tolerances come from the mathematics: float64 eigen-decompositions are exact to 
 well-conditioned matrices; Monte Carlo checks use 4 standard errors.
 """
 
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -201,14 +203,19 @@ def test_inception_loader_maps_a_saved_state_dict_exactly(tmp_path):
     torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")},
                tmp_path / "pt_inception-2015-12-05-test.pth")
     loaded = load_inception(tmp_path / "pt_inception-2015-12-05-test.pth")
-    assert loaded.state_dict().keys() == state.keys()
+    loaded_state = loaded.state_dict()
+    assert loaded_state.keys() == state.keys()
     for k, v in state.items():
-        assert torch.equal(loaded.state_dict()[k], v), k
-    x = torch.rand(1, 3, 32, 32) * 2 - 1
+        assert torch.equal(loaded_state[k], v), k
+    # compare at 75x75 (Inception's smallest input) to keep the test fast; FID uses 299
+    net.resize_to = loaded.resize_to = 75
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         assert torch.equal(loaded.features(x), net.features(x))
     # through the metrics front door: gray uint8 images are repeated to RGB, size kept
     ext = load_feature_net(f"inception:{tmp_path / 'pt_inception-2015-12-05-test.pth'}")
+    assert ext.net.resize_to == 299 and ext.feature_dim == 2048 and ext.label == "FID"
+    ext.net.resize_to = 75
     u8 = torch.randint(0, 256, (1, 1, 28, 28), dtype=torch.uint8)
     with torch.no_grad():
         expected = net.features(u8.float().div(127.5).sub(1).expand(-1, 3, -1, -1))
@@ -230,3 +237,169 @@ def test_pytorch_fid_resize_order_is_equivalent():
     a = 2 * F.interpolate(u, size=(299, 299), mode="bilinear", align_corners=False) - 1
     b = F.interpolate(2 * u - 1, size=(299, 299), mode="bilinear", align_corners=False)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+# --- shipped feature networks --------------------------------------------------------------
+@pytest.mark.parametrize("name,dataset,minimum", [("fmnist", "fashion_mnist", 0.91),
+                                                  ("mnist", "mnist5k", 0.98)])
+def test_shipped_classifiers_load_and_reach_their_accuracy(name, dataset, minimum):
+    """The full test split, disjoint from the training split; the JSON records the same
+    number (the network is deterministic in eval mode)."""
+    from difflab.data import load_dataset
+    from difflab.metrics import class_metrics, classifier_accuracy, load_feature_net
+    from difflab.metrics.features import ASSETS, SHIPPED
+
+    weights = ASSETS / f"{SHIPPED[name]}.safetensors"
+    assert weights.stat().st_size < 2_000_000
+    ext = load_feature_net(name)
+    assert ext.meta["dataset"] == dataset and ext.meta["train_split"] == "train"
+    test = load_dataset(dataset, split="test")
+    c = class_metrics(test.images, test.labels, feature_net=name)
+    assert c["accuracy"] >= minimum
+    assert c["accuracy"] == pytest.approx(ext.meta["test_accuracy"], abs=2e-4)
+    # the test split is class-balanced: the predicted-class histogram has near-maximal entropy
+    assert c["entropy"] > 0.99 * math.log(10) and sum(c["histogram"]) == len(test)
+    sl = slice(0, 100)
+    expected = float((ext.logits(test.images[sl]).argmax(1) == test.labels[sl]).float().mean())
+    assert classifier_accuracy(test.images[sl], test.labels[sl], name) == expected
+    # a single-class set has entropy 0 (mode collapse)
+    one = test.images[test.labels == 1][:50]
+    assert class_metrics(one, torch.full((one.shape[0],), 1), feature_net=name)["entropy"] < 0.3
+    # float [-1, 1] input gives the same features as uint8 (the 8-bit quantisation is exact)
+    x = test.images[:64]
+    torch.testing.assert_close(ext(x.float() / 127.5 - 1), ext(x))
+
+
+def test_feature_preprocessing_refuses_wrong_ranges():
+    from difflab.metrics.features import load_feature_net, prepare_images
+
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        prepare_images(torch.rand(2, 1, 28, 28) * 255, 28, 1)
+    with pytest.raises(ValueError, match="valid"):
+        load_feature_net("resnet")
+    with pytest.raises(FileNotFoundError, match="DIFFLAB_INCEPTION_WEIGHTS"):
+        import os
+
+        os.environ.pop("DIFFLAB_INCEPTION_WEIGHTS", None)
+        load_feature_net("inception")
+
+
+def test_evaluate_orders_clean_noisy_and_caches_reference(tmp_path, monkeypatch):
+    """FID-FMNIST: a disjoint real subset scores lower than the same images with noise; the
+    reference statistics are written once and reused (keyed by data set, split, net, n)."""
+    from difflab.data import load_dataset
+    from difflab.metrics import evaluate
+    from difflab.metrics.reference import cache_dir
+
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path))
+    test = load_dataset("fashion_mnist", split="test").images[:1000]
+    clean = evaluate(test, "fashion_mnist", "fmnist", n=1000, kid_subsets=10)
+    files = sorted(cache_dir().glob("fashion_mnist-train-fmnist-*-n1000-s0.safetensors"))
+    assert len(files) == 1
+    meta = json.loads(files[0].with_suffix(".json").read_text())
+    assert meta["n"] == 1000 and meta["split"] == "train" and meta["feature_net"] == "fmnist"
+    g = torch.Generator().manual_seed(0)
+    noisy = (test.float() / 127.5 - 1 + 0.3 * torch.randn(test.shape, generator=g)).clamp(-1, 1)
+    bad = evaluate(noisy, "fashion_mnist", "fmnist", n=1000, kid_subsets=10)
+    assert len(list(cache_dir().glob("*.safetensors"))) == 1  # reused, not recomputed
+    assert bad["fid"] > 5 * clean["fid"] and bad["kid"] > clean["kid"] + 4 * bad["kid_std"]
+    assert clean["precision"] > bad["precision"] and clean["label"] == "FID-FMNIST"
+    # a stats file is a valid reference and gives the same FID
+    again = evaluate(test, str(files[0]), "fmnist", kid_subsets=10)
+    assert again["fid"] == pytest.approx(clean["fid"], rel=1e-12)
+    with pytest.raises(ValueError, match="feature network"):
+        evaluate(test, str(files[0]), "mnist")
+
+
+# --- difflab eval --------------------------------------------------------------------------
+def _stats_file(tmp_path):
+    from difflab.data import load_dataset
+    from difflab.metrics.features import load_feature_net
+    from difflab.metrics.reference import reference_from_images, save_reference
+
+    real = load_dataset("fashion_mnist", split="test").images[:300]
+    ref = reference_from_images(real, load_feature_net("fmnist"),
+                                meta={"feature_net": "fmnist", "dataset": "test[:300]"})
+    return save_reference(ref, tmp_path / "ref")
+
+
+def test_eval_cli_on_npy_writes_json(tmp_path, capsys):
+    from difflab.cli import main
+    from difflab.data import load_dataset
+
+    ref = _stats_file(tmp_path)
+    imgs = load_dataset("fashion_mnist", split="test").images[300:500]
+    np.save(tmp_path / "x.npy", imgs.permute(0, 2, 3, 1).numpy())  # uint8 NHWC
+    assert main(["eval", str(tmp_path / "x.npy"), "--reference", str(ref),
+                 "--kid-subsets", "5", "--out", str(tmp_path / "r.json")]) == 0
+    out = json.loads((tmp_path / "r.json").read_text())
+    rec = out["results"][0]
+    assert out["label"] == "FID-FMNIST" and rec["n"] == 200 and rec["n_ref"] == 300
+    assert 0 < rec["fid"] < 50 and 0 <= rec["precision"] <= 1 and "classes" in rec
+    assert "FID-FMNIST" in capsys.readouterr().out
+    # bad input: a clear error, exit code 2
+    assert main(["eval", str(tmp_path / "absent.npy"), "--reference", str(ref)]) == 2
+
+
+def test_eval_cli_sweeps_a_checkpoint(tmp_path):
+    from difflab import schedules
+    from difflab.cli import main
+    from difflab.nets import build
+    from difflab.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    net = build({"type": "unet", "in_channels": 1, "model_channels": 8, "channel_mult": [1, 2],
+                 "num_res_blocks": 1, "attention_resolutions": [], "image_size": 28,
+                 "num_classes": 10})
+    config = {"net": net.config, "schedule": schedules.linear().config(), "prediction": "eps",
+              "sigma_data": 0.5, "data": {"name": "fashion_mnist", "resolution": 28,
+                                          "channels": 1, "num_classes": 10}, "train": {}}
+    sd = net.state_dict()
+    save_checkpoint(tmp_path / "ckpt", config=config, model=sd, ema=sd)
+    ref = _stats_file(tmp_path)
+    rc = main(["eval", str(tmp_path / "ckpt"), "--reference", str(ref), "--num", "12",
+               "--batch-size", "6", "--sampler", "ddim,dpmpp_2m", "--steps", "2,3",
+               "--guidance", "1.5", "--kid-subsets", "3", "--out", str(tmp_path / "e.json"),
+               "--plot", str(tmp_path / "e.png")])
+    assert rc == 0
+    res = json.loads((tmp_path / "e.json").read_text())["results"]
+    assert [(r["sampler"], r["steps"]) for r in res] == [("ddim", 2), ("ddim", 3),
+                                                        ("dpmpp_2m", 2), ("dpmpp_2m", 3)]
+    for r in res:  # classifier-free guidance evaluates the network twice per step
+        assert r["nfe"] == 2 * r["nfe_expected"] == 2 * r["steps"]
+        assert r["network_calls_per_batch"] == r["steps"]
+        assert math.isfinite(r["fid"]) and r["classes"]["histogram"] and r["seconds"] > 0
+    assert (tmp_path / "e.png").stat().st_size > 1000
+
+
+def test_reference_cache_key_changes_with_the_feature_network():
+    """Stale statistics are never reused: the key hashes the config (feature_scale) too."""
+    from difflab.metrics.features import load_feature_net
+    from difflab.metrics.reference import _net_fingerprint
+
+    ext = load_feature_net("mnist")
+    before = _net_fingerprint(ext)
+    scale = ext.net.feature_scale
+    try:
+        ext.net.set_feature_scale(2 * scale)
+        assert _net_fingerprint(ext) != before
+    finally:
+        ext.net.set_feature_scale(scale)
+    assert _net_fingerprint(ext) == before
+
+
+def test_eval_reads_npy_layouts(tmp_path):
+    from difflab.metrics.commands import load_images
+
+    g = torch.Generator().manual_seed(0)
+    u8 = torch.randint(0, 256, (4, 1, 28, 28), generator=g, dtype=torch.uint8)
+    for name, arr in [("nchw", u8), ("nhwc", u8.permute(0, 2, 3, 1)), ("nhw", u8[:, 0]),
+                      ("float", u8.float() / 127.5 - 1)]:
+        np.save(tmp_path / f"{name}.npy", arr.numpy())
+        x, labels = load_images(tmp_path / f"{name}.npy")
+        assert labels is None and x.shape == (4, 1, 28, 28)
+        expected = u8 if x.dtype == torch.uint8 else u8.float() / 127.5 - 1
+        torch.testing.assert_close(x, expected)
+    np.save(tmp_path / "bad.npy", np.zeros((4, 28), np.int64))
+    with pytest.raises(ValueError, match="NHW"):
+        load_images(tmp_path / "bad.npy")
