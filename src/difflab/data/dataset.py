@@ -95,7 +95,7 @@ def convert_channels(images: Tensor, channels: int) -> Tensor:
     raise ValueError(f"cannot convert {c}-channel images to {channels} channels")
 
 
-@dataclass
+@dataclass(eq=False)  # tensors have no single truth value: compare by identity
 class ImageDataset:
     """Images in memory: ``images`` uint8 (N, C, H, W), ``labels`` long (N,) or None.
 
