@@ -26,17 +26,17 @@ Measured (RMSE to the exact PF-ODE solution, DDPM linear schedule, default log-S
 exact 2-D ring / 64-D mixtures; ``python bench/samplers.py``, section "Final step"):
 
     steps                    5      10     20     50      100     200
-    unipc x0           ring  .283   .0630  .0090  1.3e-3  2.1e-4  2.3e-4   <- floor 2.4e-4
-    unipc extrapolate  ring  .283   .0627  .0091  1.5e-3  2.2e-4  2.9e-5
-    dpm_solver_3 x0    rand  .104   .0127  1.2e-3 2.6e-4  2.4e-4  2.5e-4
-    dpm_solver_3 extr. rand  .104   .0127  1.2e-3 9.9e-5  1.5e-5  2.3e-6
-    dpmpp_2m x0        ring  .260   .0929  .0173  3.0e-3  7.5e-4  2.1e-4
-    dpmpp_2m extr.     ring  .261   .0939  .0175  3.2e-3  8.8e-4  2.3e-4
+    unipc x0           ring  .28    .063   .0086  1.2e-3  2.0e-4  2.3e-4   <- floor 2.4e-4
+    unipc extrapolate  ring  .28    .063   .0087  1.4e-3  2.0e-4  2.6e-5
+    dpm_solver_3 x0    64-D  .13    .074   1.8e-3 3.9e-4  2.5e-4  2.5e-4
+    dpm_solver_3 extr. 64-D  .13    .074   1.8e-3 3.2e-4  5.7e-5  9.9e-6
+    dpmpp_2m x0        ring  .26    .093   .017   2.9e-3  6.9e-4  2.0e-4
+    dpmpp_2m extr.     ring  .26    .094   .017   3.0e-3  8.2e-4  2.1e-4
 
 So the final step hardly matters at <= 20 steps (interior steps dominate), the x0 step leaves
 the predicted O(sigma_min^2) floor, and extrapolation removes it for the 3rd-order solvers
 (dpmpp_3m, unipc, dpm_solver_3: ``final="extrapolate"`` by default). For 2nd-order solvers the
-interior error stays above the floor up to ~100 steps and extrapolation is neutral to 10%
+interior error stays above the floor up to ~100 steps and extrapolation is neutral to 20%
 worse there, so dpmpp_2m, heun and dpm_solver_2 keep ``final="x0"`` (as do the first-order
 ddim, euler, dpm_solver_1); stochastic samplers always end with x0_hat (no noise at sigma = 0).
 """

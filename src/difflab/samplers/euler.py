@@ -12,9 +12,10 @@ Default grid: ``log_snr`` for all three. The Karras grid takes sigma_max from th
 steps at huge sigma~ (measured: 15 Heun steps on the cosine schedule put 46% of the samples
 near the data, 100% with log_snr). **Heun's limit** (PITFALLS): the trapezoid multiplies the
 end-point slope by (sigma~_s - sigma~_t) / sigma~_t, so it amplifies errors when a step shrinks
-sigma~ by more than ~10x (log-SNR step h > ~2.3, e.g. <= 4 steps on DDPM's schedule, or
-``uniform`` spacing whose first step on the cosine schedule goes from sigma~ = 2e4 to ~10).
-Use dpmpp_2m / unipc there.
+sigma~ by ~10x or more (half-log-SNR step h >~ 2.3). On DDPM's linear schedule with the default
+grid (2-D ring, bench/samplers.py): RMSE 29 at 3 steps (h = 4.8), 1.6 at 5 steps (h = 2.4),
+0.12 at 10 steps (h = 1.07); ``uniform`` spacing on the cosine schedule (first step sigma~ = 2e4
+-> ~10) fails the same way. Use dpmpp_2m / unipc below ~10 steps.
 """
 
 from __future__ import annotations
