@@ -109,7 +109,7 @@ def measure(x: Tensor, labels: Tensor, extractor, ref, class_refs) -> dict:
             "fid_per_class": per_class, "fid_class_mean": sum(per_class) / len(per_class)}
 
 
-def plot(results: dict, path: Path, unguided_fid: float) -> None:
+def plot(results: dict, path: Path, unguided_fid: float, real: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,6 +129,9 @@ def plot(results: dict, path: Path, unguided_fid: float) -> None:
         for r, fx, ay in zip(rows, fid, acc):
             ax.annotate(f"{key}={r['weight']:g}", (fx, ay), textcoords="offset points",
                         xytext=(4, -10), fontsize=8)
+    if real:
+        ax.plot([real["fid"]], [100 * real["accuracy"]], "k*", ms=10,
+                label="real test images (same count)")
     ax.axvline(1.5 * unguided_fid, color="grey", ls=":", lw=1,
                label="1.5 x FID of the unguided conditional model")
     ax.axhline(97, color="grey", ls="--", lw=1, label="97% accuracy")
@@ -136,7 +139,7 @@ def plot(results: dict, path: Path, unguided_fid: float) -> None:
     ax.set_ylabel("class accuracy under the fmnist classifier (%)")
     ax.set_title("Guidance on Fashion-MNIST: accuracy versus FID")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="center right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     samples: dict[str, Tensor] = {}
     for method, weight in settings:
         key = f"{method}:{weight:g}"
-        x_path = work / f"{method}_{weight:g}_n{args.n}_s{args.steps}_seed{args.seed}.safetensors"
+        x_path = work / _sample_name(method, weight, args, t_max)
         if x_path.is_file():
             samples[key] = load_file(str(x_path))["x"]
             continue
@@ -243,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     extractor = load_feature_net(args.feature_net)
     ref = resolve_reference("fashion_mnist", extractor, split="train", n=10000)
     class_refs = class_references(extractor, nc, work)
-    cache_path = work / f"results_n{args.n}_s{args.steps}_seed{args.seed}_{extractor.name}.json"
+    cache_path = work / (f"results_n{args.n}_s{args.steps}_seed{args.seed}_{extractor.name}"
+                         f"_tmax{t_max:g}.json")
     results = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     if "real" not in results:  # the floor of real images at this sample size (test split)
         from difflab.data import load_dataset
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         key = f"{method}:{weight:g}"
         if key in results:
             continue
-        x_path = work / f"{method}_{weight:g}_n{args.n}_s{args.steps}_seed{args.seed}.safetensors"
+        x_path = work / _sample_name(method, weight, args, t_max)
         with safe_open(str(x_path), "pt") as f:
             seconds = float((f.metadata() or {}).get("seconds", "nan"))
         results[key] = {"method": method, "weight": weight, "seconds": seconds,
@@ -272,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     fig = Path(args.figures)
     guided = {k: v for k, v in results.items() if k != "real"}
     unguided_fid = results.get("cfg:0", {}).get("fid", math.nan)
-    plot(guided, fig / "guidance_accuracy_fid.png", unguided_fid)
+    plot(guided, fig / "guidance_accuracy_fid.png", unguided_fid, results.get("real"))
     for method in ("cfg", "classifier"):
         sel = {k: samples[k] for k, _ in [(f"{m}:{w:g}", 0) for m, w in settings if m == method]
                if k in samples}
@@ -280,6 +284,11 @@ def main(argv: list[str] | None = None) -> int:
             save_class_grid(sel, labels, 2, fig / f"guidance_grid_{method}.png")
     write_page(args, results, cond_cfg, uncond_name, clf_cfg, t_max, Path(args.out))
     return 0
+
+
+def _sample_name(method: str, weight: float, args, t_max: float) -> str:
+    extra = f"_tmax{t_max:g}" if method == "classifier" else ""
+    return f"{method}_{weight:g}{extra}_n{args.n}_s{args.steps}_seed{args.seed}.safetensors"
 
 
 def _fmt_row(key: str, r: dict) -> str:

@@ -203,13 +203,15 @@ def test_classifier_guidance_with_trained_classifier_moves_samples_to_the_class(
     for scale in ("0", "2"):
         den, cond = guided_denoiser(exact_denoiser(), model_config(False),
                                     parse("--classifier", str(out), "--classifier-scale",
-                                          scale, "--label", "1"), n)
+                                          scale, "--label", "1", "--classifier-t-max", "0.95"),
+                                    n)
         x = difflab.sample(den, noise, "dpmpp_2m", steps=10, cond=cond,
                            generator=torch.Generator().manual_seed(1))
         results[scale] = float((nearest_component(x) == 1).float().mean())
     # unguided: component 1 with probability 1/2 (binomial std 0.035 at n = 200); guided:
     # far above (the 150-step classifier is 73% accurate at t = 0.9, where the sample's
-    # component is mostly decided, so it does not reach the exact classifier's 100%)
+    # component is mostly decided, so it does not reach the exact classifier's 100%).
+    # t_max = 0.95: this weak classifier's gradient at t = 0.9755 (alpha 0.04) still hurts
     assert abs(results["0"] - 0.5) < 0.15
     assert results["2"] > 0.68
 

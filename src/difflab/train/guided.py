@@ -30,7 +30,7 @@ __all__ = ["add_guidance_args", "guided_denoiser", "check_classifier_matches",
            "limit_log_prob", "DEFAULT_CLASSIFIER_T_MAX"]
 
 # classifier guidance is applied only at t <= this (see limit_log_prob)
-DEFAULT_CLASSIFIER_T_MAX = 0.95
+DEFAULT_CLASSIFIER_T_MAX = 0.98  # measured on Fashion-MNIST, docs/results/guidance.md
 
 
 def add_guidance_args(parser: argparse.ArgumentParser) -> None:
@@ -108,7 +108,10 @@ def limit_log_prob(log_prob: Callable[[Tensor, Tensor, Tensor], Tensor],
     classifier's gradient at pure noise does not (it only has to output the class prior
     there), and with alpha(1) = 5e-5 (the cosine schedule) its noise is multiplied by 2e4 on
     the first step. Measured on a two-class toy: without the limit, guidance towards class 1
-    sent 82% of the samples to class 0.
+    sent 82% of the samples to class 0; on Fashion-MNIST (10 dpmpp_2m steps, s = 2) accuracy
+    was 13% without the limit, 66% / 65% / 41% with t_max = 0.996 / 0.98 / 0.95. The default
+    0.98 skips the grid points with alpha_t < 0.01 of the 10-step log-SNR grid and keeps
+    t = 0.9755 (alpha 0.04), where the class of a Fashion-MNIST sample is being decided.
     """
     t_max = float(t_max)
 
