@@ -115,7 +115,7 @@ def plot(results: dict, path: Path, unguided_fid: float, real: dict | None = Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = plt.subplots(figsize=(6.4, 5.2))
     for method, marker, key in (("cfg", "o-", "w"), ("classifier", "s-", "s")):
         rows = [r for r in results.values() if r["method"] == method]
         rows.sort(key=lambda r: r["weight"])
@@ -139,7 +139,7 @@ def plot(results: dict, path: Path, unguided_fid: float, real: dict | None = Non
     ax.set_ylabel("class accuracy under the fmnist classifier (%)")
     ax.set_title("Guidance on Fashion-MNIST: accuracy versus FID")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
