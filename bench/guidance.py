@@ -20,10 +20,12 @@ null label (trained with condition dropout p_uncond).
 Commands behind docs/results/guidance.md (2-core CPU)::
 
     python -m difflab.cli train fashion_mnist --conditional --out runs/guidance/cond \\
-        --max-minutes 22 --threads 1 --set train.p_uncond=0.2
-    difflab train-classifier --like runs/guidance/cond --out runs/guidance/clf \\
-        --max-minutes 18 --batch-size 64 --lr 2e-3 --threads 1
-    python bench/guidance.py --cond runs/guidance/cond --classifier runs/guidance/clf
+        --max-minutes 27 --threads 1 --batch-size 32 --set train.p_uncond=0.2 \\
+        --set net.model_channels=16
+    difflab train-classifier --like runs/guidance/cond --out runs/guidance/clf16 \\
+        --max-minutes 24 --batch-size 64 --lr 2e-3 --threads 1 --set net.model_channels=16
+    python bench/guidance.py --cond runs/guidance/cond --classifier runs/guidance/clf16 \\
+        --cfg 0 0.5 1 2 4 6 8 --scales 0 1 2 4 8 16
 
 Per-setting results are cached in --work (rerunning skips finished settings).
 """
@@ -46,6 +48,7 @@ import difflab
 from difflab.denoiser import BaseDenoiser, Prediction
 
 ROOT = Path(__file__).resolve().parents[1]
+NOTES_MARKER = "## Reading the numbers"  # a regenerated page keeps everything from here on
 
 
 class NullLabel(BaseDenoiser):
@@ -164,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cond", default="runs/guidance/cond", help="conditional checkpoint")
     ap.add_argument("--uncond", default=None,
                     help="unconditional checkpoint (default: the conditional one's null label)")
-    ap.add_argument("--classifier", default="runs/guidance/clf", help="classifier checkpoint")
+    ap.add_argument("--classifier", default="runs/guidance/clf16", help="classifier checkpoint")
     ap.add_argument("--cfg", type=float, nargs="*", default=[0, 0.5, 1, 2, 4])
     ap.add_argument("--scales", type=float, nargs="*", default=[0, 1, 2, 4, 8])
     ap.add_argument("--t-max", type=float, default=None,
@@ -344,7 +347,11 @@ def write_page(args, results: dict, cond_cfg: dict, uncond_name: str, clf_cfg: d
               "![CFG grid](../guidance_grid_cfg.png)", "",
               "![classifier guidance grid](../guidance_grid_classifier.png)", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    notes = ""
+    if out.is_file() and NOTES_MARKER in out.read_text():  # keep the hand-written part
+        old = out.read_text()
+        notes = "\n" + old[old.index(NOTES_MARKER):]
+    out.write_text("\n".join(lines) + "\n" + notes)
     (out.with_suffix(".json")).write_text(json.dumps(results, indent=1))
 
 
