@@ -14,6 +14,7 @@ import sys
 # modules that define subcommands; each has register(subparsers)
 COMMAND_MODULES = (
     "difflab.train.commands",
+    "difflab.train.classifier",
     "difflab.metrics.commands",
 )
 
