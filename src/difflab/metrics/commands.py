@@ -290,6 +290,8 @@ def plot_quality_vs_nfe(records: list[dict[str, Any]], path: str | Path, label: 
     nfes = sorted({r["nfe"] for r in records if r.get("sampler")})
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xticks(nfes, [f"{v:g}" for v in nfes])
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_xlabel("network evaluations per image (NFE)")
     ax.set_ylabel(label)
     ax.set_title(title[-60:], fontsize=9)
