@@ -193,12 +193,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     samplers, steps = _csv(args.sampler), _csv(args.steps, int)
     if not samplers or not steps or min(steps) < 1:
         raise ValueError("--sampler and --steps need at least one value; steps >= 1")
+    source = Path(args.source)
+    if _is_checkpoint(source):
+        import difflab
+
+        for name in samplers:  # fail before any work on a typo
+            difflab.samplers.get(name)
     extractor = load_feature_net(default_feature_net(args.reference, args.feature_net))
     ref = resolve_reference(args.reference, extractor, split=args.split,
                             n=args.n_ref or None, cache=not args.no_cache)
     kid_kw = {"kid_subsets": args.kid_subsets, "kid_subset_size": args.kid_subset_size,
               "seed": args.seed}
-    source = Path(args.source)
     records: list[dict[str, Any]] = []
 
     def measure(images: Tensor, labels: Tensor | None) -> dict[str, Any]:
@@ -208,11 +213,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return rec
 
     if _is_checkpoint(source):
-        import difflab
         from difflab.train.checkpoint import load_denoiser
 
-        for name in samplers:  # fail before any work on a typo
-            difflab.samplers.get(name)
 
         den, config = load_denoiser(source, ema=not args.no_ema)
         for name in samplers:
