@@ -400,8 +400,8 @@ def write_report(work: Path, out: Path, command: str) -> None:
             "", "Ablation (not the canonical recipe): the same diffusers UNet2DModel and eps loss "
             f"with difflab's optimisation settings, lr {ab['lr']:g}, warm-up {ab['warmup']}, "
             f"batch {ab['batch_size']}, trained afterwards in its own run ({ab['steps']} steps, "
-            f"{ab['images_per_s']:.1f} img/s, so with less contention and more images than the "
-            f"main run): {ev['label']} {fids} (DPMSolver++). It separates "
+            f"{ab['images_per_s']:.1f} img/s, so more images than difflab saw in either run): "
+            f"{ev['label']} {fids} (DPMSolver++). It separates "
             "the share of the gain that comes from the learning-rate schedule from the share "
             "of the rest of the recipe (v-prediction, min-SNR, cosine schedule, EMA warm-up, "
             "architecture). Commands: `python bench/train.py --work "
@@ -411,17 +411,19 @@ def write_report(work: Path, out: Path, command: str) -> None:
             f"{ab['batch_size']} --diffusers-schedulers dpmsolver` (phases train, sample, "
             "eval).",
         ]
+    lines += info.get("extra_lines", [])
     lines += ["", "Sample grids (20 NFE, first 64 samples):", ""]
     lines += [f"![{p}]({p})" for p in info.get("grids", [])]
     lines += [
         "", "## Tuning runs (how the preset was chosen)", "",
         "Short runs of `difflab train fashion_mnist --max-minutes 5 --threads 1` under the same "
-        "contention, two at a time, judged by eye on 64 EMA samples (dpmpp_2m, 10 steps):", "",
+        "contention, two at a time, judged by eye on 64 EMA samples (dpmpp_2m, 10 steps); "
+        "then run 2 of the benchmark above with batch 16:", "",
         "| batch | lr | optimizer steps in 5 min | samples |", "|---|---|---|---|",
         "| 64 | 2e-3 | 50 | ![](train_tune_b64_5min.png) noisy, grainy blobs |",
         "| 32 | 2e-3 | 94 | ![](train_tune_b32_5min.png) smooth garment silhouettes |", "",
         "At a few hundred steps the number of updates matters more than the batch size, so the "
-        "preset uses batch 32 with a short warm-up (50 steps) and a high peak lr (2e-3, with "
+        "preset uses batch 16 with a short warm-up (50 steps) and a high peak lr (2e-3, with "
         "gradient clipping at 1). v-prediction with min-SNR-5 weighting on the cosine schedule "
         "puts the effort on the mid noise levels that decide shapes; the EMA warm-up "
         "min(0.999, (1+n)/(10+n)) makes the averaged weights useful from the first hundred "

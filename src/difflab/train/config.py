@@ -63,7 +63,7 @@ _FASHION = {
     "sigma_data": 0.5,
     "data": {"name": "fashion_mnist", "resolution": 28, "channels": 1, "num_classes": 10,
              "split": "train"},
-    "train": {"steps": 100000, "max_minutes": 10, "batch_size": 32, "lr": 2e-3, "warmup": 50,
+    "train": {"steps": 100000, "max_minutes": 10, "batch_size": 16, "lr": 2e-3, "warmup": 50,
               "ema_decay": 0.999, "target": "v", "weighting": "min_snr", "min_snr_gamma": 5.0,
               "grad_clip": 1.0, "sample_every": 500, "ckpt_every": 500, "log_every": 20},
 }
