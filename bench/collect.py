@@ -8,19 +8,35 @@ machine and the date). This script puts them on one page in a fixed order:
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["samplers", "train", "metrics", "guidance"]
+ORDER = ["targets", "samplers", "train", "nets", "metrics", "metrics_eval", "guidance"]
 HEADER = """# difflab benchmarks
 
 Every number on this page was measured by a script in `bench/`; each section names the command
 that produced it, the machine and the date. `bench/README.md` says how to rerun all of it, and
 `python bench/collect.py` rebuilds this page from `docs/results/*.md`. Ratios against peers
 (HuggingFace `diffusers`) come from the same run on the same machine; absolute times on a shared
-2-core machine are noise.
+2-core machine are noise. All of it ran on 2026-11-26 on a 2-core CPU (CI-class) that other
+jobs shared during most runs; no GPU was lent to this work.
 
 """
+
+
+def _relink(text: str, results: Path) -> str:
+    """Rewrite relative links of a results page so they resolve from docs/."""
+
+    def fix(m: re.Match) -> str:
+        target = m.group(1)
+        if "://" in target or target.startswith("#"):
+            return m.group(0)
+        path = os.path.relpath((results / target).resolve(), results.parent)
+        return f"]({path})"
+
+    return re.sub(r"\]\(([^)\s]+)\)", fix, text)
 
 
 def main() -> None:
@@ -31,7 +47,7 @@ def main() -> None:
     parts += [f"- [{t}](#{t})" for t in ordered]
     parts.append("")
     for t in ordered:
-        text = (results / f"{t}.md").read_text().strip()
+        text = _relink((results / f"{t}.md").read_text().strip(), results)
         # demote the section's headings by one level so the page has a single title
         text = "\n".join("#" + line if line.startswith("#") else line
                          for line in text.splitlines())
