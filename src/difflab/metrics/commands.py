@@ -23,9 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from difflab.cli import HelpFormatter
+
 __all__ = ["register", "cmd_eval", "load_images", "default_feature_net", "sample_checkpoint"]
 
-_F = argparse.ArgumentDefaultsHelpFormatter
+_F = HelpFormatter
 _DEFAULT_NETS = {"fashion_mnist": "fmnist", "mnist5k": "mnist", "mnist10k": "mnist",
                  "mnist": "mnist"}
 

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from difflab.cli import HelpFormatter
+
 __all__ = ["CLASSIFIER_TRAIN_DEFAULTS", "classifier_config", "train_classifier",
            "load_classifier", "classifier_accuracy_at", "register", "cmd_train_classifier"]
 
@@ -282,7 +284,7 @@ def load_classifier(path: str | os.PathLike, ema: bool = True,
 def register(subparsers: Any) -> None:
     """Add ``difflab train-classifier``."""
     p = subparsers.add_parser(
-        "train-classifier", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "train-classifier", formatter_class=HelpFormatter,
         help="train a noise-aware classifier p(y | x_t, t) for classifier guidance",
         description="Train a noise-aware classifier on images noised by a diffusion schedule "
                     "(cross-entropy at t ~ U(0, 1]); use it with `difflab sample --classifier "

@@ -20,9 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from difflab.cli import HelpFormatter
+
 __all__ = ["register", "cmd_train", "cmd_sample", "cmd_demo", "demo_config"]
 
-_F = argparse.ArgumentDefaultsHelpFormatter
+_F = HelpFormatter
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
