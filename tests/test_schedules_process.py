@@ -126,10 +126,13 @@ def test_posterior_matches_ddpm_eq7():
     abar, b = s.alphas_cumprod, s.betas
     for i in [1, 10, 500, 999]:
         c_xt, c_x0, var = process.posterior_coefficients(s, s.index_to_t(i - 1), s.index_to_t(i))
-        assert float(c_x0) == pytest.approx(float(abar[i - 1].sqrt() * b[i] / (1 - abar[i])), rel=1e-9)
-        assert float(c_xt) == pytest.approx(float((1 - b[i]).sqrt() * (1 - abar[i - 1]) / (1 - abar[i])),
-                                            rel=1e-9)
-        assert float(var) == pytest.approx(float((1 - abar[i - 1]) / (1 - abar[i]) * b[i]), rel=1e-9)
+        # DDPM Eq. 7
+        mu_x0 = abar[i - 1].sqrt() * b[i] / (1 - abar[i])
+        mu_xt = (1 - b[i]).sqrt() * (1 - abar[i - 1]) / (1 - abar[i])
+        beta_tilde = (1 - abar[i - 1]) / (1 - abar[i]) * b[i]
+        assert float(c_x0) == pytest.approx(float(mu_x0), rel=1e-9)
+        assert float(c_xt) == pytest.approx(float(mu_xt), rel=1e-9)
+        assert float(var) == pytest.approx(float(beta_tilde), rel=1e-9)
 
 
 def test_posterior_by_monte_carlo():

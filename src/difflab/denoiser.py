@@ -22,8 +22,9 @@ interface (``predict`` / ``__call__``) and to ``denoiser.schedule``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn

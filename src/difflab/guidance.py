@@ -21,7 +21,8 @@ i.e. score~ = score + s grad log p(y | x_t): the sigma_t factor is part of the f
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -127,8 +128,10 @@ def classifier_guidance(denoiser: BaseDenoiser, log_prob: Callable, scale: float
     return ClassifierGuidance(denoiser, log_prob, scale, pass_cond)
 
 
-def classifier_log_prob(classifier: nn.Module, schedule) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    """Wrap a noise-aware classifier ``classifier(x_t, net_time) -> logits`` as log p(y | x_t, t)."""
+def classifier_log_prob(classifier: nn.Module,
+                        schedule) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """Wrap a noise-aware classifier ``classifier(x_t, net_time) -> logits`` as
+    log p(y | x_t, t)."""
 
     def log_prob(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         logits = classifier(x, schedule.net_time(t).to(x.dtype))

@@ -5,7 +5,7 @@ x_t = alpha_t x_0 + sigma_t eps and a target f in {eps, x0, v}. All targets are 
 loss in x0-space up to a factor (snr = alpha^2 / sigma^2):
 
     ||eps_hat - eps||^2 = snr ||x0_hat - x0||^2
-    ||v_hat - v||^2     = ((alpha^2 + sigma^2) / sigma)^2 ||x0_hat - x0||^2   (= (snr + 1) ... for VP)
+    ||v_hat - v||^2     = ((alpha^2 + sigma^2) / sigma)^2 ||x0_hat - x0||^2   (VP: (snr + 1) ...)
 
 Weightings are stated in x0-space and divided by that factor, so each keeps its meaning
 whatever the target (the min-SNR v form is min(snr, gamma) / (snr + 1), not min(snr, gamma)/snr;

@@ -292,7 +292,8 @@ def rescale_zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
 
 
 def cosine(timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> DiscreteSchedule:
-    """Nichol & Dhariwal 2021, Eq. 17: alpha_bar(t) = f(t)/f(0), f(t) = cos^2(pi/2 (t/T + s)/(1 + s)),
+    """Nichol & Dhariwal 2021, Eq. 17: alpha_bar(t) = f(t)/f(0),
+    f(t) = cos^2(pi/2 (t/T + s)/(1 + s)),
     with beta_t = 1 - alpha_bar_t / alpha_bar_{t-1} clipped to ``max_beta`` (0.999)."""
     i = torch.arange(timesteps + 1, dtype=torch.float64)
     f = torch.cos((i / timesteps + s) / (1 + s) * math.pi / 2) ** 2
