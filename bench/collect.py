@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["targets", "samplers", "train", "nets", "metrics", "metrics_eval", "guidance"]
+ORDER = ["targets", "samplers", "samplers_real", "train", "nets", "metrics", "metrics_eval",
+         "guidance"]
 HEADER = """# difflab benchmarks
 
 Every number on this page was measured by a script in `bench/`; each section names the command
