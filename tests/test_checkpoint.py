@@ -15,8 +15,6 @@ from difflab.schedules import cosine
 from difflab.train import checkpoint as ckpt
 from difflab.train.config import complete
 
-torch.set_num_threads(1)
-
 NET = {"type": "mlp", "dim": 2, "hidden": 32, "depth": 2, "emb_dim": 16, "num_classes": None}
 
 

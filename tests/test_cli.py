@@ -6,12 +6,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from difflab.cli import build_parser, main
-
-torch.set_num_threads(1)
 
 TINY_UNET = {"type": "unet", "in_channels": 1, "out_channels": 1, "model_channels": 8,
              "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [],

@@ -18,15 +18,6 @@ from difflab.data.bundled import FASHION_MNIST_DIRS
 HAVE_FASHION = Path(FASHION_MNIST_DIRS[0], "train-images-idx3-ubyte.gz").is_file()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread avoids OpenMP oversubscription on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # -- IDX ---------------------------------------------------------------------------------
 def _idx_bytes(array: np.ndarray, code: int) -> bytes:
     """An IDX file written by hand (independently of difflab's writer)."""

@@ -19,13 +19,6 @@ SCHEDULES = {"linear": schedules.linear(), "cosine_continuous": schedules.cosine
              "edm": schedules.edm()}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_conversions_round_trip():
     g = torch.Generator().manual_seed(0)

@@ -17,13 +17,6 @@ NULL = K
 SCHEDULE = schedules.linear()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def batch(n: int = 12, seed: int = 0):
     g = torch.Generator().manual_seed(seed)

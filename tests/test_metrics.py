@@ -15,16 +15,6 @@ from difflab.metrics import distances as D
 from difflab.metrics.inception import FIDInceptionV3, load_inception
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests use small tensors; one intra-op thread avoids the synchronisation cost of
-    two threads on a shared 2-core machine (restored afterwards for the other modules)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _random_spd(d: int, g: torch.Generator, cond: float = 10.0) -> torch.Tensor:
     Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
     lam = torch.logspace(0, math.log10(cond), d, dtype=torch.float64)

@@ -18,15 +18,10 @@ SMALL_UNET = {"type": "unet", "in_channels": 1, "model_channels": 16, "channel_m
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    """Fixed initial weights in every test (nets are built from the global RNG), and one
-    thread: these nets are tiny, and on a busy 2-core machine two OpenMP threads made a
-    forward pass ~100x slower (1.6 s vs 17 ms measured)."""
+def _seed():
+    """Fixed initial weights in every test (nets are built from the global RNG); the one-thread
+    setting is suite-wide (conftest.py)."""
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _randomize_zero_params(net: nn.Module, seed: int = 0) -> None:

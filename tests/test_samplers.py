@@ -24,14 +24,6 @@ ORDER = {"ddim": 1, "euler": 1, "dpm_solver_1": 1, "dpmpp_2m": 2, "heun": 2, "dp
          "dpmpp_3m": 3, "dpm_solver_3": 3, "unipc": 3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def noise(n: int, dim: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=F64)

@@ -20,8 +20,6 @@ from difflab.train.config import apply_overrides, complete, parse_override, pres
 from difflab.train.ema import EMA, ema_decay
 from difflab.train.trainer import Trainer, lr_at
 
-torch.set_num_threads(1)
-
 
 # the tiny network every training test uses (the subprocess tests import it from here)
 class TinyNet(nn.Module):
