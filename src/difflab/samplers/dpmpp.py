@@ -34,12 +34,11 @@ __all__ = ["sample_dpmpp_2m", "sample_dpmpp_3m", "sample_dpmpp_2m_sde"]
 H_MAX_3RD = 2.0
 
 
-@register("dpmpp_2m", nfe=lambda steps: steps, nfe_rule="steps", spacing="log_snr", order=2)
-@torch.no_grad()
-def sample_dpmpp_2m(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = None,
-                    generator: Any = None, callback: Callable | None = None,
-                    final: str = "x0") -> Tensor:
-    """DPM-Solver++(2M), Lu et al. 2022b, Alg. 2: D = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}."""
+def data_prediction_multistep(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, cond: Any,
+                              callback: Callable | None, final: str, order: int) -> Tensor:
+    """The data-prediction step x_t = (sigma_t/sigma_s) x_s + alpha_t (1 - e^{-h}) D, with
+    D = x0_hat (order 1: DDIM / DPM-Solver++(1) / Euler in (sigma~, x~)) or the 2M
+    extrapolation D = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1} (order 2)."""
     check_final(final)
     g = Grid(denoiser.schedule, ts, x)
     x0_prev = None
@@ -50,13 +49,22 @@ def sample_dpmpp_2m(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any 
         else:
             ratio, c = first_order(g, i)
             x = torch.add(ratio * x, x0, alpha=c)
-            if x0_prev is not None:  # c D with D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev
+            if order == 2 and x0_prev is not None:  # c D, D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev
                 k = g.h(i) / (2 * g.h(i - 1))  # 1 / (2r); 0 after a step from alpha = 0
                 x = x.add_(x0, alpha=c * k).add_(x0_prev, alpha=-c * k)
         x0_prev = x0
         if callback is not None:
             callback({"i": i, "t": g.times[i], "x": x, "x0": x0})
     return x
+
+
+@register("dpmpp_2m", nfe=lambda steps: steps, nfe_rule="steps", spacing="log_snr", order=2)
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = None,
+                    generator: Any = None, callback: Callable | None = None,
+                    final: str = "x0") -> Tensor:
+    """DPM-Solver++(2M), Lu et al. 2022b, Alg. 2: D = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}."""
+    return data_prediction_multistep(denoiser, x, ts, cond, callback, final, order=2)
 
 
 @register("dpmpp_3m", nfe=lambda steps: steps, nfe_rule="steps", spacing="log_snr", order=3)

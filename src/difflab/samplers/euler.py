@@ -37,6 +37,7 @@ from difflab.samplers.common import (
     randn_like,
     register,
 )
+from difflab.samplers.dpmpp import data_prediction_multistep
 
 __all__ = ["sample_euler", "sample_heun", "sample_euler_ancestral"]
 
@@ -46,21 +47,9 @@ __all__ = ["sample_euler", "sample_heun", "sample_euler_ancestral"]
 def sample_euler(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = None,
                  generator: Any = None, callback: Callable | None = None,
                  final: str = "x0") -> Tensor:
-    """Euler, Karras et al. 2022, Alg. 2 without churn (x~ += (sigma~_t - sigma~_s) d)."""
-    check_final(final)
-    g = Grid(denoiser.schedule, ts, x)
-    x0_prev = None
-    for i in range(g.n):
-        x0 = predict(denoiser, x, g, i, cond).x0
-        if g.is_final(i):
-            x = final_x0(g, x0, x0_prev, final, i - 1)
-        else:
-            ratio, c = first_order(g, i)
-            x = torch.add(ratio * x, x0, alpha=c)
-        x0_prev = x0
-        if callback is not None:
-            callback({"i": i, "t": g.times[i], "x": x, "x0": x0})
-    return x
+    """Euler, Karras et al. 2022, Alg. 2 without churn (x~ += (sigma~_t - sigma~_s) d): the
+    first-order data-prediction step (see the module docstring), shared with dpmpp_2m."""
+    return data_prediction_multistep(denoiser, x, ts, cond, callback, final, order=1)
 
 
 @register("heun", nfe=lambda steps: 2 * steps - 1, nfe_rule="2 * steps - 1",
