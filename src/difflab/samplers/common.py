@@ -81,7 +81,7 @@ class Grid:
         alpha, sigma = schedule.alpha_sigma(ts)
         self.n = ts.numel() - 1
         self.times = ts.tolist()
-        self.points = TimePoint.grid(schedule, ts, like)
+        self.points = TimePoint.grid(schedule, ts, like, (alpha, sigma))
         self.alpha, self.sigma = alpha.tolist(), sigma.tolist()
         self.lam = (0.5 * schedule.log_snr(ts)).tolist()
         self.s2 = [s * s / (a * a) if a > 0 else math.inf for a, s in zip(self.alpha, self.sigma)]

@@ -42,8 +42,9 @@ def _dpm_solver(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, order: int, cond:
     lam_mid = torch.tensor([[g.lam[i] + rk * h if math.isfinite(h) else 0.0 for rk in r]
                             for i, h in enumerate(hs)], dtype=torch.float64).reshape(g.n, len(r))
     t_mid = denoiser.schedule.t_from_log_snr(2 * lam_mid)
-    a_mid, s_mid = (c.tolist() for c in denoiser.schedule.alpha_sigma(t_mid))
-    p_mid = TimePoint.grid(denoiser.schedule, t_mid, x)  # row-major: step i, point k
+    ab_mid = denoiser.schedule.alpha_sigma(t_mid)
+    a_mid, s_mid = (c.tolist() for c in ab_mid)
+    p_mid = TimePoint.grid(denoiser.schedule, t_mid, x, ab_mid)  # row-major: step i, point k
     k = len(r)
     x0_prev = None
     for i in range(g.n):

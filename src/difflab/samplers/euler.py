@@ -74,11 +74,13 @@ def sample_heun(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = No
             else:
                 x0_next = predict(denoiser, x_euler, g, i + 1, cond).x0
                 # x~_t = x~_s + (sigma~_t - sigma~_s) (d_s + d_t) / 2, d = (x~ - D) / sigma~,
-                # x~ = x / alpha, written as one linear combination in x (VP or VE)
+                # x~ = x / alpha: x_t = a_t/a_s (1 + k_s) x - a_t k_s D_s + k_t x_euler
+                # - a_t k_t D_t with x_euler = ratio x + c D_s, one combination (3 ops)
                 s_s, s_t, a_t = math.sqrt(g.s2[i]), math.sqrt(g.s2[i + 1]), g.alpha[i + 1]
                 k_s, k_t = 0.5 * (s_t - s_s) / s_s, 0.5 * (s_t - s_s) / s_t
-                x = (a_t / g.alpha[i] * (1 + k_s) * x).add_(x0, alpha=-a_t * k_s)
-                x = x.add_(x_euler, alpha=k_t).add_(x0_next, alpha=-a_t * k_t)
+                c_x = a_t / g.alpha[i] * (1 + k_s) + k_t * ratio
+                x = torch.add(c_x * x, x0, alpha=k_t * c - a_t * k_s)
+                x = x.add_(x0_next, alpha=-a_t * k_t)
         x0_prev = x0
         if callback is not None:
             callback({"i": i, "t": g.times[i], "x": x, "x0": x0})
