@@ -48,6 +48,10 @@ import difflab
 from difflab.denoiser import BaseDenoiser, Prediction
 
 ROOT = Path(__file__).resolve().parents[1]
+# data set of the conditional model -> (metrics feature net, title, FID label, file suffix)
+DATASETS = {"fashion_mnist": ("fmnist", "Fashion-MNIST", "FID-FMNIST", ""),
+            "mnist5k": ("mnist", "MNIST (mnist5k)", "FID-MNIST", "_mnist"),
+            "mnist10k": ("mnist", "MNIST (mnist10k)", "FID-MNIST", "_mnist")}
 NOTES_MARKER = "## Reading the numbers"  # a regenerated page keeps everything from here on
 
 
@@ -75,19 +79,19 @@ def draw(den: BaseDenoiser, n: int, shape: tuple[int, ...], labels: Tensor, step
     return torch.cat(out).clamp(-1, 1)
 
 
-def class_references(extractor, num_classes: int, work: Path) -> list:
-    """Per-class feature statistics of the Fashion-MNIST train split (cached in ``work``)."""
+def class_references(extractor, num_classes: int, work: Path, data: str) -> list:
+    """Per-class feature statistics of the train split of ``data`` (cached in ``work``)."""
     from safetensors.torch import load_file, save_file
 
     from difflab.data import load_dataset
     from difflab.metrics.distances import gaussian_stats
 
-    path = work / f"class_refs_{extractor.name}.safetensors"
+    path = work / f"class_refs_{data}_{extractor.name}.safetensors"
     if path.is_file():
         t = load_file(str(path))
         return [SimpleNamespace(mu=t[f"mu{c}"], sigma=t[f"sigma{c}"])
                 for c in range(num_classes)]
-    ds = load_dataset("fashion_mnist", split="train")
+    ds = load_dataset(data, split="train")
     refs = [gaussian_stats(extractor(ds.images[ds.labels == c])) for c in range(num_classes)]
     tensors = {}
     for c, r in enumerate(refs):
@@ -177,12 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--feature-net", default="fmnist",
-                    help="metrics feature network (fmnist; others only for smoke runs)")
+    ap.add_argument("--feature-net", default=None,
+                    help="metrics feature network (default: fmnist for Fashion-MNIST models, "
+                         "mnist for MNIST ones)")
     ap.add_argument("--work", default="runs/guidance/bench", help="per-setting cache")
     ap.add_argument("--sample-only", action="store_true",
                     help="only draw (and cache) the samples; measure in a later run")
-    ap.add_argument("--out", default=str(ROOT / "docs/results/guidance.md"))
+    ap.add_argument("--out", default=None,
+                    help="report (default: docs/results/guidance.md, guidance_mnist.md for MNIST)")
     ap.add_argument("--figures", default=str(ROOT / "docs"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -201,6 +207,14 @@ def main(argv: list[str] | None = None) -> int:
 
     t_max = DEFAULT_CLASSIFIER_T_MAX if args.t_max is None else args.t_max
     cond_den, cond_cfg = load_denoiser(args.cond)
+    data = cond_cfg["data"]["name"]
+    if data not in DATASETS:
+        raise SystemExit(f"bench/guidance.py measures {sorted(DATASETS)} models; "
+                         f"{args.cond} was trained on {data!r}")
+    feature_net, args.title, args.fid_label, suffix = DATASETS[data]
+    args.feature_net = args.feature_net or feature_net
+    args.out = args.out or str(ROOT / f"docs/results/guidance{suffix}.md")
+    args.suffix = suffix
     nc = int(cond_cfg["data"]["num_classes"])
     shape = (int(cond_cfg["data"]["channels"]),) + (int(cond_cfg["data"]["resolution"]),) * 2
     if args.uncond:
@@ -247,15 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors import safe_open
 
     extractor = load_feature_net(args.feature_net)
-    ref = resolve_reference("fashion_mnist", extractor, split="train", n=10000)
-    class_refs = class_references(extractor, nc, work)
+    ref = resolve_reference(data, extractor, split="train", n=10000)
+    class_refs = class_references(extractor, nc, work, data)
     cache_path = work / (f"results_n{args.n}_s{args.steps}_seed{args.seed}_{extractor.name}"
                          f"_tmax{t_max:g}.json")
     results = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     if "real" not in results:  # the floor of real images at this sample size (test split)
         from difflab.data import load_dataset
 
-        test = load_dataset("fashion_mnist", split="test")
+        test = load_dataset(data, split="test")
         idx = torch.cat([torch.nonzero(test.labels == c)[: args.n // nc, 0] for c in range(nc)])
         results["real"] = {"method": "real", "weight": 0.0, "seconds": 0.0,
                            **measure(test.images[idx], test.labels[idx], extractor, ref,
@@ -279,12 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     fig = Path(args.figures)
     guided = {k: v for k, v in results.items() if k != "real"}
     unguided_fid = results.get("cfg:0", {}).get("fid", math.nan)
-    plot(guided, fig / "guidance_accuracy_fid.png", unguided_fid, results.get("real"))
+    plot(guided, fig / f"guidance_accuracy_fid{suffix}.png", unguided_fid, results.get("real"))
     for method in ("cfg", "classifier"):
         sel = {k: samples[k] for k, _ in [(f"{m}:{w:g}", 0) for m, w in settings if m == method]
                if k in samples}
         if sel:
-            save_class_grid(sel, labels, 2, fig / f"guidance_grid_{method}.png")
+            save_class_grid(sel, labels, 2, fig / f"guidance_grid_{method}{suffix}.png")
     write_page(args, results, cond_cfg, uncond_name, clf_cfg, t_max, Path(args.out))
     return 0
 
@@ -302,8 +316,9 @@ def _fmt_row(key: str, r: dict) -> str:
 
 def write_page(args, results: dict, cond_cfg: dict, uncond_name: str, clf_cfg: dict,
                t_max: float, out: Path) -> None:
-    head = ("| setting | accuracy % | FID-FMNIST | per-class FID (mean) | class entropy (max "
-            "2.303) | per-class FID, classes 0-9 | sampling s |\n|---|---|---|---|---|---|---|")
+    head = (f"| setting | accuracy % | {args.fid_label} | per-class FID (mean) | class entropy "
+            "(max 2.303) | per-class FID, classes 0-9 | sampling s |\n"
+            "|---|---|---|---|---|---|---|")
     cfg_rows = [_fmt_row(f"w = {r['weight']:g}", r) for k, r in results.items()
                 if r["method"] == "cfg"]
     clf_rows = [_fmt_row(f"s = {r['weight']:g}", r) for k, r in results.items()
@@ -312,7 +327,7 @@ def write_page(args, results: dict, cond_cfg: dict, uncond_name: str, clf_cfg: d
     tc = cond_cfg.get("train", {})
     cmd = "python bench/guidance.py " + " ".join(sys.argv[1:])
     lines = [
-        "# Guidance on Fashion-MNIST",
+        f"# Guidance on {args.title}",
         "",
         f"Machine: 2-core CPU (CI-class), {platform.python_version()} / torch "
         f"{torch.__version__}, {time.strftime('%Y-%m-%d', time.gmtime())}.",
@@ -321,19 +336,19 @@ def write_page(args, results: dict, cond_cfg: dict, uncond_name: str, clf_cfg: d
         "",
         f"{args.n} samples per setting (labels 0-9 cycling, the same noise for every setting), "
         f"dpmpp_2m with {args.steps} steps. Accuracy and entropy under the held-out metrics "
-        f"classifier `{args.feature_net}` (not the guidance classifier); FID against 10,000 "
-        "train images; per-class FID against the train images of that class from "
+        f"classifier `{args.feature_net}` (not the guidance classifier); FID against (up to) "
+        "10,000 train images; per-class FID against the train images of that class from "
         f"{args.n // 10} samples each (biased upwards at that size: compare settings, not "
         "papers).",
         "",
-        f"Models: conditional `{args.cond}` (preset fashion_mnist, "
+        f"Models: conditional `{args.cond}` (data {cond_cfg['data']['name']}, "
         f"p_uncond {tc.get('p_uncond')}), unconditional = {uncond_name}; classifier "
         f"`{args.classifier}` (noise-aware encoder classifier, guidance at t <= {t_max:g}).",
         "",
     ]
     if real:
         lines += [f"Floor: {args.n} real test images score accuracy "
-                  f"{100 * real['accuracy']:.1f}%, FID-FMNIST {real['fid']:.2f}, per-class "
+                  f"{100 * real['accuracy']:.1f}%, {args.fid_label} {real['fid']:.2f}, per-class "
                   f"FID mean {real['fid_class_mean']:.1f}, entropy {real['entropy']:.3f}.", ""]
     lines += ["## Classifier-free guidance (conditional model)", "",
               "eps~ = (1 + w) eps(x, c) - w eps(x, null); w = 0 is the conditional model "
@@ -341,11 +356,11 @@ def write_page(args, results: dict, cond_cfg: dict, uncond_name: str, clf_cfg: d
               "## Classifier guidance (unconditional model)", "",
               "eps~ = eps - s sigma_t grad log p(y | x_t, t), s = 0 is the unconditional "
               "model.", "", head, *clf_rows, "",
-              "![accuracy versus FID](../guidance_accuracy_fid.png)", "",
+              f"![accuracy versus FID](../guidance_accuracy_fid{args.suffix}.png)", "",
               "Grids (rows: settings in table order; columns: classes 0-9, two samples "
               "each, same noise in every row):", "",
-              "![CFG grid](../guidance_grid_cfg.png)", "",
-              "![classifier guidance grid](../guidance_grid_classifier.png)", ""]
+              f"![CFG grid](../guidance_grid_cfg{args.suffix}.png)", "",
+              f"![classifier guidance grid](../guidance_grid_classifier{args.suffix}.png)", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     notes = ""
     if out.is_file() and NOTES_MARKER in out.read_text():  # keep the hand-written part
