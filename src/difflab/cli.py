@@ -25,6 +25,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 # modules that define subcommands; each has register(subparsers)
 COMMAND_MODULES = (
     "difflab.train.commands",
+    "difflab.train.grids",
     "difflab.train.classifier",
     "difflab.metrics.commands",
 )

@@ -96,9 +96,11 @@ class _NetCounter:
 
 
 def sample_checkpoint(den, config: dict, num: int, sampler: str, steps: int, *,
-                      batch_size: int = 250, seed: int = 0, guidance: float = 0.0
+                      batch_size: int = 250, seed: int = 0, guidance: float = 0.0,
+                      grid: list[float] | None = None
                       ) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
-    """``num`` samples with labels ``i % num_classes`` (class-conditional) from seed ``seed``.
+    """``num`` samples with labels ``i % num_classes`` (class-conditional) from seed ``seed``
+    (on ``grid`` if given, e.g. a tuned one, else the sampler's default spacing).
 
     The noise is drawn once from ``seed``, so every sampler / step count starts from the same
     points. Samples are clamped to [-1, 1] (as saving them would); images with NaN / inf
@@ -129,7 +131,7 @@ def sample_checkpoint(den, config: dict, num: int, sampler: str, steps: int, *,
                 gi = torch.Generator().manual_seed(seed * 1_000_003 + i + 1)
                 cond = None if labels is None else labels[i:i + batch_size]
                 chunks.append(difflab.sample(model, noise[i:i + batch_size], sampler=sampler,
-                                             steps=steps, cond=cond, generator=gi))
+                                             steps=steps, grid=grid, cond=cond, generator=gi))
     finally:
         counter.handle.remove()
     seconds = time.perf_counter() - t0
@@ -216,15 +218,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if _is_checkpoint(source):
         from difflab.train.checkpoint import load_denoiser
-
+        from difflab.train.grids import load_tuned_grid
 
         den, config = load_denoiser(source, ema=not args.no_ema)
         for name in samplers:
             for n_steps in steps:
+                grid = load_tuned_grid(source, name, n_steps, ema=not args.no_ema)
                 x, labels, cost = sample_checkpoint(den, config, args.num, name, n_steps,
                                                     batch_size=args.batch_size, seed=args.seed,
-                                                    guidance=args.guidance)
-                rec = {"sampler": name, "steps": n_steps, **cost, **measure(x, labels)}
+                                                    guidance=args.guidance, grid=grid)
+                rec = {"sampler": name, "steps": n_steps, "grid": "tuned" if grid else
+                       "default", **cost, **measure(x, labels)}
                 records.append(rec)
                 _print_record(rec, extractor.label)
                 if args.save_samples:

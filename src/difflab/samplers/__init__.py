@@ -54,16 +54,19 @@ def get(name: str) -> SamplerSpec:
     return REGISTRY[name]
 
 
-def sample(denoiser: BaseDenoiser, noise: Tensor, sampler: str = "dpmpp_2m", steps: int = 10, *,
-           spacing: str | None = None, cond: Any = None,
+def sample(denoiser: BaseDenoiser, noise: Tensor, sampler: str = "dpmpp_2m",
+           steps: int | None = None, *, spacing: str | None = None,
+           grid: Tensor | list[float] | None = None, cond: Any = None,
            generator: torch.Generator | list[torch.Generator] | None = None,
            callback: Callable[[dict], None] | None = None, t_start: float = 1.0,
            **opts: Any) -> Tensor:
-    """Draw x_0 from standard-normal ``noise`` with ``steps`` steps of ``sampler``.
+    """Draw x_0 from standard-normal ``noise`` with ``steps`` (default 10) steps of ``sampler``.
 
-    The grid is ``timesteps(schedule, steps, spacing or the sampler's default, t_start)``; the
-    noise is multiplied by the std of x_{t_start} for unit-variance data,
-    sqrt(alpha^2 + sigma^2) (= ``schedule.prior_std()`` at t_start = 1: 1 for VP, ~sigma_max for
+    The grid is ``timesteps(schedule, steps, spacing or the sampler's default, t_start)``, or
+    ``grid``: an explicit decreasing list of ``steps + 1`` times ending at 0 (e.g. from
+    :func:`difflab.samplers.tuning.tune_grid`; ``steps`` may then be left out). The noise is
+    multiplied by the std of x at the grid's first time for unit-variance data,
+    sqrt(alpha^2 + sigma^2) (= ``schedule.prior_std()`` at t = 1: 1 for VP, ~sigma_max for
     VE). ``generator`` (one, or a list with one per image) drives the noise stochastic
     samplers draw during sampling; ``opts`` are the sampler's options (see its docstring).
     """
@@ -73,7 +76,19 @@ def sample(denoiser: BaseDenoiser, noise: Tensor, sampler: str = "dpmpp_2m", ste
         raise ValueError(f"unknown option(s) {unknown} for sampler {sampler!r}; valid: "
                          f"{list(spec.options)}")
     schedule = denoiser.schedule
-    ts = timesteps(schedule, steps, spacing or spec.spacing, t_start=t_start)
+    if grid is not None:
+        if spacing is not None:
+            raise ValueError("pass either spacing= or grid=, not both")
+        ts = torch.as_tensor(grid, dtype=torch.float64).flatten()
+        if steps is not None and ts.numel() != steps + 1:
+            raise ValueError(f"grid has {ts.numel()} times, a {steps}-step grid needs "
+                             f"{steps + 1}; leave steps out to take it from the grid")
+        if ts.numel() < 2 or float(ts[-1]) != 0.0:
+            raise ValueError("grid must hold at least 2 decreasing times and end at t = 0, got "
+                             f"{ts.tolist()[:4]}...{ts.tolist()[-2:]}")
+    else:
+        ts = timesteps(schedule, 10 if steps is None else steps, spacing or spec.spacing,
+                       t_start=t_start)
     alpha, sigma = schedule.alpha_sigma(float(ts[0]))
     scale = float((alpha * alpha + sigma * sigma).sqrt())
     return spec.fn(denoiser, noise * scale, ts, cond=cond, generator=generator,

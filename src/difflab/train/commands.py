@@ -48,6 +48,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: Any) -> None:
     """Add ``train``, ``sample`` and ``demo`` to the ``difflab`` command line."""
+    from difflab.samplers.timesteps import SPACINGS
     from difflab.train.config import PRESETS
 
     p = subparsers.add_parser(
@@ -77,6 +78,9 @@ def register(subparsers: Any) -> None:
     s.add_argument("checkpoint", help="checkpoint directory (or the run directory holding it)")
     s.add_argument("--sampler", default="dpmpp_2m", help="sampler name (difflab.samplers.names())")
     s.add_argument("--steps", type=int, default=10, help="sampler steps")
+    s.add_argument("--spacing", default=None, choices=SPACINGS,
+                   help="time grid rule (default: the grid `difflab tune-grid` fitted for this "
+                        "sampler and step count, else the sampler's default)")
     s.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     s.add_argument("--count", type=int, default=64, help="number of samples")
     s.add_argument("--out", default="samples.png", help="output: grid .png, .npy, or directory")
@@ -181,6 +185,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
         shape = (int(data["channels"]), int(data["resolution"]), int(data["resolution"]))
     else:
         shape = (int(data.get("channels", 2)),)
+    grid = None
+    if args.spacing is None:
+        from difflab.train.grids import load_tuned_grid
+
+        grid = load_tuned_grid(args.checkpoint, args.sampler, args.steps, ema=not args.no_ema)
+        if grid is not None:
+            print(f"using the tuned {args.sampler} {args.steps}-step grid of "
+                  f"{args.checkpoint} (grids.json; --spacing chooses a fixed rule)")
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn((args.count,) + shape, generator=g)
     chunks = []
@@ -190,7 +202,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         # no torch.no_grad(): classifier guidance differentiates the classifier; the
         # diffusion network's weights do not require gradients (load_denoiser)
         x_i = difflab.sample(den, noise[sl].to(args.device), sampler=args.sampler,
-                             steps=args.steps, cond=cond, generator=g)
+                             steps=args.steps, spacing=args.spacing, grid=grid, cond=cond,
+                             generator=g)
         chunks.append(x_i.detach().cpu())
     x = torch.cat(chunks)
     out = Path(args.out)

@@ -1,0 +1,167 @@
+"""Tuned time grids stored with a checkpoint, and ``difflab tune-grid``.
+
+``difflab tune-grid CKPT --sampler unipc --steps 10`` fits the grid of one deterministic sampler
+and step count to the checkpoint's network (:func:`difflab.samplers.tuning.tune_grid`, on
+calibration noise drawn from ``--seed``) and writes it to ``CKPT/grids.json``:
+
+    {"format": "difflab-grids-1",
+     "grids": {"unipc/10/ema": {"ts": [...], "weights_sha256": "...", "rmse": ...,
+                                 "rmse_default": ..., ...}}}
+
+``difflab sample`` and ``difflab eval`` then use that grid for that sampler, step count and
+weights (EMA or raw) by default, and say so; ``--spacing`` chooses a fixed rule instead. A grid
+belongs to the weights it was fitted to: each entry records the SHA-256 of the weights file,
+and a checkpoint whose weights changed (training resumed) ignores it with a warning. The file
+is replaced atomically (written beside, then renamed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from difflab.cli import HelpFormatter
+
+__all__ = ["GRIDS", "grid_key", "load_tuned_grid", "save_tuned_grid", "register",
+           "cmd_tune_grid", "weights_sha256"]
+
+GRIDS = "grids.json"
+FORMAT = "difflab-grids-1"
+
+
+def grid_key(sampler: str, steps: int, ema: bool) -> str:
+    return f"{sampler}/{steps}/{'ema' if ema else 'model'}"
+
+
+def weights_sha256(ckpt: Path, ema: bool) -> str:
+    from difflab.train.checkpoint import EMA, MODEL
+
+    h = hashlib.sha256()
+    with open(ckpt / (EMA if ema else MODEL), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read(ckpt: Path) -> dict[str, Any]:
+    path = ckpt / GRIDS
+    if not path.is_file():
+        return {"format": FORMAT, "grids": {}}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not readable JSON ({e}); delete it and run "
+                         "`difflab tune-grid` again") from e
+    if data.get("format") != FORMAT or not isinstance(data.get("grids"), dict):
+        raise ValueError(f"{path} is not a difflab grids file (format {data.get('format')!r}, "
+                         f"expected {FORMAT!r}); delete it and run `difflab tune-grid` again")
+    return data
+
+
+def save_tuned_grid(path: str | os.PathLike, tuned: dict[str, Any], *, ema: bool = True) -> Path:
+    """Add (or replace) one tuned grid in ``CKPT/grids.json``; returns the file's path."""
+    from difflab.train.checkpoint import resolve
+
+    ckpt = resolve(path)
+    data = _read(ckpt)
+    entry = dict(tuned, weights_sha256=weights_sha256(ckpt, ema))
+    data["grids"][grid_key(tuned["sampler"], int(tuned["steps"]), ema)] = entry
+    tmp = ckpt / f".{GRIDS}.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, ckpt / GRIDS)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"could not write {ckpt / GRIDS}: {e.strerror or e}; the "
+                               "previous grids file (if any) is intact") from e
+    return ckpt / GRIDS
+
+
+def load_tuned_grid(path: str | os.PathLike, sampler: str, steps: int,
+                    ema: bool = True) -> list[float] | None:
+    """The tuned grid of ``sampler`` at ``steps`` for these weights, or None (no grid, or a
+    grid fitted to other weights: then with a warning)."""
+    from difflab.train.checkpoint import resolve
+
+    ckpt = resolve(path)
+    if not (ckpt / GRIDS).is_file():
+        return None
+    entry = _read(ckpt)["grids"].get(grid_key(sampler, steps, ema))
+    if entry is None:
+        return None
+    if entry.get("weights_sha256") != weights_sha256(ckpt, ema):
+        warnings.warn(f"{ckpt / GRIDS}: the {sampler} {steps}-step grid was tuned for other "
+                      "weights (the checkpoint changed since); using the sampler's default "
+                      "spacing. Run `difflab tune-grid` again.", stacklevel=2)
+        return None
+    return [float(t) for t in entry["ts"]]
+
+
+# --- command line ---------------------------------------------------------------------------
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "tune-grid", formatter_class=HelpFormatter,
+        help="fit a sampler's time grid to a checkpoint (used by sample/eval afterwards)",
+        description="Fit the time grid of a deterministic sampler at a step count to a "
+                    "checkpoint's network: minimise the RMSE to an accurate ODE solution from "
+                    "the same calibration noise (LD3 objective, Nelder-Mead). Writes "
+                    "CKPT/grids.json; `difflab sample` and `difflab eval` then use the grid "
+                    "for that sampler and step count.")
+    p.add_argument("checkpoint", help="checkpoint directory (or the run directory holding it)")
+    p.add_argument("--sampler", default="unipc", help="deterministic sampler name")
+    p.add_argument("--steps", type=int, nargs="+", default=[10],
+                   help="step counts (one grid each)")
+    p.add_argument("--count", type=int, default=64, help="calibration samples")
+    p.add_argument("--seed", type=int, default=1000,
+                   help="seed of the calibration noise (keep it apart from sampling seeds)")
+    p.add_argument("--reference-steps", type=int, default=100,
+                   help="dpm_solver_3 steps of the reference solution")
+    p.add_argument("--max-evals", type=int, default=None,
+                   help="sampler runs per grid (default: 40 x steps, at least 200)")
+    p.add_argument("--batch-size", type=int, default=256, help="samples per network batch")
+    p.add_argument("--no-ema", action="store_true", help="tune for the raw weights")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.set_defaults(func=cmd_tune_grid)
+
+
+def cmd_tune_grid(args: argparse.Namespace) -> int:
+    import torch
+
+    import difflab
+    from difflab.samplers.tuning import tune_grid
+    from difflab.train.checkpoint import load_denoiser
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.count < 1:
+        raise ValueError(f"--count must be at least 1, got {args.count}")
+    den, config = load_denoiser(args.checkpoint, ema=not args.no_ema, device=args.device)
+    if config.get("data", {}).get("num_classes") and config.get("train", {}).get("conditional"):
+        raise ValueError("tune-grid fits unconditional sampling; this checkpoint is "
+                         "class-conditional (tune with a guided denoiser from Python: "
+                         "difflab.samplers.tuning.tune_grid(..., cond=labels))")
+    data = config.get("data", {})
+    shape = ((int(data["channels"]), int(data["resolution"]), int(data["resolution"]))
+             if data.get("resolution") else (int(data.get("channels", 2)),))
+    g = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn((args.count,) + shape, generator=g).to(args.device)
+    ts_ref = difflab.samplers.timesteps(den.schedule, args.reference_steps, "log_snr")
+    ref = torch.cat([difflab.sample(den, noise[i:i + args.batch_size], "dpm_solver_3",
+                                    grid=ts_ref) for i in range(0, args.count, args.batch_size)])
+    for steps in args.steps:
+        tuned = tune_grid(den, args.sampler, steps, noise, reference=ref,
+                          max_evals=args.max_evals)
+        tuned.update(seed=args.seed, reference_steps=args.reference_steps)
+        path = save_tuned_grid(args.checkpoint, tuned, ema=not args.no_ema)
+        print(f"{args.sampler} {steps} steps ({tuned['nfe']} NFE): calibration RMSE "
+              f"{tuned['rmse']:.4g} (default {tuned['default_spacing']} grid "
+              f"{tuned['rmse_default']:.4g}), {tuned['evals']} sampler runs -> {path}",
+              file=sys.stdout)
+    return 0
