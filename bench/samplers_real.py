@@ -1,6 +1,6 @@
 """Samplers on a trained image model: difflab vs diffusers schedulers, same network, same noise.
 
-    python bench/samplers_real.py runs/bench_train2/difflab/checkpoint
+    python bench/samplers_real.py runs/bench_train3/difflab/checkpoint
 
 writes docs/results/samplers_real.md.
 
@@ -91,6 +91,10 @@ def main() -> None:
     ap.add_argument("--ref-steps", type=int, default=500)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "samplers_real.md"))
+    ap.add_argument("--tune", default="unipc",
+                    help="samplers to fit tuned grids for (comma list; '' skips)")
+    ap.add_argument("--tune-n", type=int, default=16, help="calibration images (seed 123)")
+    ap.add_argument("--tune-evals", type=int, default=150, help="sampler runs per grid")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     den, cfg = load_denoiser(args.checkpoint)
@@ -116,6 +120,25 @@ def main() -> None:
             x = S.sample(den, noise, name, steps, spacing=spacing)
             rows_dl[label][nfe] = (rmse(x, ref), S.get(name).nfe(steps))
         print(label, rows_dl[label], flush=True)
+    tuned_rows = {}
+    if args.tune:
+        from difflab.samplers.tuning import tune_grid
+
+        cal = torch.randn(args.tune_n, c, r, r, generator=torch.Generator().manual_seed(123))
+        with torch.no_grad():
+            ref_cal = reference(den, cal, args.ref_steps)
+        for name in args.tune.split(","):
+            label = f"{name} tuned grid ({args.tune_n} calibration images)"
+            tuned_rows[label] = {}
+            for nfe in NFES:
+                steps = steps_for(name, nfe)
+                tg = tune_grid(den, name, steps, cal, reference=ref_cal,
+                               max_evals=args.tune_evals)
+                x = S.sample(den, noise, name, grid=tg["ts"])
+                tuned_rows[label][nfe] = (rmse(x, ref), S.get(name).nfe(steps))
+                print(label, nfe, tuned_rows[label][nfe], f"calibration {tg['rmse']:.3e} "
+                      f"(default grid {tg['rmse_default']:.3e})", flush=True)
+    rows_dl.update(tuned_rows)
     model = NetModel(den)
     rows_df = {}
     betas = den.schedule.betas.tolist()
@@ -142,8 +165,9 @@ def main() -> None:
             out.append(f"| {name} | " + " | ".join(cells) + " |")
         return out
 
-    def best(rows, nfe, defaults_only=False):
-        keys = [k for k in rows if not defaults_only or k in DIFFLAB]
+    def best(rows, nfe, defaults_only=False, fixed_only=False):
+        keys = [k for k in rows if (not defaults_only or k in DIFFLAB)
+                and (not fixed_only or k not in tuned_rows)]
         name = min(keys, key=lambda k: rows[k][nfe][0])
         return rows[name][nfe][0], name
 
@@ -160,14 +184,16 @@ def main() -> None:
         "## difflab (defaults, then the same solvers on other grids)", "", *table(rows_dl), "",
         "## diffusers (same network, `trained_betas`, v_prediction)", "", *table(rows_df), "",
         "## Best of each", "",
-        "| NFE | difflab best (defaults) | difflab best (any grid) | diffusers best "
-        "| ratio (defaults) | ratio (any grid) |", "|---|---|---|---|---|---|",
+        "| NFE | difflab best (defaults) | difflab best (fixed grid rules) | difflab best "
+        "(incl. tuned grids) | diffusers best | ratio (defaults) | ratio (fixed rules) "
+        "| ratio (incl. tuned) |", "|---|---|---|---|---|---|---|---|",
     ]
     for nfe in NFES:
-        (e1, n1), (ea, na), (e2, n2) = (best(rows_dl, nfe, True), best(rows_dl, nfe),
-                                         best(rows_df, nfe))
-        lines.append(f"| {nfe} | {e1:.3e} ({n1}) | {ea:.3e} ({na}) | {e2:.3e} ({n2}) "
-                     f"| {e1 / e2:.2f} | {ea / e2:.2f} |")
+        (e1, n1), (ef, nf), (ea, na), (e2, n2) = (
+            best(rows_dl, nfe, True), best(rows_dl, nfe, fixed_only=True), best(rows_dl, nfe),
+            best(rows_df, nfe))
+        lines.append(f"| {nfe} | {e1:.3e} ({n1}) | {ef:.3e} ({nf}) | {ea:.3e} ({na}) "
+                     f"| {e2:.3e} ({n2}) | {e1 / e2:.2f} | {ef / e2:.2f} | {ea / e2:.2f} |")
     lines += ["", NOTES]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines[-6:]))
