@@ -2,8 +2,8 @@
 class-histogram entropy versus the guidance weight.
 
 For each setting, N samples (labels 0..9 cycling, the same seeded noise for every setting, so
-settings are paired) are drawn with dpmpp_2m and measured with the held-out metrics classifier
-"fmnist" (difflab.metrics; never the guidance classifier):
+settings are paired) are drawn with --sampler (dpmpp_2m) and measured with the held-out metrics
+classifier "fmnist" (difflab.metrics; never the guidance classifier):
 
 * accuracy   fraction of samples the fmnist classifier assigns to the requested label
 * entropy    of the predicted-class histogram (max ln 10 = 2.303: every class equally often)
@@ -68,13 +68,13 @@ class NullLabel(BaseDenoiser):
 
 
 def draw(den: BaseDenoiser, n: int, shape: tuple[int, ...], labels: Tensor, steps: int,
-         batch: int, seed: int) -> Tensor:
+         batch: int, seed: int, sampler: str = "dpmpp_2m") -> Tensor:
     out = []
     noise = torch.randn((n,) + shape, generator=torch.Generator().manual_seed(seed))
     for i in range(0, n, batch):
         g = torch.Generator().manual_seed(seed * 1000 + i)
         with torch.no_grad():
-            out.append(difflab.sample(den, noise[i:i + batch], "dpmpp_2m", steps=steps,
+            out.append(difflab.sample(den, noise[i:i + batch], sampler, steps=steps,
                                       cond=labels[i:i + batch], generator=g))
     return torch.cat(out).clamp(-1, 1)
 
@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--t-max", type=float, default=None,
                     help="classifier guidance only at t <= T (default: the CLI default)")
     ap.add_argument("--n", type=int, default=500, help="samples per setting")
-    ap.add_argument("--steps", type=int, default=10, help="dpmpp_2m steps")
+    ap.add_argument("--steps", type=int, default=10, help="sampler steps")
+    ap.add_argument("--sampler", default="dpmpp_2m", help="sampler name")
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             den = classifier_guidance(uncond_den, log_prob, weight)
         t0 = time.perf_counter()
-        x = draw(den, args.n, shape, labels, args.steps, args.batch, args.seed)
+        x = draw(den, args.n, shape, labels, args.steps, args.batch, args.seed, args.sampler)
         seconds = time.perf_counter() - t0
         save_file({"x": x.contiguous()}, str(x_path), metadata={"seconds": f"{seconds:.3f}"})
         samples[key] = x
@@ -264,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     ref = resolve_reference(data, extractor, split="train", n=10000)
     class_refs = class_references(extractor, nc, work, data)
     cache_path = work / (f"results_n{args.n}_s{args.steps}_seed{args.seed}_{extractor.name}"
-                         f"_tmax{t_max:g}.json")
+                         f"_tmax{t_max:g}"
+                         + ("" if args.sampler == "dpmpp_2m" else f"_{args.sampler}") + ".json")
     results = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     if "real" not in results:  # the floor of real images at this sample size (test split)
         from difflab.data import load_dataset
@@ -305,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _sample_name(method: str, weight: float, args, t_max: float) -> str:
     extra = f"_tmax{t_max:g}" if method == "classifier" else ""
+    extra += "" if args.sampler == "dpmpp_2m" else f"_{args.sampler}"
     return f"{method}_{weight:g}{extra}_n{args.n}_s{args.steps}_seed{args.seed}.safetensors"
 
 
@@ -335,7 +338,7 @@ def write_page(args, results: dict, cond_cfg: dict, uncond_name: str, clf_cfg: d
         f"Command: `{cmd}`",
         "",
         f"{args.n} samples per setting (labels 0-9 cycling, the same noise for every setting), "
-        f"dpmpp_2m with {args.steps} steps. Accuracy and entropy under the held-out metrics "
+        f"{args.sampler} with {args.steps} steps. Accuracy and entropy under the held-out metrics "
         f"classifier `{args.feature_net}` (not the guidance classifier); FID against (up to) "
         "10,000 train images; per-class FID against the train images of that class from "
         f"{args.n // 10} samples each (biased upwards at that size: compare settings, not "
