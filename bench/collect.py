@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["targets", "samplers", "samplers_real", "train", "nets", "metrics", "metrics_eval",
-         "guidance"]
+         "guidance", "guidance_mnist"]
 HEADER = """# difflab benchmarks
 
 Every number on this page was measured by a script in `bench/`; each section names the command
