@@ -17,15 +17,15 @@ eps~ = eps - s sigma_t grad log p(y | x_t, t) (t <= --t-max) on the unconditiona
 --scales. The unconditional model is --uncond, or, without it, the conditional model with the
 null label (trained with condition dropout p_uncond).
 
-Commands behind docs/results/guidance.md (2-core CPU)::
+Commands behind docs/results/guidance.md (2-core CPU; guidance_mnist.md: the same with
+``--set data.name=mnist5k`` / ``--data mnist5k``, 30 minutes, scales up to 16)::
 
-    python -m difflab.cli train fashion_mnist --conditional --out runs/guidance/cond \\
-        --max-minutes 27 --threads 1 --batch-size 32 --set train.p_uncond=0.2 \\
-        --set net.model_channels=16
-    difflab train-classifier --like runs/guidance/cond --out runs/guidance/clf16 \\
-        --max-minutes 24 --batch-size 64 --lr 2e-3 --threads 1 --set net.model_channels=16
-    python bench/guidance.py --cond runs/guidance/cond --classifier runs/guidance/clf16 \\
-        --cfg 0 0.5 1 2 4 6 8 --scales 0 1 2 4 8 16
+    python -m difflab.cli train fashion_mnist --conditional --out runs/g2/cond \\
+        --max-minutes 45 --threads 1 --batch-size 32 --set train.p_uncond=0.2
+    difflab train-classifier --like runs/g2/cond --out runs/g2/clf32 --max-minutes 45 \\
+        --batch-size 64 --lr 2e-3 --threads 1
+    python bench/guidance.py --cond runs/g2/cond --classifier runs/g2/clf32 \\
+        --cfg 0 0.5 1 2 4 6 --scales 0 1 2 4 8 --steps 20 --work runs/g2/bench
 
 Per-setting results are cached in --work (rerunning skips finished settings).
 """
