@@ -181,3 +181,28 @@ def test_exact_denoiser_loss_is_the_irreducible_loss():
         loss_eps = objectives.diffusion_loss(den, x0, target="eps", t=t, generator=g).to(F64)
         assert abs(float(loss_eps.mean()) - post_var * alpha**2 / sigma**2) < 4 * float(
             loss_eps.std()) / math.sqrt(n)
+
+
+def test_conversions_differentiate_like_the_formulas():
+    """The fused (addcmul + in-place division) conversions give the gradients of the written
+    formulas, also with respect to alpha and sigma (a learned schedule trains through them)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    base = [torch.randn(4, 3, generator=g, dtype=torch.float64),
+            0.2 + torch.rand(4, 1, generator=g, dtype=torch.float64),
+            0.2 + torch.rand(4, 1, generator=g, dtype=torch.float64)]
+    formulas = [  # (fused, written), each a function of (network output, alpha, sigma)
+        (lambda e, a, s: eps_to_x0(x, e, a, s), lambda e, a, s: (x - s * e) / a),
+        (lambda x0, a, s: x0_to_eps(x, x0, a, s), lambda x0, a, s: (x - a * x0) / s),
+        (lambda v, a, s: sum(v_to_x0_eps(x, v, a, s)),
+         lambda v, a, s: ((a * x - s * v) + (s * x + a * v)) / (a * a + s * s)),
+    ]
+    for fused, written in formulas:
+        ins1 = [t.clone().requires_grad_() for t in base]
+        ins2 = [t.clone().requires_grad_() for t in base]
+        out1, out2 = fused(*ins1), written(*ins2)
+        torch.testing.assert_close(out1, out2)
+        w = torch.randn(out1.shape, generator=g, dtype=torch.float64)
+        for d1, d2 in zip(torch.autograd.grad((out1 * w).sum(), ins1),
+                          torch.autograd.grad((out2 * w).sum(), ins2)):
+            torch.testing.assert_close(d1, d2)
