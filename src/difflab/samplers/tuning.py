@@ -33,16 +33,11 @@ import torch
 from torch import Tensor
 
 from difflab.denoiser import BaseDenoiser
-from difflab.samplers.timesteps import timesteps
+from difflab.samplers.timesteps import _finite_sigma_max, _from_sigmas, timesteps
 
-__all__ = ["tune_grid", "grid_from_theta", "nelder_mead", "TunedGrid"]
+__all__ = ["tune_grid", "grid_from_theta", "nelder_mead"]
 
 END_RANGE = 3.0  # log sigma~_end within log sigma_min +- END_RANGE (a factor of ~20)
-
-
-class TunedGrid(dict):
-    """The result of :func:`tune_grid`: ``ts`` (the grid, a list of floats) and how it was
-    made (sampler, steps, rmse on the calibration batch against the default grid's, evals)."""
 
 
 def grid_from_theta(schedule: Any, steps: int, theta: Sequence[float],
@@ -51,11 +46,7 @@ def grid_from_theta(schedule: Any, steps: int, theta: Sequence[float],
     if len(theta) != steps:
         raise ValueError(f"theta has {len(theta)} entries; a {steps}-step grid needs {steps}")
     f64 = torch.float64
-    log_max = 0.5 * -float(schedule.log_snr(t_start))
-    if not math.isfinite(log_max):
-        from difflab.samplers.timesteps import SIGMA_MAX_CLIP
-
-        log_max = math.log(SIGMA_MAX_CLIP)
+    log_max = math.log(_finite_sigma_max(schedule, t_start))
     log_end = math.log(float(schedule.sigma_min)) + END_RANGE * math.tanh(theta[0])
     log_end = min(log_end, log_max - 1e-3)
     if steps == 1:
@@ -65,9 +56,7 @@ def grid_from_theta(schedule: Any, steps: int, theta: Sequence[float],
         frac = torch.cat([torch.zeros(1, dtype=f64), torch.cumsum(w, 0)])
         frac[-1] = 1.0
         log_s = log_max - frac * (log_max - log_end)
-    t = schedule.t_from_sigma_ratio(log_s.exp()).to(f64)
-    t[0] = t_start
-    ts = torch.cat([t, torch.zeros(1, dtype=f64)])
+    ts = _from_sigmas(schedule, log_s.exp(), t_start).to(f64)
     # softmax weights are > 0, but two points can still round to one time: nudge them apart
     for i in range(1, ts.numel() - 1):
         if ts[i] >= ts[i - 1]:
@@ -126,14 +115,16 @@ def nelder_mead(f: Callable[[list[float]], float], x0: Sequence[float], *, step:
 def tune_grid(denoiser: BaseDenoiser, sampler: str, steps: int, noise: Tensor, *,
               cond: Any = None, reference: Tensor | None = None, reference_steps: int = 200,
               max_evals: int | None = None, t_start: float = 1.0,
-              **opts: Any) -> TunedGrid:
+              **opts: Any) -> dict[str, Any]:
     """Fit the ``steps``-step grid of deterministic ``sampler`` to ``denoiser`` on the
     calibration ``noise`` (standard normal, e.g. 64-256 draws of the sample shape).
 
     ``reference``: the accurate ODE solution from ``noise`` if already known; otherwise it is
     computed with dpm_solver_3 on a ``reference_steps``-step log-SNR grid. ``max_evals``
-    (default 40 * steps, at least 200) bounds the sampler runs. Returns a :class:`TunedGrid`;
-    pass ``grid=result["ts"]`` to :func:`difflab.sample`.
+    (default 40 * steps, at least 200) bounds the sampler runs. Returns a dict: ``ts`` (the
+    grid as a list; pass ``grid=result["ts"]`` to :func:`difflab.sample`) and how it was made
+    (sampler, steps, nfe, rmse on the calibration batch, rmse_default of the default grid,
+    evals, ...).
     """
     from difflab.samplers import get, sample
 
@@ -165,6 +156,6 @@ def tune_grid(denoiser: BaseDenoiser, sampler: str, steps: int, noise: Tensor, *
     ts = grid_from_theta(schedule, steps, theta, t_start)
     if default < best:  # the default spacing is outside the family and was better
         ts, best = timesteps(schedule, steps, spec.spacing, t_start=t_start), default
-    return TunedGrid(ts=ts.tolist(), sampler=sampler, steps=steps, rmse=best,
+    return dict(ts=ts.tolist(), sampler=sampler, steps=steps, rmse=best,
                      rmse_default=default, default_spacing=spec.spacing, evals=evals,
                      calibration=int(noise.shape[0]), nfe=spec.nfe(steps))

@@ -18,6 +18,7 @@ is replaced atomically (written beside, then renamed).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -40,10 +41,19 @@ def grid_key(sampler: str, steps: int, ema: bool) -> str:
 
 
 def weights_sha256(ckpt: Path, ema: bool) -> str:
+    """SHA-256 of the checkpoint's EMA (or raw) weights file, hashed once per file version
+    (an eval sweep asks for it once per sampler and step count)."""
     from difflab.train.checkpoint import EMA, MODEL
 
+    path = (ckpt / (EMA if ema else MODEL)).resolve()
+    st = path.stat()
+    return _sha256(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, mtime_ns: int, size: int) -> str:  # keyed by the file's version
     h = hashlib.sha256()
-    with open(ckpt / (EMA if ema else MODEL), "rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
