@@ -1,13 +1,15 @@
-"""Classifier-free and classifier guidance on Fashion-MNIST: class accuracy, FID-FMNIST and
+"""Classifier-free and classifier guidance on Fashion-MNIST or MNIST: class accuracy, FID and
 class-histogram entropy versus the guidance weight.
 
 For each setting, N samples (labels 0..9 cycling, the same seeded noise for every setting, so
 settings are paired) are drawn with --sampler (dpmpp_2m) and measured with the held-out metrics
-classifier "fmnist" (difflab.metrics; never the guidance classifier):
+classifier of the data set, "fmnist" or "mnist" (difflab.metrics; never the guidance
+classifier):
 
-* accuracy   fraction of samples the fmnist classifier assigns to the requested label
+* accuracy   fraction of samples the metrics classifier assigns to the requested label
 * entropy    of the predicted-class histogram (max ln 10 = 2.303: every class equally often)
-* FID-FMNIST overall against the train-set reference statistics, and per class against the
+* FID        (FID-FMNIST / FID-MNIST, with that classifier's features) overall against the
+             train-set reference statistics, and per class against the
              train images of that class (N / 10 samples each: strongly biased upwards at this
              size, comparable only between settings of this run)
 
@@ -116,7 +118,9 @@ def measure(x: Tensor, labels: Tensor, extractor, ref, class_refs) -> dict:
             "fid_per_class": per_class, "fid_class_mean": sum(per_class) / len(per_class)}
 
 
-def plot(results: dict, path: Path, unguided_fid: float, real: dict | None = None) -> None:
+def plot(results: dict, path: Path, unguided_fid: float, real: dict | None = None, *,
+         title: str = "Fashion-MNIST", fid_label: str = "FID-FMNIST",
+         feature_net: str = "fmnist") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,9 +146,9 @@ def plot(results: dict, path: Path, unguided_fid: float, real: dict | None = Non
     ax.axvline(1.5 * unguided_fid, color="grey", ls=":", lw=1,
                label="1.5 x FID of the unguided conditional model")
     ax.axhline(97, color="grey", ls="--", lw=1, label="97% accuracy")
-    ax.set_xlabel("FID-FMNIST (lower is better)")
-    ax.set_ylabel("class accuracy under the fmnist classifier (%)")
-    ax.set_title("Guidance on Fashion-MNIST: accuracy versus FID")
+    ax.set_xlabel(f"{fid_label} (lower is better)")
+    ax.set_ylabel(f"class accuracy under the {feature_net} classifier (%)")
+    ax.set_title(f"Guidance on {title}: accuracy versus FID")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     fig.tight_layout()
@@ -295,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     fig = Path(args.figures)
     guided = {k: v for k, v in results.items() if k != "real"}
     unguided_fid = results.get("cfg:0", {}).get("fid", math.nan)
-    plot(guided, fig / f"guidance_accuracy_fid{suffix}.png", unguided_fid, results.get("real"))
+    plot(guided, fig / f"guidance_accuracy_fid{suffix}.png", unguided_fid, results.get("real"),
+         title=args.title, fid_label=args.fid_label, feature_net=args.feature_net)
     for method in ("cfg", "classifier"):
         sel = {k: samples[k] for k, _ in [(f"{m}:{w:g}", 0) for m, w in settings if m == method]
                if k in samples}
