@@ -60,6 +60,17 @@ def test_log_snr_decreasing_and_inverse(name):
     assert float(s.sigma(0.0)) == 0.0
 
 
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_schedule_is_evaluated_where_t_lives(name):
+    """t on another device than the schedule's tables (a GPU training batch, the module never
+    moved with .to): the result follows t. The "meta" device stands in for a GPU here."""
+    s = ALL[name]
+    t = torch.rand(6, dtype=torch.float64, device="meta")
+    alpha, sigma = s.alpha_sigma(t)
+    lam = s.log_snr(t)
+    assert alpha.device == sigma.device == lam.device == s.t_from_log_snr(lam).device == t.device
+
+
 def test_zero_terminal_snr():
     s = ALL["linear_ztsnr"]
     a, sig = s.alpha_sigma(1.0)

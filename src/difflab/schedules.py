@@ -192,12 +192,24 @@ class DiscreteSchedule(NoiseSchedule):
         prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
         return 1 - self.alphas_cumprod / prev
 
+    def knots_on(self, device: torch.device) -> Tensor:
+        """The alpha knots on ``device`` (a copy per device, made once): t decides where the
+        schedule is evaluated, whether or not the module was moved with ``.to``."""
+        knots = self.alpha_knots
+        if knots.device == device:
+            return knots
+        cache = self.__dict__.setdefault("_knots_by_device", {})
+        if device not in cache:
+            cache[device] = knots.to(device)
+        return cache[device]
+
     def _alpha(self, t64: Tensor) -> Tensor:
+        knots = self.knots_on(t64.device)
         pos = (t64.clamp(0, 1) * self.T).clamp(0, self.T)
         k = pos.floor().clamp(max=self.T - 1).long()
         frac = pos - k
-        a0 = self.alpha_knots[k]
-        a1 = self.alpha_knots[k + 1]
+        a0 = knots[k]
+        a1 = knots[k + 1]
         return a0 + (a1 - a0) * frac
 
     def log_snr(self, t: Tensor | float) -> Tensor:
@@ -213,7 +225,7 @@ class DiscreteSchedule(NoiseSchedule):
     def t_from_log_snr(self, log_snr: Tensor | float) -> Tensor:
         lam, dtype = _as_tensor(log_snr)
         a = torch.sigmoid(lam).sqrt()
-        knots = self.alpha_knots  # decreasing from 1
+        knots = self.knots_on(a.device)  # decreasing from 1
         # k such that knots[k] >= a > knots[k + 1]
         k = torch.searchsorted(-knots, -a, right=True) - 1
         k = k.clamp(0, self.T - 1)
