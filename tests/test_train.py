@@ -192,6 +192,7 @@ def test_presets_and_overrides_round_trip():
     ("train.bogus=1", ["bogus", "valid"]),
     ("train.batch_size=0", ["batch_size", "positive"]),
     ("train.grad_accum=3", ["divisible"]),
+    ('train.compile="yes"', ["train.compile", "max-autotune"]),
 ])
 def test_bad_config_values_are_named(override, words):
     with pytest.raises(ValueError) as e:
@@ -331,3 +332,49 @@ def test_progress_bar_metrics_log_and_loss_plot_without_matplotlib(tmp_path, mon
     from PIL import Image
 
     assert Image.open(path).size == (600, 350)
+
+
+def _unet_config(**train) -> dict:
+    return complete({
+        "net": {"type": "unet", "in_channels": 1, "out_channels": 1, "model_channels": 8,
+                "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [],
+                "image_size": 8},
+        "schedule": {"type": "cosine", "timesteps": 1000}, "prediction": "v",
+        "data": {"name": "tiny", "resolution": 8, "channels": 1},
+        "train": {"steps": 3, "batch_size": 8, "grid_size": 0, "threads": 1, "seed": 3,
+                  "log_every": 1, **train}})
+
+
+def test_compiled_channels_last_training_matches_eager_and_saves_plain_weights(
+        tmp_path, monkeypatch):
+    """train.compile / train.channels_last change how the step runs, not what it computes.
+
+    torch.compile is run with the aot_eager backend here (Dynamo graph capture and AOT
+    autograd's joint forward/backward graph, without Inductor's minute of C++ code generation
+    on a CPU); bench/train_gpu.py runs the Inductor backend on a GPU.
+    """
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    from difflab.train.checkpoint import load_denoiser
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    g = torch.Generator().manual_seed(0)
+    data = ((torch.rand(16, 1, 8, 8, generator=g) * 255).to(torch.uint8), None)
+    eager = Trainer(_unet_config(), tmp_path / "eager", data=data, quiet=True)
+    fast = Trainer(_unet_config(compile=True, channels_last=True), tmp_path / "fast", data=data,
+                   quiet=True)
+    conv = fast.net.encoder.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    for _ in range(3):
+        assert fast.train_step() == pytest.approx(eager.train_step(), rel=1e-5)
+    assert counters["stats"]["unique_graphs"] >= 1  # the step really went through Dynamo
+    fast.save()
+    den, _ = load_denoiser(tmp_path / "fast" / "checkpoint")  # plain keys: no _orig_mod.
+    assert set(den.net.state_dict()) == set(eager.net.state_dict())
+    for k, v in eager.ema.state_dict().items():
+        torch.testing.assert_close(fast.ema.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()

@@ -115,7 +115,8 @@ def sample_checkpoint(den, config: dict, num: int, sampler: str, steps: int, *,
     conditional = bool(num_classes) and getattr(den.net, "config", {}).get("num_classes")
     res, ch = int(data.get("resolution", 28)), int(data.get("channels", 1))
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(num, ch, res, res, generator=g)
+    noise = torch.randn(num, ch, res, res, generator=g)  # on CPU: the same points on any device
+    device = next(den.net.parameters()).device
     labels = torch.arange(num) % int(num_classes) if conditional else None
     model = den
     if guidance:
@@ -129,9 +130,10 @@ def sample_checkpoint(den, config: dict, num: int, sampler: str, steps: int, *,
         with torch.no_grad():
             for i in range(0, num, batch_size):
                 gi = torch.Generator().manual_seed(seed * 1_000_003 + i + 1)
-                cond = None if labels is None else labels[i:i + batch_size]
-                chunks.append(difflab.sample(model, noise[i:i + batch_size], sampler=sampler,
-                                             steps=steps, grid=grid, cond=cond, generator=gi))
+                cond = None if labels is None else labels[i:i + batch_size].to(device)
+                x = difflab.sample(model, noise[i:i + batch_size].to(device), sampler=sampler,
+                                   steps=steps, grid=grid, cond=cond, generator=gi)
+                chunks.append(x.float().cpu())
     finally:
         counter.handle.remove()
     seconds = time.perf_counter() - t0
@@ -178,6 +180,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="sample with the raw weights")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu",
+                   help="cpu or cuda: where the model samples (features are computed on CPU)")
     p.add_argument("--kid-subsets", type=int, default=100)
     p.add_argument("--kid-subset-size", type=int, default=1000)
     p.add_argument("--no-cache", action="store_true", help="recompute reference statistics")
@@ -220,7 +224,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from difflab.train.checkpoint import load_denoiser
         from difflab.train.grids import load_tuned_grid
 
-        den, config = load_denoiser(source, ema=not args.no_ema)
+        den, config = load_denoiser(source, ema=not args.no_ema, device=args.device)
         for name in samplers:
             for n_steps in steps:
                 grid = load_tuned_grid(source, name, n_steps, ema=not args.no_ema)

@@ -52,7 +52,11 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "sampler": "dpmpp_2m",
     "grid_size": 64,            # images in a sample grid (0: no grids)
     "threads": None,            # torch.set_num_threads (None: leave as is)
+    "compile": False,           # torch.compile the network: true or a mode (COMPILE_MODES)
+    "channels_last": False,     # NHWC weights and activations (faster convolutions on GPUs)
 }
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 _FASHION = {
     "net": {"type": "unet", "in_channels": 1, "out_channels": 1, "model_channels": 32,
@@ -128,6 +132,12 @@ def complete(config: dict[str, Any]) -> dict[str, Any]:
     if train["batch_size"] % train["grad_accum"]:
         raise ValueError(f"train.batch_size ({train['batch_size']}) must be divisible by "
                          f"train.grad_accum ({train['grad_accum']})")
+    for key in ("channels_last", "conditional"):
+        if not isinstance(train[key], bool):
+            raise ValueError(f"train.{key} must be true or false, got {train[key]!r}")
+    if not isinstance(train["compile"], bool) and train["compile"] not in COMPILE_MODES:
+        raise ValueError(f"train.compile must be true, false or a torch.compile mode "
+                         f"{list(COMPILE_MODES)}, got {train['compile']!r}")
     if not 0 <= train["p_uncond"] < 1:
         raise ValueError(f"train.p_uncond must lie in [0, 1), got {train['p_uncond']}")
     if train["conditional"]:

@@ -38,12 +38,17 @@ class EMA:
     def update(self, model: nn.Module) -> float:
         """One EMA step towards ``model``; returns the decay used."""
         beta = ema_decay(self.num_updates, self.max_decay)
+        shadow, current = [], []
         for k, v in model.state_dict().items():
             s = self.shadow[k]
             if s.is_floating_point():
-                s.mul_(beta).add_(v.detach().float(), alpha=1.0 - beta)
+                shadow.append(s)
+                current.append(v.detach().float())
             else:
                 s.copy_(v)
+        # one multi-tensor kernel per op for all tensors (a loop costs two launches each on GPU)
+        torch._foreach_mul_(shadow, beta)
+        torch._foreach_add_(shadow, current, alpha=1.0 - beta)
         self.num_updates += 1
         return beta
 

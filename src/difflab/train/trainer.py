@@ -12,6 +12,12 @@ All of it is drawn for the *global* batch on every rank from CPU generators and 
 micro-batches (gradient accumulation) and rank shards, so the update does not depend on the
 number of processes or micro-batches (up to float summation order), and the generator states
 plus the step count are all a resume needs to continue bit for bit.
+
+On a GPU the loop never waits for the device inside a step: batches go up from pinned memory
+without blocking, the loss is read back (and checked for NaN / inf) only every ``log_every``
+steps, the EMA is one multi-tensor update, AdamW is the fused kernel, and ``train.compile`` /
+``train.channels_last`` compile the network and store it NHWC. Checkpoints always hold the
+plain network's weights (no ``torch.compile`` / DDP key prefixes).
 """
 
 from __future__ import annotations
@@ -134,6 +140,8 @@ class Trainer:
             torch.manual_seed(int(tc["seed"]))
             self.net = (net if net is not None else ckpt.build_net(self.config["net"]))
         self.net = self.net.to(self.device)
+        if tc["channels_last"]:
+            self.net = self.net.to(memory_format=torch.channels_last)
         self.ema_net = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.schedule = from_config(self.config["schedule"])
         self.ema = EMA(self.net, tc["ema_decay"])
@@ -143,11 +151,15 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.net, device_ids=ids)
+        self.ddp_model = self.model
+        if tc["compile"]:
+            mode = None if tc["compile"] is True else tc["compile"]
+            self.model = torch.compile(self.model, mode=mode)
         self.denoiser = Denoiser(self.model, self.schedule, self.config["prediction"],
                                  float(self.config.get("sigma_data", 0.5)))
         self.optimizer = torch.optim.AdamW(
             self.net.parameters(), lr=float(tc["lr"]), betas=tuple(tc["betas"]),
-            weight_decay=float(tc["weight_decay"]))
+            weight_decay=float(tc["weight_decay"]), fused=self.device.type == "cuda")
         # randomness: data order from (seed, epoch); t / eps / dropout from one generator
         self.rng = torch.Generator().manual_seed(int(tc["seed"]) * 7919 + 1)
         self.step = 0
@@ -221,6 +233,16 @@ class Trainer:
 
     def train_step(self) -> float:
         """One optimizer step; returns the global-batch loss (averaged over ranks)."""
+        return float(self._step())
+
+    def _to_device(self, x: Tensor) -> Tensor:
+        if self.device.type != "cuda":
+            return x.to(self.device)
+        return x.pin_memory().to(self.device, non_blocking=True)
+
+    def _step(self) -> Tensor:
+        """One optimizer step; the global-batch loss as a 0-d tensor on the device (reading
+        it is what makes the host wait for the GPU, so the loop does that only to log)."""
         tc = self.tc
         B, accum = int(tc["batch_size"]), int(tc["grad_accum"])
         lr = lr_at(self.step, tc)
@@ -234,9 +256,9 @@ class Trainer:
         for m in range(accum):
             sl = slice(m * micro, (m + 1) * micro)
             local = ddp.shard(micro, self.dist)
-            part = {k: v[sl][local].to(self.device) for k, v in batch.items()}
+            part = {k: self._to_device(v[sl][local]) for k, v in batch.items()}
             sync = self.dist.enabled and m < accum - 1
-            ctx = self.model.no_sync() if sync else contextlib.nullcontext()
+            ctx = self.ddp_model.no_sync() if sync else contextlib.nullcontext()
             with ctx, self.autocast():
                 loss = diffusion_loss(
                     self.denoiser, part["x0"], cond=part.get("cond"), target=tc["target"],
@@ -252,7 +274,7 @@ class Trainer:
         if self.dist.enabled:
             torch.distributed.all_reduce(total)
             total /= self.dist.world_size
-        return float(total)
+        return total
 
     # -- checkpoints ---------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -348,13 +370,18 @@ class Trainer:
         start_seconds = self.train_seconds
         t_start = time.perf_counter()
         stopped_by = "steps"
+        log_every = int(tc["log_every"])
+        loss_t: Tensor | None = None
         while self.step < total:
-            loss = self.train_step()
+            loss_t = self._step()
+            logged = self.step % log_every == 0 or self.step == total
+            if logged or self.device.type == "cpu" or bar.tty:
+                loss = float(loss_t)  # waits for the device: only when it is shown or free
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss} at step {self.step}; lower "
+                                             "train.lr or enable train.grad_clip")
             self.train_seconds = start_seconds + time.perf_counter() - t_start
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at step {self.step}; lower "
-                                         "train.lr or enable train.grad_clip")
-            if self.step % int(tc["log_every"]) == 0 or self.step == total:
+            if logged:
                 now = time.perf_counter()
                 ips = (self.step - n_last) * B / max(now - t_last, 1e-9)
                 t_last, n_last = now, self.step
@@ -373,6 +400,8 @@ class Trainer:
                 stopped_by = "time"
                 break
         bar.close()
+        if loss_t is not None:
+            loss = float(loss_t)
         summary = {"steps": self.step, "loss": loss, "seconds": self.train_seconds,
                    "stopped_by": stopped_by, "out": str(self.out)}
         if self.dist.is_main:
@@ -387,6 +416,8 @@ class Trainer:
     def _out_of_time(self, budget_s: float) -> bool:
         if math.isinf(budget_s):
             return False
+        if not self.dist.enabled:
+            return self.train_seconds >= budget_s
         flag = torch.tensor([float(self.train_seconds >= budget_s)], device=self.device)
         if self.dist.enabled:  # rank 0 decides, so that every rank stops at the same step
             torch.distributed.broadcast(flag, 0)
