@@ -19,6 +19,7 @@ import argparse
 import datetime
 import math
 import platform
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -95,6 +96,10 @@ def main() -> None:
                     help="samplers to fit tuned grids for (comma list; '' skips)")
     ap.add_argument("--tune-n", type=int, default=16, help="calibration images (seed 123)")
     ap.add_argument("--tune-evals", type=int, default=150, help="sampler runs per grid")
+    ap.add_argument("--title", default="Samplers on a trained image model (Fashion-MNIST U-Net)")
+    ap.add_argument("--grids", default="",
+                    help="samplers (comma list) whose grids from the checkpoint's grids.json "
+                         "(`difflab tune-grid`, the grids `difflab sample` uses) get rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     den, cfg = load_denoiser(args.checkpoint)
@@ -138,6 +143,20 @@ def main() -> None:
                 tuned_rows[label][nfe] = (rmse(x, ref), S.get(name).nfe(steps))
                 print(label, nfe, tuned_rows[label][nfe], f"calibration {tg['rmse']:.3e} "
                       f"(default grid {tg['rmse_default']:.3e})", flush=True)
+    if args.grids:
+        from difflab.train.grids import tuned_grid_entry
+
+        for name in args.grids.split(","):
+            for nfe in NFES:
+                steps = steps_for(name, nfe)
+                entry = tuned_grid_entry(args.checkpoint, name, steps)
+                if entry is None:
+                    continue
+                label = f"{name} grid from grids.json ({entry['calibration']} calibration images)"
+                x = S.sample(den, noise, name, grid=entry["ts"])
+                tuned_rows.setdefault(label, {n: (math.nan, 0) for n in NFES})
+                tuned_rows[label][nfe] = (rmse(x, ref), S.get(name).nfe(steps))
+                print(label, nfe, tuned_rows[label][nfe], flush=True)
     rows_dl.update(tuned_rows)
     model = NetModel(den)
     rows_df = {}
@@ -160,7 +179,7 @@ def main() -> None:
         out = ["| sampler | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
                "|---|" + "---|" * len(NFES)]
         for name, row in rows.items():
-            cells = ["failed (diffusers raised)" if k == 0 else
+            cells = ["-" if math.isnan(e) else "failed (diffusers raised)" if k == 0 else
                      f"{e:.3e}" + (f" ({k})" if k != n else "") for n, (e, k) in row.items()]
             out.append(f"| {name} | " + " | ".join(cells) + " |")
         return out
@@ -168,12 +187,13 @@ def main() -> None:
     def best(rows, nfe, defaults_only=False, fixed_only=False):
         keys = [k for k in rows if (not defaults_only or k in DIFFLAB)
                 and (not fixed_only or k not in tuned_rows)]
-        name = min(keys, key=lambda k: rows[k][nfe][0])
+        name = min(keys, key=lambda k: math.inf if math.isnan(rows[k][nfe][0])
+                   else rows[k][nfe][0])
         return rows[name][nfe][0], name
 
     lines = [
-        "# Samplers on a trained image model (Fashion-MNIST U-Net)", "",
-        f"Command: `python bench/samplers_real.py {args.checkpoint}`  ",
+        f"# {args.title}", "",
+        f"Command: `python bench/samplers_real.py {shlex.join(sys.argv[1:])}`  ",
         f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  ",
         f"Machine: 2-core CPU (CI-class), {platform.machine()}, torch {torch.__version__}", "",
         f"Model: `{args.checkpoint}` ({cfg['prediction']}-prediction, schedule "

@@ -30,7 +30,7 @@ from typing import Any
 from difflab.cli import HelpFormatter
 
 __all__ = ["GRIDS", "grid_key", "load_tuned_grid", "save_tuned_grid", "register",
-           "cmd_tune_grid", "weights_sha256"]
+           "cmd_tune_grid", "weights_sha256", "tuned_grid_entry"]
 
 GRIDS = "grids.json"
 FORMAT = "difflab-grids-1"
@@ -97,6 +97,14 @@ def load_tuned_grid(path: str | os.PathLike, sampler: str, steps: int,
                     ema: bool = True) -> list[float] | None:
     """The tuned grid of ``sampler`` at ``steps`` for these weights, or None (no grid, or a
     grid fitted to other weights: then with a warning)."""
+    entry = tuned_grid_entry(path, sampler, steps, ema)
+    return None if entry is None else [float(t) for t in entry["ts"]]
+
+
+def tuned_grid_entry(path: str | os.PathLike, sampler: str, steps: int,
+                     ema: bool = True) -> dict[str, Any] | None:
+    """:func:`load_tuned_grid`'s whole grids.json entry (grid ``ts``, calibration size, RMSE
+    before and after tuning, ...)."""
     from difflab.train.checkpoint import resolve
 
     ckpt = resolve(path)
@@ -110,7 +118,7 @@ def load_tuned_grid(path: str | os.PathLike, sampler: str, steps: int,
                       "weights (the checkpoint changed since); using the sampler's default "
                       "spacing. Run `difflab tune-grid` again.", stacklevel=2)
         return None
-    return [float(t) for t in entry["ts"]]
+    return entry
 
 
 # --- command line ---------------------------------------------------------------------------
