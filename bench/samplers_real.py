@@ -152,8 +152,11 @@ def main() -> None:
                 entry = tuned_grid_entry(args.checkpoint, name, steps)
                 if entry is None:
                     continue
-                label = f"{name} grid from grids.json ({entry['calibration']} calibration images)"
-                x = S.sample(den, noise, name, grid=entry["ts"])
+                cal = entry["calibration"]
+                if "grid_from" in entry:  # grid and evaluation times fitted separately
+                    cal = f"grid {entry['grid_from']['calibration']}, eval times {cal}"
+                label = f"{name}, grids.json ({cal} calibration images)"
+                x = S.sample(den, noise, name, grid=entry)  # with its eval_ts, if any
                 tuned_rows.setdefault(label, {n: (math.nan, 0) for n in NFES})
                 tuned_rows[label][nfe] = (rmse(x, ref), S.get(name).nfe(steps))
                 print(label, nfe, tuned_rows[label][nfe], flush=True)

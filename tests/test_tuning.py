@@ -73,8 +73,46 @@ def test_a_tuned_grid_generalises_to_new_noise():
     assert tuned["rmse"] <= tuned["rmse_default"] and tuned["nfe"] == 5
     ref = S.sample(den, test, "dpm_solver_3", 300)
     e_default = rmse(S.sample(den, test, "unipc", 5), ref)
-    e_tuned = rmse(S.sample(den, test, "unipc", grid=tuned["ts"]), ref)
-    assert e_tuned < 0.5 * e_default, (e_tuned, e_default)
+    e_grid = rmse(S.sample(den, test, "unipc", grid=tuned["ts"]), ref)
+    assert e_grid < 0.5 * e_default, (e_grid, e_default)
+    # max_evals=200 leaves 100 runs to the decoupled evaluation times, which lower the error on
+    # the calibration draws and, as fitted parameters should, on the other draws too
+    assert tuned["rmse"] < tuned["rmse_grid"] and tuned["eval_ts"] != tuned["ts"]
+    e_tuned = rmse(S.sample(den, test, "unipc", grid=tuned), ref)
+    assert e_tuned < e_grid, (e_tuned, e_grid)
+
+
+def test_eval_times_tell_the_network_another_time():
+    """EvalTimes: at grid time t_i the network's own output is taken at t'_i and converted with
+    alpha(t_i), sigma(t_i); t'_i = t_i changes nothing (bit for bit)."""
+    from difflab.samplers.common import EvalTimes, native_target
+    from difflab.samplers.tuning import eval_times_from_phi
+
+    sch = schedules.linear()
+    mix = GaussianMixture.ring()
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ts = timesteps(sch, 6, "log_snr").tolist()
+    for prediction in ("eps", "v", "x0"):
+        den = mix.denoiser(sch, prediction)
+        assert native_target(den) == prediction
+        assert torch.equal(S.sample(den, x, "unipc", grid={"ts": ts, "eval_ts": ts}),
+                           S.sample(den, x, "unipc", grid=ts))
+        eval_ts = eval_times_from_phi(sch, ts, [0.0, 0.5, -0.5, 0.3, 0.0, 0.2])
+        assert eval_ts[0] == ts[0] and eval_ts[-1] == 0.0
+        assert eval_ts[1] > ts[1] and eval_ts[2] < ts[2]  # phi > 0: a noisier time
+        shifted = EvalTimes(den, dict(zip(ts, eval_ts)))
+        point = S.common.Grid(sch, torch.tensor(ts, dtype=torch.float64), x).points[2]
+        got = shifted.predict_at(x, point)
+        f = den.predict(x, eval_ts[2]).target(prediction)  # the network's output at t'_2
+        a, s = point.alpha, point.sigma
+        x0 = {"eps": (x - s * f) / a, "x0": f, "v": a * x - s * f}[prediction]
+        torch.testing.assert_close(got.x0, x0)
+        torch.testing.assert_close(got.eps, (x - a * x0) / s)
+    cfg = __import__("difflab").guidance.classifier_free(
+        mix.denoiser(sch, "v"), 1.0, uncond=0)
+    assert native_target(cfg) == "v"
+    with pytest.raises(ValueError, match="eval_ts must hold one time"):
+        S.sample(den, x, "unipc", grid={"ts": ts, "eval_ts": ts[:-1]})
 
 
 def test_stochastic_samplers_cannot_be_tuned():
@@ -96,7 +134,11 @@ def test_grids_file_roundtrip_and_stale_weights(tmp_path):
     assert load_tuned_grid(ckpt, "unipc", 5) is None
     ts = timesteps(schedules.linear(), 5, "karras").tolist()
     save_tuned_grid(ckpt, {"ts": ts, "sampler": "unipc", "steps": 5, "rmse": 0.1})
-    assert load_tuned_grid(ckpt, "unipc", 5) == ts
+    assert load_tuned_grid(ckpt, "unipc", 5) == ts  # a grid file from before eval_ts
+    eval_ts = [min(1.0, 1.01 * t) for t in ts]
+    save_tuned_grid(ckpt, {"ts": ts, "eval_ts": eval_ts, "sampler": "unipc", "steps": 5,
+                           "rmse": 0.1})
+    assert load_tuned_grid(ckpt, "unipc", 5) == {"ts": ts, "eval_ts": eval_ts}
     assert load_tuned_grid(ckpt, "unipc", 6) is None
     assert load_tuned_grid(ckpt, "unipc", 5, ema=False) is None  # tuned for the EMA weights
     assert json.loads((ckpt / GRIDS).read_text())["grids"]["unipc/5/ema"]["rmse"] == 0.1
@@ -133,3 +175,14 @@ def test_cli_tune_grid_then_sample_uses_it(tmp_path, capsys):
     assert main(["sample", str(ckpt), "--sampler", "dpmpp_2m", "--steps", "4", "--count", "3",
                  "--spacing", "log_snr", "--out", str(out)]) == 0
     assert "tuned" not in capsys.readouterr().out
+    # fit only the evaluation times of the stored grid (e.g. a grid tuned on a GPU)
+    assert main(["tune-grid", str(ckpt), "--sampler", "dpmpp_2m", "--steps", "4",
+                 "--count", "8", "--reference-steps", "20", "--max-evals", "20", "--seed", "7",
+                 "--eval-times-only"]) == 0
+    again = json.loads((ckpt / GRIDS).read_text())["grids"]["dpmpp_2m/4/ema"]
+    assert again["ts"] == entry["ts"] and len(again["eval_ts"]) == 5
+    assert again["grid_from"]["calibration"] == 16 and again["calibration"] == 8
+    capsys.readouterr()
+    assert main(["tune-grid", str(ckpt), "--sampler", "dpmpp_2m", "--steps", "6", "--count", "4",
+                 "--reference-steps", "10", "--eval-times-only"]) != 0
+    assert "no dpmpp_2m 6-step grid for these weights; tune one first" in capsys.readouterr().err

@@ -97,7 +97,7 @@ class _NetCounter:
 
 def sample_checkpoint(den, config: dict, num: int, sampler: str, steps: int, *,
                       batch_size: int = 250, seed: int = 0, guidance: float = 0.0,
-                      grid: list[float] | None = None
+                      grid: list[float] | dict[str, list[float]] | None = None
                       ) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
     """``num`` samples with labels ``i % num_classes`` (class-conditional) from seed ``seed``
     (on ``grid`` if given, e.g. a tuned one, else the sampler's default spacing).

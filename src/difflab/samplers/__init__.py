@@ -27,7 +27,7 @@ first step (from alpha = 0) as a one-call Euler/DDIM step, so they use order - 1
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -35,11 +35,11 @@ from torch import Tensor
 
 from difflab.denoiser import BaseDenoiser
 from difflab.samplers import ddpm, dpm_solver, dpmpp, euler, unipc  # noqa: F401  (register)
-from difflab.samplers.common import FINAL_MODES, REGISTRY, SamplerSpec, randn_like
+from difflab.samplers.common import FINAL_MODES, REGISTRY, EvalTimes, SamplerSpec, randn_like
 from difflab.samplers.timesteps import SPACINGS, timesteps
 
 __all__ = ["sample", "names", "get", "timesteps", "SPACINGS", "FINAL_MODES", "SamplerSpec",
-           "randn_like"]
+           "randn_like", "EvalTimes", "with_eval_times"]
 
 
 def names() -> list[str]:
@@ -54,17 +54,32 @@ def get(name: str) -> SamplerSpec:
     return REGISTRY[name]
 
 
+def with_eval_times(denoiser: BaseDenoiser, ts: Sequence[float],
+                    eval_ts: Sequence[float] | None) -> BaseDenoiser:
+    """``denoiser`` told ``eval_ts[i]`` at grid time ``ts[i]`` (:class:`EvalTimes`), or itself
+    when there are no evaluation times."""
+    if eval_ts is None:
+        return denoiser
+    ts, eval_ts = [float(t) for t in ts], [float(t) for t in eval_ts]
+    if len(eval_ts) != len(ts) or not all(0.0 <= t <= 1.0 for t in eval_ts):
+        raise ValueError(f"eval_ts must hold one time in [0, 1] per grid time ({len(ts)}), "
+                         f"got {eval_ts[:6]}{'...' if len(eval_ts) > 6 else ''}")
+    return EvalTimes(denoiser, dict(zip(ts, eval_ts)))
+
+
 def sample(denoiser: BaseDenoiser, noise: Tensor, sampler: str = "dpmpp_2m",
            steps: int | None = None, *, spacing: str | None = None,
-           grid: Tensor | list[float] | None = None, cond: Any = None,
+           grid: Tensor | list[float] | dict[str, Any] | None = None, cond: Any = None,
            generator: torch.Generator | list[torch.Generator] | None = None,
            callback: Callable[[dict], None] | None = None, t_start: float = 1.0,
            **opts: Any) -> Tensor:
     """Draw x_0 from standard-normal ``noise`` with ``steps`` (default 10) steps of ``sampler``.
 
     The grid is ``timesteps(schedule, steps, spacing or the sampler's default, t_start)``, or
-    ``grid``: an explicit decreasing list of ``steps + 1`` times ending at 0 (e.g. from
-    :func:`difflab.samplers.tuning.tune_grid`; ``steps`` may then be left out). The noise is
+    ``grid``: an explicit decreasing list of ``steps + 1`` times ending at 0, or a tuned grid
+    (the dict of :func:`difflab.samplers.tuning.tune_grid` or ``difflab tune-grid``: its
+    ``ts``, and ``eval_ts``, the times the network is told at each grid point, applied with
+    :class:`~difflab.samplers.common.EvalTimes`); ``steps`` may then be left out. The noise is
     multiplied by the std of x at the grid's first time for unit-variance data,
     sqrt(alpha^2 + sigma^2) (= ``schedule.prior_std()`` at t = 1: 1 for VP, ~sigma_max for
     VE). ``generator`` (one, or a list with one per image) drives the noise stochastic
@@ -79,6 +94,9 @@ def sample(denoiser: BaseDenoiser, noise: Tensor, sampler: str = "dpmpp_2m",
     if grid is not None:
         if spacing is not None:
             raise ValueError("pass either spacing= or grid=, not both")
+        if isinstance(grid, dict):
+            grid, denoiser = grid["ts"], with_eval_times(denoiser, grid["ts"],
+                                                         grid.get("eval_ts"))
         ts = torch.as_tensor(grid, dtype=torch.float64).flatten()
         if steps is not None and ts.numel() != steps + 1:
             raise ValueError(f"grid has {ts.numel()} times, a {steps}-step grid needs "

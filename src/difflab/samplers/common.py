@@ -52,11 +52,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from difflab.denoiser import BaseDenoiser, Prediction, TimePoint
+from difflab.denoiser import (
+    BaseDenoiser,
+    Prediction,
+    TimePoint,
+    eps_to_x0,
+    v_to_x0_eps,
+    x0_to_eps,
+)
 from difflab.schedules import NoiseSchedule
 
-__all__ = ["Grid", "SamplerSpec", "REGISTRY", "register", "randn_like", "FINAL_MODES",
-           "first_order", "final_x0", "check_final"]
+__all__ = ["Grid", "EvalTimes", "native_target", "SamplerSpec", "REGISTRY", "register",
+           "randn_like", "FINAL_MODES", "first_order", "final_x0", "check_final"]
 
 FINAL_MODES = ("extrapolate", "x0")
 
@@ -133,6 +140,54 @@ def randn_like(x: Tensor, generator: torch.Generator | list[torch.Generator] | N
                                         device=g.device).to(x.device) for g in generator])
     return torch.randn(x.shape, generator=generator, dtype=x.dtype,
                        device=generator.device).to(x.device)
+
+
+def native_target(denoiser: BaseDenoiser) -> str:
+    """What the innermost network predicts, as a training target ('eps', 'x0' or 'v'):
+    guidance transforms are followed through their ``.denoiser``; 'score' counts as eps and
+    EDM preconditioning as x0."""
+    inner = denoiser
+    while not hasattr(inner, "prediction") and isinstance(getattr(inner, "denoiser", None),
+                                                            BaseDenoiser):
+        inner = inner.denoiser
+    kind = getattr(inner, "prediction", "eps")
+    return {"score": "eps", "edm": "x0"}.get(kind, kind)
+
+
+class EvalTimes(BaseDenoiser):
+    """Decoupled evaluation times (LD3, Tong et al. 2024, Sec. 3.2): at grid time t_i the
+    network is evaluated at another time t'_i, and its own output (eps, x0 or v: the
+    :func:`native_target`) is used as if made at t_i,
+
+        f_i = f_theta(x, t'_i),   x0_hat(x, t_i) = convert(f_i; alpha(t_i), sigma(t_i)),
+
+    so a tuned sampler also chooses what noise level the network is told. ``eval_ts`` maps grid
+    times (the Python floats of the grid) to evaluation times; other times pass through, as do
+    points with alpha = 0 or sigma = 0, where the conversion does not exist. Wraps any denoiser,
+    guidance transforms included (the native output is read through their ``predict``)."""
+
+    def __init__(self, denoiser: BaseDenoiser, eval_ts: dict[float, float]):
+        super().__init__()
+        self.denoiser = denoiser
+        self.schedule = denoiser.schedule
+        self.eval_ts = {float(t): float(te) for t, te in eval_ts.items() if float(t) != float(te)}
+        self.target = native_target(denoiser)
+
+    def predict(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Prediction:
+        return self.denoiser.predict(x, t, cond)
+
+    def predict_at(self, x: Tensor, point: TimePoint, cond: Any = None) -> Prediction:
+        te = self.eval_ts.get(point.t)
+        a, s = point.alpha, point.sigma
+        if te is None or float(a) == 0.0 or float(s) == 0.0:
+            return self.denoiser.predict_at(x, point, cond)
+        f = self.denoiser.predict(x, te, cond).target(self.target)
+        if self.target == "eps":
+            return Prediction(x, eps_to_x0(x, f, a, s), f, a, s)
+        if self.target == "x0":
+            return Prediction(x, f, x0_to_eps(x, f, a, s), a, s)
+        x0, eps = v_to_x0_eps(x, f, a, s)
+        return Prediction(x, x0, eps, a, s)
 
 
 def predict(denoiser: BaseDenoiser, x: Tensor, g: Grid, i: int, cond: Any) -> Prediction:

@@ -5,8 +5,11 @@ and step count to the checkpoint's network (:func:`difflab.samplers.tuning.tune_
 calibration noise drawn from ``--seed``) and writes it to ``CKPT/grids.json``:
 
     {"format": "difflab-grids-1",
-     "grids": {"unipc/10/ema": {"ts": [...], "weights_sha256": "...", "rmse": ...,
-                                 "rmse_default": ..., ...}}}
+     "grids": {"unipc/10/ema": {"ts": [...], "eval_ts": [...], "weights_sha256": "...",
+                                 "rmse": ..., "rmse_default": ..., ...}}}
+
+(``eval_ts``: the decoupled times the network is told at each grid point; entries written
+before they existed have none and mean t'_i = t_i.)
 
 ``difflab sample`` and ``difflab eval`` then use that grid for that sampler, step count and
 weights (EMA or raw) by default, and say so; ``--spacing`` chooses a fixed rule instead. A grid
@@ -94,11 +97,17 @@ def save_tuned_grid(path: str | os.PathLike, tuned: dict[str, Any], *, ema: bool
 
 
 def load_tuned_grid(path: str | os.PathLike, sampler: str, steps: int,
-                    ema: bool = True) -> list[float] | None:
-    """The tuned grid of ``sampler`` at ``steps`` for these weights, or None (no grid, or a
-    grid fitted to other weights: then with a warning)."""
+                    ema: bool = True) -> list[float] | dict[str, list[float]] | None:
+    """The tuned grid of ``sampler`` at ``steps`` for these weights as ``difflab.sample``'s
+    ``grid=`` takes it (the times, or ``{"ts", "eval_ts"}`` with decoupled evaluation times),
+    or None (no grid, or a grid fitted to other weights: then with a warning)."""
     entry = tuned_grid_entry(path, sampler, steps, ema)
-    return None if entry is None else [float(t) for t in entry["ts"]]
+    if entry is None:
+        return None
+    ts = [float(t) for t in entry["ts"]]
+    if entry.get("eval_ts") is None:
+        return ts
+    return {"ts": ts, "eval_ts": [float(t) for t in entry["eval_ts"]]}
 
 
 def tuned_grid_entry(path: str | os.PathLike, sampler: str, steps: int,
@@ -144,6 +153,11 @@ def register(subparsers: Any) -> None:
                    help="sampler runs per grid (default: 40 x steps, at least 200)")
     p.add_argument("--batch-size", type=int, default=256, help="samples per network batch")
     p.add_argument("--no-ema", action="store_true", help="tune for the raw weights")
+    p.add_argument("--no-eval-times", action="store_true",
+                   help="fit the grid only, not the decoupled times the network is told")
+    p.add_argument("--eval-times-only", action="store_true",
+                   help="keep the grid already in grids.json and fit only its evaluation times "
+                        "(e.g. a grid tuned on a GPU with more calibration images)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(func=cmd_tune_grid)
@@ -173,13 +187,25 @@ def cmd_tune_grid(args: argparse.Namespace) -> int:
     ts_ref = difflab.samplers.timesteps(den.schedule, args.reference_steps, "log_snr")
     ref = torch.cat([difflab.sample(den, noise[i:i + args.batch_size], "dpm_solver_3",
                                     grid=ts_ref) for i in range(0, args.count, args.batch_size)])
+    if args.eval_times_only and args.no_eval_times:
+        raise ValueError("--eval-times-only and --no-eval-times exclude each other")
     for steps in args.steps:
-        tuned = tune_grid(den, args.sampler, steps, noise, reference=ref,
-                          max_evals=args.max_evals)
+        keep = None
+        if args.eval_times_only:
+            entry = tuned_grid_entry(args.checkpoint, args.sampler, steps, not args.no_ema)
+            if entry is None:
+                raise ValueError(f"--eval-times-only: {args.checkpoint} has no {args.sampler} "
+                                 f"{steps}-step grid for these weights; tune one first")
+            keep = entry["ts"]
+        tuned = tune_grid(den, args.sampler, steps, noise, reference=ref, grid=keep,
+                          max_evals=args.max_evals, eval_times=not args.no_eval_times)
         tuned.update(seed=args.seed, reference_steps=args.reference_steps)
+        if keep is not None:  # the grid's own fit, kept beside this one's (eval times only)
+            tuned["grid_from"] = {k: entry.get(k) for k in ("calibration", "evals", "seed",
+                                                            "reference_steps", "rmse")}
         path = save_tuned_grid(args.checkpoint, tuned, ema=not args.no_ema)
         print(f"{args.sampler} {steps} steps ({tuned['nfe']} NFE): calibration RMSE "
-              f"{tuned['rmse']:.4g} (default {tuned['default_spacing']} grid "
-              f"{tuned['rmse_default']:.4g}), {tuned['evals']} sampler runs -> {path}",
-              file=sys.stdout)
+              f"{tuned['rmse']:.4g} (grid alone {tuned['rmse_grid']:.4g}, default "
+              f"{tuned['default_spacing']} grid {tuned['rmse_default']:.4g}), "
+              f"{tuned['evals']} sampler runs -> {path}", file=sys.stdout)
     return 0
