@@ -86,18 +86,20 @@ def sample_heun(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = No
             x = final_x0(g, x0, x0_prev, final, i - 1)
         else:
             ratio, c = first_order(g, i)
-            x_euler = torch.add(ratio * x, x0, alpha=c)
+            x_euler = x0.mul(c).add_(x, alpha=ratio)  # ratio x + c D_s, one new tensor
             if math.isinf(g.s2[i]):
                 x = x_euler
             else:
                 x0_next = predict(denoiser, x_euler, g, i + 1, cond).x0
                 # x~_t = x~_s + (sigma~_t - sigma~_s) (d_s + d_t) / 2, d = (x~ - D) / sigma~,
                 # x~ = x / alpha: x_t = a_t/a_s (1 + k_s) x - a_t k_s D_s + k_t x_euler
-                # - a_t k_t D_t with x_euler = ratio x + c D_s, one combination (3 ops)
+                # - a_t k_t D_t. With x = (x_euler - c D_s) / ratio (ratio > 0 inside the grid)
+                # it is a combination of x_euler, D_s and D_t, made in x_euler's memory
+                # (3 in-place ops, no new tensor)
                 s_s, s_t, a_t = math.sqrt(g.s2[i]), math.sqrt(g.s2[i + 1]), g.alpha[i + 1]
                 k_s, k_t = 0.5 * (s_t - s_s) / s_s, 0.5 * (s_t - s_s) / s_t
                 c_x = a_t / g.alpha[i] * (1 + k_s) + k_t * ratio
-                x = torch.add(c_x * x, x0, alpha=k_t * c - a_t * k_s)
+                x = x_euler.mul_(c_x / ratio).add_(x0, alpha=k_t * c - a_t * k_s - c_x * c / ratio)
                 x = x.add_(x0_next, alpha=-a_t * k_t)
         x0_prev = x0
         if callback is not None:
