@@ -378,8 +378,9 @@ class Trainer:
             if logged or self.device.type == "cpu" or bar.tty:
                 loss = float(loss_t)  # waits for the device: only when it is shown or free
                 if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss} at step {self.step}; lower "
-                                             "train.lr or enable train.grad_clip")
+                    raise FloatingPointError(
+                        f"loss became {loss} by step {self.step} (on a GPU it is read every "
+                        "train.log_every steps); lower train.lr or enable train.grad_clip")
             self.train_seconds = start_seconds + time.perf_counter() - t_start
             if logged:
                 now = time.perf_counter()
@@ -418,9 +419,9 @@ class Trainer:
             return False
         if not self.dist.enabled:
             return self.train_seconds >= budget_s
+        # rank 0 decides, so that every rank stops at the same step
         flag = torch.tensor([float(self.train_seconds >= budget_s)], device=self.device)
-        if self.dist.enabled:  # rank 0 decides, so that every rank stops at the same step
-            torch.distributed.broadcast(flag, 0)
+        torch.distributed.broadcast(flag, 0)
         return bool(flag.item())
 
     def close(self) -> None:
