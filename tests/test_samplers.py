@@ -203,6 +203,7 @@ def recording_denoiser(schedule, prediction="x0"):
     return difflab.Denoiser(rec, schedule, prediction), rec
 
 
+@pytest.mark.filterwarnings("ignore:heun with")  # few steps on purpose: NFE only
 @pytest.mark.parametrize("name", S.names())
 def test_nfe_is_exact(name):
     den, rec = recording_denoiser(LINEAR)
