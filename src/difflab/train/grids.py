@@ -137,9 +137,10 @@ def register(subparsers: Any) -> None:
         help="fit a sampler's time grid to a checkpoint (used by sample/eval afterwards)",
         description="Fit the time grid of a deterministic sampler at a step count to a "
                     "checkpoint's network: minimise the RMSE to an accurate ODE solution from "
-                    "the same calibration noise (LD3 objective, Nelder-Mead). Writes "
-                    "CKPT/grids.json; `difflab sample` and `difflab eval` then use the grid "
-                    "for that sampler and step count.")
+                    "the same calibration noise (LD3 objective, Nelder-Mead), then the times "
+                    "the network is told at each grid point (LD3's decoupled evaluation "
+                    "times). Writes CKPT/grids.json; `difflab sample` and `difflab eval` then "
+                    "use the grid for that sampler and step count.")
     p.add_argument("checkpoint", help="checkpoint directory (or the run directory holding it)")
     p.add_argument("--sampler", default="unipc", help="deterministic sampler name")
     p.add_argument("--steps", type=int, nargs="+", default=[10],
