@@ -179,7 +179,8 @@ def run(args: argparse.Namespace) -> None:
     for k in list(trainers):
         if k != best:
             del trainers[k]
-    torch.cuda.empty_cache() if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     left_min = (args.deadline - (time.perf_counter() - t_start) - args.reserve) / 60
     minutes = max(0.1, min(args.minutes, left_min))
     steps_before = tr.step
