@@ -35,7 +35,13 @@ from torch import Tensor
 
 from difflab.denoiser import BaseDenoiser
 from difflab.samplers import ddpm, dpm_solver, dpmpp, euler, unipc  # noqa: F401  (register)
-from difflab.samplers.common import FINAL_MODES, REGISTRY, EvalTimes, SamplerSpec, randn_like
+from difflab.samplers.common import (
+    FINAL_MODES,
+    REGISTRY,
+    EvalTimes,
+    SamplerSpec,
+    randn_like,
+)
 from difflab.samplers.timesteps import SPACINGS, timesteps
 
 __all__ = ["sample", "names", "get", "timesteps", "SPACINGS", "FINAL_MODES", "SamplerSpec",
@@ -57,14 +63,15 @@ def get(name: str) -> SamplerSpec:
 def with_eval_times(denoiser: BaseDenoiser, ts: Sequence[float],
                     eval_ts: Sequence[float] | None) -> BaseDenoiser:
     """``denoiser`` told ``eval_ts[i]`` at grid time ``ts[i]`` (:class:`EvalTimes`), or itself
-    when there are no evaluation times."""
+    when no evaluation time differs from its grid time."""
     if eval_ts is None:
         return denoiser
     ts, eval_ts = [float(t) for t in ts], [float(t) for t in eval_ts]
     if len(eval_ts) != len(ts) or not all(0.0 <= t <= 1.0 for t in eval_ts):
         raise ValueError(f"eval_ts must hold one time in [0, 1] per grid time ({len(ts)}), "
                          f"got {eval_ts[:6]}{'...' if len(eval_ts) > 6 else ''}")
-    return EvalTimes(denoiser, dict(zip(ts, eval_ts)))
+    shifted = EvalTimes(denoiser, dict(zip(ts, eval_ts)))
+    return shifted if shifted.eval_ts else denoiser
 
 
 def sample(denoiser: BaseDenoiser, noise: Tensor, sampler: str = "dpmpp_2m",

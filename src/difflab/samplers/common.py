@@ -62,8 +62,8 @@ from difflab.denoiser import (
 )
 from difflab.schedules import NoiseSchedule
 
-__all__ = ["Grid", "EvalTimes", "native_target", "SamplerSpec", "REGISTRY", "register",
-           "randn_like", "FINAL_MODES", "first_order", "final_x0", "check_final"]
+__all__ = ["Grid", "EvalTimes", "shifted_times", "native_target", "SamplerSpec", "REGISTRY",
+           "register", "randn_like", "FINAL_MODES", "first_order", "final_x0", "check_final"]
 
 FINAL_MODES = ("extrapolate", "x0")
 
@@ -154,6 +154,17 @@ def native_target(denoiser: BaseDenoiser) -> str:
     return {"score": "eps", "edm": "x0"}.get(kind, kind)
 
 
+def shifted_times(schedule: NoiseSchedule, eval_ts: dict[float, float]) -> dict[float, float]:
+    """The pairs (t, t') of ``eval_ts`` that change anything: t' != t, at a time t with
+    alpha > 0 and sigma > 0."""
+    pairs = {float(t): float(te) for t, te in eval_ts.items() if float(t) != float(te)}
+    if not pairs:
+        return {}
+    alpha, sigma = schedule.alpha_sigma(torch.tensor(list(pairs), dtype=torch.float64))
+    return {t: te for (t, te), a, s in zip(pairs.items(), alpha.tolist(), sigma.tolist())
+            if a > 0 and s > 0}
+
+
 class EvalTimes(BaseDenoiser):
     """Decoupled evaluation times (LD3, Tong et al. 2024, Sec. 3.2): at grid time t_i the
     network is evaluated at another time t'_i, and its own output (eps, x0 or v: the
@@ -163,14 +174,15 @@ class EvalTimes(BaseDenoiser):
 
     so a tuned sampler also chooses what noise level the network is told. ``eval_ts`` maps grid
     times (the Python floats of the grid) to evaluation times; other times pass through, as do
-    points with alpha = 0 or sigma = 0, where the conversion does not exist. Wraps any denoiser,
-    guidance transforms included (the native output is read through their ``predict``)."""
+    times with alpha = 0 or sigma = 0, where the conversion does not exist (decided here, once,
+    so that a call reads no number back from the device). Wraps any denoiser, guidance
+    transforms included (the native output is read through their ``predict``)."""
 
     def __init__(self, denoiser: BaseDenoiser, eval_ts: dict[float, float]):
         super().__init__()
         self.denoiser = denoiser
         self.schedule = denoiser.schedule
-        self.eval_ts = {float(t): float(te) for t, te in eval_ts.items() if float(t) != float(te)}
+        self.eval_ts = shifted_times(denoiser.schedule, eval_ts)
         self.target = native_target(denoiser)
 
     def predict(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Prediction:
@@ -178,9 +190,9 @@ class EvalTimes(BaseDenoiser):
 
     def predict_at(self, x: Tensor, point: TimePoint, cond: Any = None) -> Prediction:
         te = self.eval_ts.get(point.t)
-        a, s = point.alpha, point.sigma
-        if te is None or float(a) == 0.0 or float(s) == 0.0:
+        if te is None:
             return self.denoiser.predict_at(x, point, cond)
+        a, s = point.alpha, point.sigma
         f = self.denoiser.predict(x, te, cond).target(self.target)
         if self.target == "eps":
             return Prediction(x, eps_to_x0(x, f, a, s), f, a, s)
