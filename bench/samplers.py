@@ -282,7 +282,9 @@ def tuned_section(den, noise, ref, best_theirs: dict, quick: bool = False,
                   calibration: int = 512) -> list[str]:
     """difflab.samplers.tuning.tune_grid fitted on ``calibration`` draws (seed 123, not the
     test noise), measured on the test noise like every other row: the grid alone, then with
-    its decoupled evaluation times."""
+    its decoupled evaluation times; then a bespoke solver (difflab.samplers.bespoke) fitted on
+    the same draws on unipc's tuned grid."""
+    from difflab.samplers.bespoke import tune_solver
     from difflab.samplers.tuning import tune_grid
 
     cal = torch.randn(32 if quick else calibration, noise.shape[1],
@@ -294,21 +296,51 @@ def tuned_section(den, noise, ref, best_theirs: dict, quick: bool = False,
            "disjoint from the test noise), then run on the test noise. Cell: test RMSE of the "
            "tuned grid alone -> with its decoupled evaluation times (the default of "
            "`tune_grid` / `difflab tune-grid`), (ratio of the latter to the best diffusers "
-           "setting at that NFE; calibration cost in sampler runs).", "",
+           "setting at that NFE; calibration cost in sampler runs). Row bespoke: the "
+           "coefficients of the solver fitted on unipc's tuned grid and evaluation times, "
+           "same calibration draws (`difflab.samplers.bespoke.tune_solver`), test RMSE (ratio; "
+           "L-BFGS iterations).", "",
            "| sampler | " + " | ".join(f"NFE {k}" for k in nfes) + " |",
            "|---" * (len(nfes) + 1) + "|"]
+    per_draw = []
     for name in TUNED:
-        cells = []
+        cells, cells_b = [], []
         for k in nfes:
             tg = tune_grid(den, name, k, cal, reference=ref_cal,
                            max_evals=60 if quick else None)
             e_grid = rmse(S.sample(den, noise, name, grid=tg["ts"]), ref)
-            e = rmse(S.sample(den, noise, name, grid=tg), ref)
+            x = S.sample(den, noise, name, grid=tg)
+            e = rmse(x, ref)
             cells.append(f"{e_grid:.2e} -> {e:.2e} ({e / best_theirs[k][0]:.2f}; "
                          f"{tg['evals']} runs)")
             print(name, k, cells[-1], flush=True)
+            if name != "unipc":
+                continue
+            tb = tune_solver(den, k, cal, grid=tg, reference=ref_cal,
+                             max_iter=20 if quick else 100)
+            xb = S.sample(den, noise, "bespoke", grid=tb)
+            eb = rmse(xb, ref)
+            cells_b.append(f"{eb:.2e} ({eb / best_theirs[k][0]:.2f}; {tb['iterations']} it)")
+            print("bespoke", k, cells_b[-1], flush=True)
+            per_draw.append((k, draw_errors(x, ref), draw_errors(xb, ref)))
         out.append(f"| {name} | " + " | ".join(cells) + " |")
+        if cells_b:
+            out.append("| bespoke (unipc's grid) | " + " | ".join(cells_b) + " |")
+    out += ["", "Where the RMSE comes from (test draws): per-draw RMSE median, the share of draws "
+            "whose per-draw RMSE exceeds 0.5 (they end in another mixture component than the "
+            "exact solution) and the RMSE without them, tuned unipc -> bespoke.", "",
+            "| NFE | median per-draw | draws > 0.5 | RMSE without them |", "|---|---|---|---|"]
+    for k, a, b in per_draw:
+        out.append(f"| {k} | {a[0]:.2e} -> {b[0]:.2e} | {a[1]} -> {b[1]} | "
+                   f"{a[2]:.2e} -> {b[2]:.2e} |")
     return out + [""]
+
+
+def draw_errors(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, int, float]:
+    """(median per-draw RMSE, draws with per-draw RMSE > 0.5, RMSE over the others)."""
+    e = (x - ref).pow(2).mean(1).sqrt()
+    ok = e <= 0.5
+    return float(e.median()), int((~ok).sum()), float(e[ok].pow(2).mean().sqrt())
 
 
 # ----------------------------------------------------------------------------------------
@@ -326,7 +358,8 @@ def main() -> None:
     sch = schedules.linear(1e-4, 0.02, 1000)
     mixtures = {"ring (2-D, 8 components)": (GaussianMixture.ring(), 1024),
                 "random (64-D, 10 components)": (GaussianMixture.random(10, 64, seed=0), 2048)}
-    deterministic = [n for n in S.names() if not S.get(n).stochastic]
+    # bespoke without fitted coefficients is unipc: it is measured in the tuned section
+    deterministic = [n for n in S.names() if not S.get(n).stochastic and n != "bespoke"]
     lines = [
         "# Samplers: difflab vs diffusers on exact Gaussian mixtures", "",
         f"Command: `{shlex.join(['python', 'bench/samplers.py', *sys.argv[1:]])}`  ",

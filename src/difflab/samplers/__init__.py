@@ -18,6 +18,7 @@ dpmpp_2m_sde       Lu et al. 2022b, Alg. 3   steps       log_snr     stochastic
 euler, heun        Karras et al. 2022        n, 2n - 1   log_snr     heun: last step Euler
 euler_ancestral    k-diffusion               steps       log_snr     stochastic
 unipc              Zhao et al. 2023 (bh2)    steps       log_snr     UniP-2 + UniC
+bespoke            Shaul et al. 2024         steps       log_snr     fitted coefficients
 =================  ========================  ==========  ==========  ===========================
 
 ``difflab.samplers.get(name).nfe(steps)`` is the exact number of denoiser calls
@@ -34,7 +35,14 @@ import torch
 from torch import Tensor
 
 from difflab.denoiser import BaseDenoiser
-from difflab.samplers import ddpm, dpm_solver, dpmpp, euler, unipc  # noqa: F401  (register)
+from difflab.samplers import (  # noqa: F401  (register)
+    bespoke,
+    ddpm,
+    dpm_solver,
+    dpmpp,
+    euler,
+    unipc,
+)
 from difflab.samplers.common import (
     FINAL_MODES,
     REGISTRY,
@@ -86,7 +94,9 @@ def sample(denoiser: BaseDenoiser, noise: Tensor, sampler: str = "dpmpp_2m",
     ``grid``: an explicit decreasing list of ``steps + 1`` times ending at 0, or a tuned grid
     (the dict of :func:`difflab.samplers.tuning.tune_grid` or ``difflab tune-grid``: its
     ``ts``, and ``eval_ts``, the times the network is told at each grid point, applied with
-    :class:`~difflab.samplers.common.EvalTimes`); ``steps`` may then be left out. The noise is
+    :class:`~difflab.samplers.common.EvalTimes`), or a bespoke solver's (the dict of
+    :func:`difflab.samplers.bespoke.tune_solver`, with its ``coeffs``, for ``sampler="bespoke"``);
+    ``steps`` may then be left out. The noise is
     multiplied by the std of x at the grid's first time for unit-variance data,
     sqrt(alpha^2 + sigma^2) (= ``schedule.prior_std()`` at t = 1: 1 for VP, ~sigma_max for
     VE). ``generator`` (one, or a list with one per image) drives the noise stochastic
@@ -102,6 +112,11 @@ def sample(denoiser: BaseDenoiser, noise: Tensor, sampler: str = "dpmpp_2m",
         if spacing is not None:
             raise ValueError("pass either spacing= or grid=, not both")
         if isinstance(grid, dict):
+            if grid.get("coeffs") is not None:
+                if sampler != "bespoke":
+                    raise ValueError(f"this grid carries a bespoke solver's coefficients; "
+                                     f"sample it with sampler='bespoke', not {sampler!r}")
+                opts = {**opts, "coeffs": grid["coeffs"]}
             grid, denoiser = grid["ts"], with_eval_times(denoiser, grid["ts"],
                                                          grid.get("eval_ts"))
         ts = torch.as_tensor(grid, dtype=torch.float64).flatten()

@@ -9,7 +9,10 @@ calibration noise drawn from ``--seed``) and writes it to ``CKPT/grids.json``:
                                  "rmse": ..., "rmse_default": ..., ...}}}
 
 (``eval_ts``: the decoupled times the network is told at each grid point; entries written
-before they existed have none and mean t'_i = t_i.)
+before they existed have none and mean t'_i = t_i.) ``--sampler bespoke`` fits a bespoke
+solver's coefficients (:func:`difflab.samplers.bespoke.tune_solver`) on the grid of its base
+solver (``--base``, default unipc: the entry already in grids.json, else tuned first) and
+stores them as ``coeffs`` in a ``bespoke/<steps>/<weights>`` entry.
 
 ``difflab sample`` and ``difflab eval`` then use that grid for that sampler, step count and
 weights (EMA or raw) by default, and say so; ``--spacing`` chooses a fixed rule instead. A grid
@@ -97,17 +100,21 @@ def save_tuned_grid(path: str | os.PathLike, tuned: dict[str, Any], *, ema: bool
 
 
 def load_tuned_grid(path: str | os.PathLike, sampler: str, steps: int,
-                    ema: bool = True) -> list[float] | dict[str, list[float]] | None:
+                    ema: bool = True) -> list[float] | dict[str, Any] | None:
     """The tuned grid of ``sampler`` at ``steps`` for these weights as ``difflab.sample``'s
-    ``grid=`` takes it (the times, or ``{"ts", "eval_ts"}`` with decoupled evaluation times),
-    or None (no grid, or a grid fitted to other weights: then with a warning)."""
+    ``grid=`` takes it (the times, or ``{"ts", "eval_ts"}`` with decoupled evaluation times,
+    and ``coeffs`` for a bespoke solver), or None (no grid, or a grid fitted to other weights:
+    then with a warning)."""
     entry = tuned_grid_entry(path, sampler, steps, ema)
     if entry is None:
         return None
     ts = [float(t) for t in entry["ts"]]
-    if entry.get("eval_ts") is None:
+    if entry.get("eval_ts") is None and entry.get("coeffs") is None:
         return ts
-    return {"ts": ts, "eval_ts": [float(t) for t in entry["eval_ts"]]}
+    grid: dict[str, Any] = {"ts": ts, "eval_ts": [float(t) for t in entry.get("eval_ts") or ts]}
+    if entry.get("coeffs") is not None:
+        grid["coeffs"] = [[float(c) for c in row] for row in entry["coeffs"]]
+    return grid
 
 
 def tuned_grid_entry(path: str | os.PathLike, sampler: str, steps: int,
@@ -159,6 +166,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--eval-times-only", action="store_true",
                    help="keep the grid already in grids.json and fit only its evaluation times "
                         "(e.g. a grid tuned on a GPU with more calibration images)")
+    p.add_argument("--base", default="unipc",
+                   help="--sampler bespoke: the solver whose grid and coefficients it starts "
+                        "from")
+    p.add_argument("--max-iter", type=int, default=100,
+                   help="--sampler bespoke: L-BFGS iterations of the coefficient fit")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(func=cmd_tune_grid)
@@ -191,6 +203,9 @@ def cmd_tune_grid(args: argparse.Namespace) -> int:
     if args.eval_times_only and args.no_eval_times:
         raise ValueError("--eval-times-only and --no-eval-times exclude each other")
     for steps in args.steps:
+        if args.sampler == "bespoke":
+            _tune_bespoke(args, den, noise, ref, steps)
+            continue
         keep = None
         if args.eval_times_only:
             entry = tuned_grid_entry(args.checkpoint, args.sampler, steps, not args.no_ema)
@@ -210,3 +225,29 @@ def cmd_tune_grid(args: argparse.Namespace) -> int:
               f"{tuned['default_spacing']} grid {tuned['rmse_default']:.4g}), "
               f"{tuned['evals']} sampler runs -> {path}", file=sys.stdout)
     return 0
+
+
+def _tune_bespoke(args: argparse.Namespace, den: Any, noise: Any, ref: Any, steps: int) -> None:
+    """``tune-grid --sampler bespoke``: coefficients on the base solver's tuned grid."""
+    from difflab.samplers.bespoke import tune_solver
+    from difflab.samplers.tuning import tune_grid
+
+    ema = not args.no_ema
+    entry = tuned_grid_entry(args.checkpoint, args.base, steps, ema)
+    if entry is None:
+        entry = tune_grid(den, args.base, steps, noise, reference=ref, max_evals=args.max_evals,
+                          eval_times=not args.no_eval_times)
+        entry.update(seed=args.seed, reference_steps=args.reference_steps)
+        save_tuned_grid(args.checkpoint, entry, ema=ema)
+        print(f"{args.base} {steps} steps: grid tuned first (calibration RMSE "
+              f"{entry['rmse']:.4g})")
+    grid = {"ts": entry["ts"], "eval_ts": entry.get("eval_ts") or entry["ts"]}
+    tuned = tune_solver(den, steps, noise, base=args.base, grid=grid, reference=ref,
+                        max_iter=args.max_iter, batch_size=args.batch_size)
+    tuned.update(seed=args.seed, reference_steps=args.reference_steps,
+                 grid_from={k: entry.get(k) for k in ("sampler", "calibration", "evals", "seed",
+                                                      "reference_steps", "rmse")})
+    path = save_tuned_grid(args.checkpoint, tuned, ema=ema)
+    print(f"bespoke {steps} steps ({tuned['nfe']} NFE): calibration RMSE {tuned['rmse']:.4g} "
+          f"({args.base} on the same grid {tuned['rmse_base']:.4g}), {tuned['iterations']} "
+          f"L-BFGS iterations -> {path}", file=sys.stdout)

@@ -1,0 +1,229 @@
+"""Bespoke solvers: the general linear multistep solver on a grid, its coefficients fitted to
+one model.
+
+Every multistep sampler here (DDIM, DPM-Solver++(2M/3M), Euler, UniPC) calls the network once
+per grid point, and the point of each call is a *fixed* linear combination of the starting
+point x_T and the data predictions made so far (its coefficients depend on the grid only):
+
+    x_j = c_j x_T + sum_{k < j} d_{jk} D_k,    D_k = x0_hat(x_k, t_k),    j = 1 .. n,
+
+with x_n the output. These n(n + 3) / 2 numbers are the whole solver. A bespoke solver fits
+them to one model: it minimises the mean squared error between x_n and an accurate solution
+of the probability-flow ODE from the same calibration noise, the objective of Bespoke
+Non-Stationary solvers (Shaul et al. 2024, "Bespoke Non-Stationary Solvers for Fast Sampling
+of Diffusion and Flow Models", Sec. 3: x_{i+1} = a_i X_i + B_i U_i over all previous points
+X and velocities U; both span {x_T, D_0 .. D_i}, so this form has the same solvers with no
+redundant coefficients). The fit starts from a classical solver's coefficients
+(:func:`solver_coefficients`, read off exactly by running it on a symbolic denoiser), so it
+only moves where the calibration error says so, and it keeps the grid and the decoupled
+evaluation times of :func:`~difflab.samplers.tuning.tune_grid`.
+
+Why it helps: a classical solver's coefficients come from a Taylor expansion that assumes
+small steps; at 5-10 steps the steps are large and the best combination of the same network
+outputs is a property of the model. Measured: ``bench/samplers.py`` (exact mixtures) and
+``bench/samplers_real.py --grids unipc,bespoke`` (a trained U-Net), in docs/benchmarks.md.
+Fit on enough calibration draws: with few, the fit also learns their particular errors (on
+the 64-D benchmark mixture, 512 draws fix the draws that end in a wrong component on the
+calibration set but not on new noise).
+
+Cost: one gradient-based fit (L-BFGS, ``max_iter`` closures of forward + backward through
+``steps`` network calls on the calibration batch); sampling costs the same NFE as the base
+solver plus n(n + 1) / 2 axpy operations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from difflab.denoiser import BaseDenoiser, Prediction, TimePoint
+from difflab.samplers.common import REGISTRY, Grid, predict, register
+
+__all__ = ["sample_bespoke", "solver_coefficients", "tune_solver", "BASES"]
+
+BASES = ("unipc", "dpmpp_3m", "dpmpp_2m", "ddim", "euler")  # one call per grid point
+
+
+class _Symbolic(BaseDenoiser):
+    """The denoiser whose k-th call returns x0_hat = e_{k+1}: a linear sampler run on the
+    state x = e_0 then carries its own coefficient vector over (x_T, D_0, D_1, ...)."""
+
+    def __init__(self, schedule: Any, n: int):
+        super().__init__()
+        self.schedule, self.n, self.calls = schedule, n, []
+
+    def predict_at(self, x: Tensor, point: TimePoint, cond: Any = None) -> Prediction:
+        k = len(self.calls)
+        self.calls.append((point.t, x[0].clone()))
+        if k >= self.n:
+            raise ValueError("more network calls than grid points")
+        x0 = torch.zeros_like(x)
+        x0[:, k + 1] = 1.0
+        a, s = point.alpha, point.sigma
+        return Prediction(x, x0, (x - a * x0) / s, a, s)
+
+    def predict(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Prediction:
+        raise ValueError("a bespoke base solver must evaluate the network at grid points only")
+
+
+def solver_coefficients(sampler: str, schedule: Any, ts: Sequence[float] | Tensor,
+                        **opts: Any) -> list[list[float]]:
+    """The coefficients (c_j, d_j0 .. d_j,j-1), j = 1 .. n, of deterministic ``sampler`` on grid
+    ``ts`` (module docstring), exact to float64 rounding: the sampler runs once on a symbolic
+    denoiser. Row j < n is the point of network call j, row n the output. ``sampler`` must call
+    the network once per grid point (one of :data:`BASES`)."""
+    if sampler not in BASES:
+        raise ValueError(f"base solver {sampler!r} does not call the network once per grid "
+                         f"point; valid: {list(BASES)}")
+    ts = torch.as_tensor(ts, dtype=torch.float64).flatten()
+    n = ts.numel() - 1
+    sym = _Symbolic(schedule, n)
+    e0 = torch.zeros(1, n + 1, dtype=torch.float64)
+    e0[0, 0] = 1.0
+    out = REGISTRY[sampler].fn(sym, e0, ts, **opts)
+    if [t for t, _ in sym.calls] != ts[:-1].tolist():
+        raise ValueError(f"{sampler} did not call the network once at each grid point")
+    rows = [x for _, x in sym.calls[1:]] + [out[0]]
+    return [row[: j + 2].tolist() for j, row in enumerate(rows)]
+
+
+def _check_coeffs(coeffs: Sequence[Sequence[float]], n: int) -> None:
+    ok = len(coeffs) == n and all(len(row) == j + 2 for j, row in enumerate(coeffs))
+    if not ok:
+        raise ValueError(f"coeffs for a {n}-step grid need {n} rows of 2, 3, .., {n + 1} "
+                         f"numbers, got row lengths {[len(r) for r in coeffs]}")
+
+
+def _combine(row: Sequence[Any], x_T: Tensor, D: Sequence[Tensor]) -> Tensor:
+    """c x_T + sum_k d_k D_k (numbers or 0-d tensors: the fit differentiates through it)."""
+    x = row[0] * x_T
+    for d, D_k in zip(row[1:], D):
+        x = x + d * D_k
+    return x
+
+
+def _run(denoiser: BaseDenoiser, x: Tensor, g: Grid, rows: Sequence[Sequence[Any]], cond: Any,
+         callback: Callable | None = None) -> Tensor:
+    x_T, D = x, []
+    for i in range(g.n):
+        D.append(predict(denoiser, x, g, i, cond).x0)
+        x = _combine(rows[i], x_T, D)
+        if callback is not None:
+            callback({"i": i, "t": g.times[i], "x": x, "x0": D[-1]})
+    return x
+
+
+@register("bespoke", nfe=lambda steps: steps, nfe_rule="steps", spacing="log_snr", order=3)
+@torch.no_grad()
+def sample_bespoke(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = None,
+                   generator: Any = None, callback: Callable | None = None,
+                   coeffs: Sequence[Sequence[float]] | None = None,
+                   base: str = "unipc") -> Tensor:
+    """Bespoke linear solver (Shaul et al. 2024): x_j = c_j x_T + sum_k d_jk D_k with fitted
+    ``coeffs`` (:func:`tune_solver`); without them, ``base``'s own coefficients."""
+    g = Grid(denoiser.schedule, ts, x)
+    if coeffs is None:
+        coeffs = solver_coefficients(base, denoiser.schedule, ts)
+    _check_coeffs(coeffs, g.n)
+    return _run(denoiser, x, g, [[float(c) for c in row] for row in coeffs], cond, callback)
+
+
+def tune_solver(denoiser: BaseDenoiser, steps: int, noise: Tensor, *, base: str = "unipc",
+                grid: Sequence[float] | dict[str, Any] | None = None, cond: Any = None,
+                reference: Tensor | None = None, reference_steps: int = 200,
+                max_iter: int = 100, batch_size: int | None = None,
+                t_start: float = 1.0) -> dict[str, Any]:
+    """Fit the coefficients of a ``steps``-step bespoke solver to ``denoiser`` on the
+    calibration ``noise`` (standard normal; every draw is a sample of the objective, so use
+    hundreds where the model is cheap).
+
+    ``grid``: the grid (a list, or :func:`~difflab.samplers.tuning.tune_grid`'s dict with its
+    evaluation times); by default ``tune_grid(denoiser, base, steps, noise)`` first. The fit
+    starts from ``base``'s coefficients on that grid and runs L-BFGS (strong Wolfe line search)
+    for at most ``max_iter`` iterations; ``batch_size`` splits the calibration batch for memory
+    (gradients are accumulated). Returns the dict ``difflab.sample(..., "bespoke", grid=result)``
+    takes: ``ts``, ``eval_ts``, ``coeffs``, and how they were made (``rmse`` on the calibration
+    batch, ``rmse_base`` of the base solver on the same grid, ...).
+    """
+    from difflab.samplers import get, sample, with_eval_times
+    from difflab.samplers.tuning import tune_grid
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if base not in BASES:
+        raise ValueError(f"unknown base solver {base!r}; valid: {list(BASES)}")
+    schedule = denoiser.schedule
+    if reference is None:
+        from difflab.samplers.timesteps import timesteps
+
+        ts_ref = timesteps(schedule, reference_steps, "log_snr", t_start=t_start)
+        reference = sample(denoiser, noise, "dpm_solver_3", reference_steps, grid=ts_ref,
+                           cond=cond)
+    tuned: dict[str, Any] = {}
+    if grid is None:
+        tuned = tune_grid(denoiser, base, steps, noise, cond=cond, reference=reference,
+                          t_start=t_start)
+        grid = tuned
+    if isinstance(grid, dict):
+        ts_list, eval_ts = list(grid["ts"]), grid.get("eval_ts")
+    else:
+        ts_list, eval_ts = [float(t) for t in grid], None
+    if len(ts_list) != steps + 1:
+        raise ValueError(f"grid has {len(ts_list)} times; {steps} steps need {steps + 1}")
+    den = with_eval_times(denoiser, ts_list, eval_ts)
+    ts = torch.tensor(ts_list, dtype=torch.float64)
+    alpha0, sigma0 = schedule.alpha_sigma(float(ts[0]))
+    x_T = noise * float((alpha0 * alpha0 + sigma0 * sigma0).sqrt())
+    g = Grid(schedule, ts, x_T)
+    init = solver_coefficients(base, schedule, ts)
+    sizes = [len(row) for row in init]
+    theta0 = torch.tensor([c for row in init for c in row], dtype=torch.float64)
+    theta = theta0.clone().requires_grad_(True)
+    ref = reference.to(x_T.dtype)
+    chunk = batch_size or x_T.shape[0]
+    frozen = [p for p in den.parameters() if p.requires_grad]
+    for p in frozen:  # the network's weights take no gradient
+        p.requires_grad_(False)
+
+    def loss_of(th: Tensor, backward: bool) -> float:
+        total = 0.0
+        for i in range(0, x_T.shape[0], chunk):
+            rows = list(th.split(sizes))
+            c = None if cond is None else cond[i:i + chunk]
+            x = _run(den, x_T[i:i + chunk], g, rows, c)
+            err = (x - ref[i:i + chunk]).to(torch.float64).pow(2).sum() / ref.numel()
+            if backward:
+                err.backward()
+            total += float(err.detach())
+        return total
+
+    try:
+        with torch.no_grad():
+            mse_base = loss_of(theta0, False)
+        opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, history_size=50,
+                                line_search_fn="strong_wolfe", tolerance_grad=1e-12,
+                                tolerance_change=1e-15)
+
+        def closure() -> Tensor:
+            opt.zero_grad()
+            return torch.tensor(loss_of(theta, True))
+
+        with torch.enable_grad():
+            opt.step(closure)
+        with torch.no_grad():
+            mse = loss_of(theta.detach(), False)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    fitted = theta.detach() if math.isfinite(mse) and mse < mse_base else theta0
+    coeffs = [row.tolist() for row in fitted.split(sizes)]
+    return dict(ts=ts_list, eval_ts=list(eval_ts) if eval_ts is not None else list(ts_list),
+                coeffs=coeffs, sampler="bespoke", base=base, steps=steps,
+                nfe=get("bespoke").nfe(steps), rmse=math.sqrt(min(mse, mse_base)),
+                rmse_base=math.sqrt(mse_base), rmse_default=tuned.get("rmse_default"),
+                iterations=int(opt.state[opt._params[0]].get("n_iter", 0)),
+                calibration=int(noise.shape[0]))
