@@ -71,7 +71,7 @@ def test_bad_coefficients_and_bases_are_named():
 
 def test_tuned_solver_beats_its_base_on_held_out_noise():
     """Fitted on 256 calibration draws of the 2-D ring, 4 network calls: lower error than the
-    base solver on the same (tuned) grid, on 512 other draws, at the same NFE."""
+    base solver on the same grid, on 512 other draws, at the same NFE."""
     sch = schedules.linear()
     mix = GaussianMixture.ring()
     den = mix.denoiser(sch, "eps")
@@ -84,6 +84,13 @@ def test_tuned_solver_beats_its_base_on_held_out_noise():
     tuned = tune_solver(den, 4, cal, grid=grid, reference=ref_cal, max_iter=50)
     assert tuned["sampler"] == "bespoke" and tuned["nfe"] == 4 and tuned["ts"] == grid
     assert tuned["rmse"] < 0.5 * tuned["rmse_base"]
+    assert tuned["eval_ts"] != grid  # the times the network is told were fitted too
+    # the sampler, told the fitted times through EvalTimes, is the function that was fitted
+    assert rmse(S.sample(den, cal, "bespoke", grid=tuned), ref_cal) == pytest.approx(
+        tuned["rmse"], rel=1e-9)
+    fixed = tune_solver(den, 4, cal, grid=grid, reference=ref_cal, max_iter=50,
+                        fit_times=False)
+    assert fixed["eval_ts"] == grid and fixed["rmse"] < fixed["rmse_base"]
     net = den.net
     calls = net.calls
     e_tuned = rmse(S.sample(den, test, "bespoke", grid=tuned), ref)

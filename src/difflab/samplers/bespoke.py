@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from difflab.denoiser import BaseDenoiser, Prediction, TimePoint
-from difflab.samplers.common import REGISTRY, Grid, predict, register
+from difflab.samplers.common import REGISTRY, EvalTimes, Grid, predict, register
 
 __all__ = ["sample_bespoke", "solver_coefficients", "tune_solver", "BASES"]
 
@@ -135,7 +135,7 @@ def sample_bespoke(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any =
 def tune_solver(denoiser: BaseDenoiser, steps: int, noise: Tensor, *, base: str = "unipc",
                 grid: Sequence[float] | dict[str, Any] | None = None, cond: Any = None,
                 reference: Tensor | None = None, reference_steps: int = 200,
-                max_iter: int = 100, batch_size: int | None = None,
+                max_iter: int = 100, fit_times: bool = True, batch_size: int | None = None,
                 t_start: float = 1.0) -> dict[str, Any]:
     """Fit the coefficients of a ``steps``-step bespoke solver to ``denoiser`` on the
     calibration ``noise`` (standard normal; every draw is a sample of the objective, so use
@@ -144,12 +144,15 @@ def tune_solver(denoiser: BaseDenoiser, steps: int, noise: Tensor, *, base: str 
     ``grid``: the grid (a list, or :func:`~difflab.samplers.tuning.tune_grid`'s dict with its
     evaluation times); by default ``tune_grid(denoiser, base, steps, noise)`` first. The fit
     starts from ``base``'s coefficients on that grid and runs L-BFGS (strong Wolfe line search)
-    for at most ``max_iter`` iterations; ``batch_size`` splits the calibration batch for memory
-    (gradients are accumulated). Returns the dict ``difflab.sample(..., "bespoke", grid=result)``
-    takes: ``ts``, ``eval_ts``, ``coeffs``, and how they were made (``rmse`` on the calibration
-    batch, ``rmse_base`` of the base solver on the same grid, ...).
+    for at most ``max_iter`` iterations; with ``fit_times`` the times the network is told
+    (the grid's evaluation times t'_j, :class:`~difflab.samplers.common.EvalTimes`) are fitted
+    with the coefficients, by the gradient through the network's time input. ``batch_size``
+    splits the calibration batch for memory (gradients are accumulated). Returns the dict
+    ``difflab.sample(..., "bespoke", grid=result)`` takes: ``ts``, ``eval_ts``, ``coeffs``, and
+    how they were made (``rmse`` on the calibration batch, ``rmse_base`` of the base solver on
+    the same grid and evaluation times, ...).
     """
-    from difflab.samplers import get, sample, with_eval_times
+    from difflab.samplers import get, sample
     from difflab.samplers.tuning import tune_grid
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -169,61 +172,85 @@ def tune_solver(denoiser: BaseDenoiser, steps: int, noise: Tensor, *, base: str 
                           t_start=t_start)
         grid = tuned
     if isinstance(grid, dict):
-        ts_list, eval_ts = list(grid["ts"]), grid.get("eval_ts")
+        ts_list, eval_ts = list(grid["ts"]), list(grid.get("eval_ts") or grid["ts"])
     else:
-        ts_list, eval_ts = [float(t) for t in grid], None
-    if len(ts_list) != steps + 1:
+        ts_list = [float(t) for t in grid]
+        eval_ts = list(ts_list)
+    if len(ts_list) != steps + 1 or len(eval_ts) != steps + 1:
         raise ValueError(f"grid has {len(ts_list)} times; {steps} steps need {steps + 1}")
-    den = with_eval_times(denoiser, ts_list, eval_ts)
     ts = torch.tensor(ts_list, dtype=torch.float64)
     alpha0, sigma0 = schedule.alpha_sigma(float(ts[0]))
     x_T = noise * float((alpha0 * alpha0 + sigma0 * sigma0).sqrt())
     g = Grid(schedule, ts, x_T)
+    # where t' may differ from t (alpha > 0, sigma > 0: as EvalTimes decides)
+    told = EvalTimes(denoiser, {})
+    movable = torch.tensor([0 < a and 0 < s for a, s in zip(g.alpha[:-1], g.sigma[:-1])])
+    tau0 = torch.tensor(eval_ts[:steps], dtype=torch.float64)
     init = solver_coefficients(base, schedule, ts)
     sizes = [len(row) for row in init]
     theta0 = torch.tensor([c for row in init for c in row], dtype=torch.float64)
     theta = theta0.clone().requires_grad_(True)
+    shift = torch.zeros(steps, dtype=torch.float64, requires_grad=fit_times)
     ref = reference.to(x_T.dtype)
     chunk = batch_size or x_T.shape[0]
-    frozen = [p for p in den.parameters() if p.requires_grad]
-    for p in frozen:  # the network's weights take no gradient
-        p.requires_grad_(False)
+    frozen = [p for p in denoiser.parameters() if p.requires_grad]
 
-    def loss_of(th: Tensor, backward: bool) -> float:
+    # t' stays in [half the smallest told time, t_start]: sigma > 0 there, and eps -> x0 exists
+    t_lo = 0.5 * float(tau0[movable].min()) if bool(movable.any()) else 0.0
+
+    def times(dt: Tensor) -> Tensor:
+        return torch.where(movable, (tau0 + dt).clamp(t_lo, t_start), tau0)
+
+    def run(th: Tensor, tau: Tensor, x: Tensor, c: Any) -> Tensor:
+        rows, x_start, D = th.split(sizes), x, []
+        for j in range(steps):
+            if bool(movable[j]):
+                D.append(told.predict_told(x, g.points[j], tau[j], c).x0)
+            else:
+                D.append(predict(denoiser, x, g, j, c).x0)
+            x = _combine(rows[j], x_start, D)
+        return x
+
+    def loss_of(th: Tensor, dt: Tensor, backward: bool) -> float:
         total = 0.0
         for i in range(0, x_T.shape[0], chunk):
-            rows = list(th.split(sizes))
             c = None if cond is None else cond[i:i + chunk]
-            x = _run(den, x_T[i:i + chunk], g, rows, c)
+            x = run(th, times(dt), x_T[i:i + chunk], c)
             err = (x - ref[i:i + chunk]).to(torch.float64).pow(2).sum() / ref.numel()
             if backward:
                 err.backward()
             total += float(err.detach())
         return total
 
+    for p in frozen:  # the network's weights take no gradient
+        p.requires_grad_(False)
     try:
         with torch.no_grad():
-            mse_base = loss_of(theta0, False)
-        opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, history_size=50,
+            mse_base = loss_of(theta0, torch.zeros(steps, dtype=torch.float64), False)
+        params = [theta, shift] if fit_times else [theta]
+        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, history_size=50,
                                 line_search_fn="strong_wolfe", tolerance_grad=1e-12,
                                 tolerance_change=1e-15)
 
         def closure() -> Tensor:
             opt.zero_grad()
-            return torch.tensor(loss_of(theta, True))
+            return torch.tensor(loss_of(theta, shift, True))
 
         with torch.enable_grad():
             opt.step(closure)
         with torch.no_grad():
-            mse = loss_of(theta.detach(), False)
+            mse = loss_of(theta.detach(), shift.detach(), False)
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    fitted = theta.detach() if math.isfinite(mse) and mse < mse_base else theta0
+    if math.isfinite(mse) and mse < mse_base:
+        fitted, tau = theta.detach(), times(shift.detach())
+    else:  # nothing better found: the base solver itself
+        fitted, tau, mse = theta0, tau0, mse_base
     coeffs = [row.tolist() for row in fitted.split(sizes)]
-    return dict(ts=ts_list, eval_ts=list(eval_ts) if eval_ts is not None else list(ts_list),
-                coeffs=coeffs, sampler="bespoke", base=base, steps=steps,
-                nfe=get("bespoke").nfe(steps), rmse=math.sqrt(min(mse, mse_base)),
-                rmse_base=math.sqrt(mse_base), rmse_default=tuned.get("rmse_default"),
+    return dict(ts=ts_list, eval_ts=tau.tolist() + ts_list[steps:], coeffs=coeffs,
+                sampler="bespoke", base=base, steps=steps, nfe=get("bespoke").nfe(steps),
+                rmse=math.sqrt(mse), rmse_base=math.sqrt(mse_base),
+                rmse_default=tuned.get("rmse_default"), fit_times=fit_times,
                 iterations=int(opt.state[opt._params[0]].get("n_iter", 0)),
                 calibration=int(noise.shape[0]))

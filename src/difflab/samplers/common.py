@@ -192,6 +192,12 @@ class EvalTimes(BaseDenoiser):
         te = self.eval_ts.get(point.t)
         if te is None:
             return self.denoiser.predict_at(x, point, cond)
+        return self.predict_told(x, point, te, cond)
+
+    def predict_told(self, x: Tensor, point: TimePoint, te: Tensor | float,
+                     cond: Any = None) -> Prediction:
+        """The prediction at grid point ``point`` with the network told time ``te`` (a number,
+        or a 0-d tensor that may require grad: the bespoke fit differentiates through it)."""
         a, s = point.alpha, point.sigma
         f = self.denoiser.predict(x, te, cond).target(self.target)
         if self.target == "eps":
