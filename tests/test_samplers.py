@@ -142,6 +142,28 @@ def test_heun_warns_where_its_trapezoid_amplifies_errors():
     assert errors[3] > 1.0 and errors[10] < 0.2  # bench/samplers.py: 29 and 0.12
 
 
+@pytest.mark.parametrize("name", ["dpm_solver_2", "dpm_solver_3"])
+def test_singlestep_dpm_solver_warns_at_large_steps(name):
+    """The same limit for the noise-prediction singlestep solvers (dpm_solver.py): warned at
+    3 and 5 steps of the default grid, where they are far off (bench/samplers.py, ring: RMSE
+    1.4 / 0.6 for dpm_solver_2), silent at 10 and 20."""
+    import warnings
+
+    den = RING.denoiser(LINEAR, "eps")
+    x = noise(64)
+    ref = S.sample(den, x, "dpm_solver_3", 200)
+    errors = {}
+    for steps in (3, 5, 10, 20):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            errors[steps] = rmse(S.sample(den, x, name, steps), ref)
+        warned = [w for w in caught if name in str(w.message)]
+        assert bool(warned) == (steps <= 5), (steps, errors[steps])
+        if warned:
+            assert "unipc" in str(warned[0].message) and warned[0].filename == __file__
+    assert errors[5] > 3 * errors[10] and errors[10] < 0.5, errors
+
+
 # --- the probability-flow ODE ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ode_reference():
@@ -204,6 +226,7 @@ def recording_denoiser(schedule, prediction="x0"):
 
 
 @pytest.mark.filterwarnings("ignore:heun with")  # few steps on purpose: NFE only
+@pytest.mark.filterwarnings("ignore:dpm_solver_")
 @pytest.mark.parametrize("name", S.names())
 def test_nfe_is_exact(name):
     den, rec = recording_denoiser(LINEAR)

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,9 +64,11 @@ from difflab.denoiser import (
 from difflab.schedules import NoiseSchedule
 
 __all__ = ["Grid", "EvalTimes", "shifted_times", "native_target", "SamplerSpec", "REGISTRY",
-           "register", "randn_like", "FINAL_MODES", "first_order", "final_x0", "check_final"]
+           "register", "randn_like", "FINAL_MODES", "first_order", "final_x0", "check_final",
+           "MAX_SHRINK", "warn_large_steps"]
 
 FINAL_MODES = ("extrapolate", "x0")
+MAX_SHRINK = 10.0  # sigma~_s / sigma~_t of one step (h = ln 10 ~ 2.3): heun's, dpm_solver_k's limit
 
 
 class Grid:
@@ -119,6 +122,20 @@ def final_x0(g: Grid, x0: Tensor, x0_prev: Tensor | None, mode: str, i_prev: int
     n1 = g.n - 1
     w = g.s2[n1] / (g.s2[i_prev] - g.s2[n1])  # 0 if sigma~_{prev} = inf
     return g.alpha[-1] * (x0 + w * (x0 - x0_prev))
+
+
+def warn_large_steps(g: Grid, sampler: str, why: str, stacklevel: int = 5) -> None:
+    """Warn when a step of grid ``g`` (other than the one to sigma = 0) shrinks sigma~ by more
+    than :data:`MAX_SHRINK`, where ``sampler`` loses its accuracy because ``why``; the warning
+    names the samplers that stay accurate there. ``stacklevel`` points at the caller of
+    ``difflab.sample``."""
+    shrink = max((math.sqrt(g.s2[i] / g.s2[i + 1]) for i in range(g.n)
+                  if not g.is_final(i) and math.isfinite(g.s2[i])), default=1.0)
+    if shrink > MAX_SHRINK:
+        warnings.warn(
+            f"{sampler} with {g.n} steps on this grid shrinks sigma~ by {shrink:.3g}x in one "
+            f"step (more than {MAX_SHRINK:g}x), where {why}; use more steps or dpmpp_2m / "
+            "unipc, which stay accurate there", stacklevel=stacklevel)
 
 
 def check_final(final: str) -> None:

@@ -14,7 +14,8 @@ step with a large log-SNR increment h amplifies model error like e^h. On DDPM's 
 schedule with the default log-SNR grid, 2 steps (h = 9.7) of dpm_solver_3 diverge (RMSE 65 on
 the 2-D ring) and 3 steps of dpm_solver_2 reach 1.4; 4 steps of dpm_solver_3 (NFE 10, h = 3.2)
 still give 0.48, 7 steps (NFE 19, h = 1.6) 0.058. Use the data-prediction multistep solvers
-(dpmpp_2m, unipc) for <= 10 NFE.
+(dpmpp_2m, unipc) for <= 10 NFE; dpm_solver_2/3 warn where a step shrinks sigma~ by more
+than 10x (h > ln 10), as heun does.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ import torch
 from torch import Tensor
 
 from difflab.denoiser import BaseDenoiser, TimePoint
-from difflab.samplers.common import Grid, check_final, final_x0, predict, register
+from difflab.samplers.common import (
+    Grid,
+    check_final,
+    final_x0,
+    predict,
+    register,
+    warn_large_steps,
+)
 
 __all__ = ["sample_dpm_solver_1", "sample_dpm_solver_2", "sample_dpm_solver_3"]
 
@@ -38,6 +46,11 @@ def _dpm_solver(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, order: int, cond:
                 callback: Callable | None, final: str) -> Tensor:
     check_final(final)
     g, r = Grid(denoiser.schedule, ts, x), _R[order]
+    if order > 1:
+        warn_large_steps(g, f"dpm_solver_{order}", "its noise-prediction form multiplies eps "
+                         "differences by sigma_t (e^h - 1) (RMSE 1.4 at 3 steps of dpm_solver_2 "
+                         "on the 2-D ring)",
+                         stacklevel=6)
     hs = [g.h(i) for i in range(g.n)]
     lam_mid = torch.tensor([[g.lam[i] + rk * h if math.isfinite(h) else 0.0 for rk in r]
                             for i, h in enumerate(hs)], dtype=torch.float64).reshape(g.n, len(r))
