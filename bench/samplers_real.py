@@ -153,9 +153,14 @@ def main() -> None:
                 if entry is None:
                     continue
                 cal = entry["calibration"]
-                if "grid_from" in entry:  # grid and evaluation times fitted separately
-                    cal = f"grid {entry['grid_from']['calibration']}, eval times {cal}"
-                label = f"{name}, grids.json ({cal} calibration images)"
+                if entry.get("coeffs") is not None:  # a bespoke solver on its base's grid
+                    label = (f"{name}, grids.json (coefficients and times fitted on {cal} "
+                             f"images, on {entry.get('base')}'s grid)")
+                elif "grid_from" in entry:  # grid and evaluation times fitted separately
+                    label = (f"{name}, grids.json (grid {entry['grid_from']['calibration']}, "
+                             f"eval times {cal} calibration images)")
+                else:
+                    label = f"{name}, grids.json ({cal} calibration images)"
                 x = S.sample(den, noise, name, grid=entry)  # with its eval_ts, if any
                 tuned_rows.setdefault(label, {n: (math.nan, 0) for n in NFES})
                 tuned_rows[label][nfe] = (rmse(x, ref), S.get(name).nfe(steps))

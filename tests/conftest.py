@@ -7,3 +7,18 @@ made them up to ~100x slower than one thread (measured by the nets and metrics t
 import torch
 
 torch.set_num_threads(1)
+
+
+def mlp_checkpoint(path):
+    """A checkpoint of an untrained 2-D MLP eps-model on DDPM's linear schedule (the CLI tests
+    of tune-grid and sample need a checkpoint, not a good one); returns its directory."""
+    from difflab import schedules
+    from difflab.nets import build
+    from difflab.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    net = build({"type": "mlp", "dim": 2, "hidden": 16, "depth": 2})
+    sd = {k: v.clone() for k, v in net.state_dict().items()}
+    config = {"net": net.config, "schedule": schedules.linear().config(), "prediction": "eps",
+              "data": {"name": "ring", "channels": 2, "resolution": None}}
+    return save_checkpoint(path, config=config, model=sd, ema=sd)

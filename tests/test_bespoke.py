@@ -105,18 +105,13 @@ def test_cli_tune_bespoke_then_sample_uses_it(tmp_path, capsys):
     import json
 
     import numpy as np
+    from conftest import mlp_checkpoint
 
     from difflab.cli import main
-    from difflab.nets import build
-    from difflab.train.checkpoint import load_denoiser, save_checkpoint
+    from difflab.train.checkpoint import load_denoiser
     from difflab.train.grids import GRIDS, load_tuned_grid
 
-    torch.manual_seed(0)
-    net = build({"type": "mlp", "dim": 2, "hidden": 16, "depth": 2})  # an untrained net
-    sd = {k: v.clone() for k, v in net.state_dict().items()}
-    config = {"net": net.config, "schedule": schedules.linear().config(), "prediction": "eps",
-              "data": {"name": "ring", "channels": 2, "resolution": None}}
-    ckpt = save_checkpoint(tmp_path / "ck", config=config, model=sd, ema=sd)
+    ckpt = mlp_checkpoint(tmp_path / "ck")
     assert main(["tune-grid", str(ckpt), "--sampler", "bespoke", "--steps", "3",
                  "--count", "16", "--reference-steps", "20", "--max-evals", "30",
                  "--max-iter", "10"]) == 0

@@ -153,16 +153,12 @@ def test_grids_file_roundtrip_and_stale_weights(tmp_path):
 
 
 def test_cli_tune_grid_then_sample_uses_it(tmp_path, capsys):
+    from conftest import mlp_checkpoint
+
     from difflab.cli import main
-    from difflab.nets import build
-    from difflab.train.checkpoint import save_checkpoint
     from difflab.train.grids import GRIDS
 
-    net = build({"type": "mlp", "dim": 2, "hidden": 16, "depth": 2})  # an untrained net
-    sd = {k: v.clone() for k, v in net.state_dict().items()}
-    config = {"net": net.config, "schedule": schedules.linear().config(), "prediction": "eps",
-              "data": {"name": "ring", "channels": 2, "resolution": None}}
-    ckpt = save_checkpoint(tmp_path / "ck", config=config, model=sd, ema=sd)
+    ckpt = mlp_checkpoint(tmp_path / "ck")
     assert main(["tune-grid", str(ckpt), "--sampler", "dpmpp_2m", "--steps", "4",
                  "--count", "16", "--reference-steps", "20", "--max-evals", "30"]) == 0
     entry = json.loads((ckpt / GRIDS).read_text())["grids"]["dpmpp_2m/4/ema"]

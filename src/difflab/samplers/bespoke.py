@@ -152,20 +152,14 @@ def tune_solver(denoiser: BaseDenoiser, steps: int, noise: Tensor, *, base: str 
     how they were made (``rmse`` on the calibration batch, ``rmse_base`` of the base solver on
     the same grid and evaluation times, ...).
     """
-    from difflab.samplers import get, sample
-    from difflab.samplers.tuning import tune_grid
+    from difflab.samplers import get
+    from difflab.samplers.tuning import calibration_reference, tune_grid
 
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if base not in BASES:
         raise ValueError(f"unknown base solver {base!r}; valid: {list(BASES)}")
     schedule = denoiser.schedule
-    if reference is None:
-        from difflab.samplers.timesteps import timesteps
-
-        ts_ref = timesteps(schedule, reference_steps, "log_snr", t_start=t_start)
-        reference = sample(denoiser, noise, "dpm_solver_3", reference_steps, grid=ts_ref,
-                           cond=cond)
+    reference = calibration_reference(denoiser, steps, noise, reference, reference_steps, cond,
+                                      t_start)
     tuned: dict[str, Any] = {}
     if grid is None:
         tuned = tune_grid(denoiser, base, steps, noise, cond=cond, reference=reference,

@@ -51,7 +51,8 @@ from torch import Tensor
 from difflab.denoiser import BaseDenoiser
 from difflab.samplers.timesteps import _finite_sigma_max, _from_sigmas, timesteps
 
-__all__ = ["tune_grid", "grid_from_theta", "eval_times_from_phi", "nelder_mead"]
+__all__ = ["tune_grid", "grid_from_theta", "eval_times_from_phi", "nelder_mead",
+           "calibration_reference"]
 
 END_RANGE = 3.0  # log sigma~_end within log sigma_min +- END_RANGE (a factor of ~20)
 EVAL_SHIFT = 1.0  # |log sigma~'_i - log sigma~_i| <= EVAL_SHIFT (a factor of e)
@@ -144,6 +145,23 @@ def nelder_mead(f: Callable[[list[float]], float], x0: Sequence[float], *, step:
     return pts[best], vals[best], evals
 
 
+def calibration_reference(denoiser: BaseDenoiser, steps: int, noise: Tensor,
+                          reference: Tensor | None, reference_steps: int, cond: Any,
+                          t_start: float) -> Tensor:
+    """What every fit to a model starts with: ``steps`` checked, and the accurate ODE
+    solution from the calibration ``noise`` (``reference`` if given, else dpm_solver_3 on a
+    ``reference_steps``-step log-SNR grid)."""
+    from difflab.samplers import sample
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if reference is not None:
+        return reference
+    ts_ref = timesteps(denoiser.schedule, reference_steps, "log_snr", t_start=t_start)
+    with torch.no_grad():
+        return sample(denoiser, noise, "dpm_solver_3", reference_steps, grid=ts_ref, cond=cond)
+
+
 @torch.no_grad()
 def tune_grid(denoiser: BaseDenoiser, sampler: str, steps: int, noise: Tensor, *,
               cond: Any = None, reference: Tensor | None = None, reference_steps: int = 200,
@@ -170,14 +188,9 @@ def tune_grid(denoiser: BaseDenoiser, sampler: str, steps: int, noise: Tensor, *
     if spec.stochastic:
         raise ValueError(f"sampler {sampler!r} is stochastic: a tuned grid needs a "
                          "deterministic sampler (its output is compared with the ODE solution)")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     schedule = denoiser.schedule
-    if reference is None:
-        ts_ref = timesteps(schedule, reference_steps, "log_snr", t_start=t_start)
-        reference = sample(denoiser, noise, "dpm_solver_3", reference_steps, grid=ts_ref,
-                           cond=cond)
-    ref = reference.to(torch.float64)
+    ref = calibration_reference(denoiser, steps, noise, reference, reference_steps, cond,
+                                t_start).to(torch.float64)
 
     def rmse(ts: Tensor | dict[str, Any]) -> float:
         x = sample(denoiser, noise, sampler, steps, grid=ts, cond=cond, **opts)
