@@ -36,7 +36,8 @@ Fashion-MNIST U-Net (``bench/samplers_real.py``) 5-8%.
 Cost: one reference solve of the calibration batch (``reference_steps`` steps of
 dpm_solver_3, 3 NFE each) plus ``max_evals`` sampler runs of ``steps`` steps (and those of the
 evaluation times); the tuned grid is then free at sampling time. Validate on noise other than
-the calibration noise (the benchmark does).
+the calibration noise (the benchmark does). The next step fits the solver's coefficients on the
+tuned grid as well: :mod:`difflab.samplers.bespoke`.
 """
 
 from __future__ import annotations

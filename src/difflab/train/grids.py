@@ -147,7 +147,9 @@ def register(subparsers: Any) -> None:
                     "the same calibration noise (LD3 objective, Nelder-Mead), then the times "
                     "the network is told at each grid point (LD3's decoupled evaluation "
                     "times). Writes CKPT/grids.json; `difflab sample` and `difflab eval` then "
-                    "use the grid for that sampler and step count.")
+                    "use the grid for that sampler and step count. --sampler bespoke also fits "
+                    "the solver's coefficients on the --base solver's grid (Shaul et al. 2024; "
+                    "`difflab sample --sampler bespoke` then uses them).")
     p.add_argument("checkpoint", help="checkpoint directory (or the run directory holding it)")
     p.add_argument("--sampler", default="unipc", help="deterministic sampler name")
     p.add_argument("--steps", type=int, nargs="+", default=[10],
