@@ -48,6 +48,7 @@ from difflab.samplers.common import (
     REGISTRY,
     EvalTimes,
     SamplerSpec,
+    prior_scale,
     randn_like,
 )
 from difflab.samplers.timesteps import SPACINGS, timesteps
@@ -129,7 +130,5 @@ def sample(denoiser: BaseDenoiser, noise: Tensor, sampler: str = "dpmpp_2m",
     else:
         ts = timesteps(schedule, 10 if steps is None else steps, spacing or spec.spacing,
                        t_start=t_start)
-    alpha, sigma = schedule.alpha_sigma(float(ts[0]))
-    scale = float((alpha * alpha + sigma * sigma).sqrt())
-    return spec.fn(denoiser, noise * scale, ts, cond=cond, generator=generator,
-                   callback=callback, **opts)
+    return spec.fn(denoiser, noise * prior_scale(schedule, float(ts[0])), ts, cond=cond,
+                   generator=generator, callback=callback, **opts)

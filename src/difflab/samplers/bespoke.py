@@ -41,7 +41,14 @@ import torch
 from torch import Tensor
 
 from difflab.denoiser import BaseDenoiser, Prediction, TimePoint
-from difflab.samplers.common import REGISTRY, EvalTimes, Grid, predict, register
+from difflab.samplers.common import (
+    REGISTRY,
+    EvalTimes,
+    Grid,
+    predict,
+    prior_scale,
+    register,
+)
 
 __all__ = ["sample_bespoke", "solver_coefficients", "tune_solver", "BASES"]
 
@@ -106,14 +113,15 @@ def _combine(row: Sequence[Any], x_T: Tensor, D: Sequence[Tensor]) -> Tensor:
     return x
 
 
-def _run(denoiser: BaseDenoiser, x: Tensor, g: Grid, rows: Sequence[Sequence[Any]], cond: Any,
-         callback: Callable | None = None) -> Tensor:
+def _run(x0_at: Callable[[Tensor, int], Tensor], x: Tensor, rows: Sequence[Sequence[Any]],
+         callback: Callable | None = None, times: Sequence[float] = ()) -> Tensor:
+    """The solver loop: D_j = x0_at(x_j, j), x_{j+1} = c_{j+1} x_T + sum_k d_{j+1,k} D_k."""
     x_T, D = x, []
-    for i in range(g.n):
-        D.append(predict(denoiser, x, g, i, cond).x0)
-        x = _combine(rows[i], x_T, D)
+    for i, row in enumerate(rows):
+        D.append(x0_at(x, i))
+        x = _combine(row, x_T, D)
         if callback is not None:
-            callback({"i": i, "t": g.times[i], "x": x, "x0": D[-1]})
+            callback({"i": i, "t": times[i], "x": x, "x0": D[-1]})
     return x
 
 
@@ -129,7 +137,8 @@ def sample_bespoke(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any =
     if coeffs is None:
         coeffs = solver_coefficients(base, denoiser.schedule, ts)
     _check_coeffs(coeffs, g.n)
-    return _run(denoiser, x, g, [[float(c) for c in row] for row in coeffs], cond, callback)
+    rows = [[float(c) for c in row] for row in coeffs]
+    return _run(lambda x_j, j: predict(denoiser, x_j, g, j, cond).x0, x, rows, callback, g.times)
 
 
 def tune_solver(denoiser: BaseDenoiser, steps: int, noise: Tensor, *, base: str = "unipc",
@@ -173,8 +182,7 @@ def tune_solver(denoiser: BaseDenoiser, steps: int, noise: Tensor, *, base: str 
     if len(ts_list) != steps + 1 or len(eval_ts) != steps + 1:
         raise ValueError(f"grid has {len(ts_list)} times; {steps} steps need {steps + 1}")
     ts = torch.tensor(ts_list, dtype=torch.float64)
-    alpha0, sigma0 = schedule.alpha_sigma(float(ts[0]))
-    x_T = noise * float((alpha0 * alpha0 + sigma0 * sigma0).sqrt())
+    x_T = noise * prior_scale(schedule, ts_list[0])
     g = Grid(schedule, ts, x_T)
     # where t' may differ from t (alpha > 0, sigma > 0: as EvalTimes decides)
     told = EvalTimes(denoiser, {})
@@ -196,14 +204,12 @@ def tune_solver(denoiser: BaseDenoiser, steps: int, noise: Tensor, *, base: str 
         return torch.where(movable, (tau0 + dt).clamp(t_lo, t_start), tau0)
 
     def run(th: Tensor, tau: Tensor, x: Tensor, c: Any) -> Tensor:
-        rows, x_start, D = th.split(sizes), x, []
-        for j in range(steps):
+        def x0_at(x_j: Tensor, j: int) -> Tensor:  # the network told tau_j (differentiable)
             if bool(movable[j]):
-                D.append(told.predict_told(x, g.points[j], tau[j], c).x0)
-            else:
-                D.append(predict(denoiser, x, g, j, c).x0)
-            x = _combine(rows[j], x_start, D)
-        return x
+                return told.predict_told(x_j, g.points[j], tau[j], c).x0
+            return predict(denoiser, x_j, g, j, c).x0
+
+        return _run(x0_at, x, th.split(sizes))
 
     def loss_of(th: Tensor, dt: Tensor, backward: bool) -> float:
         total = 0.0
@@ -246,5 +252,5 @@ def tune_solver(denoiser: BaseDenoiser, steps: int, noise: Tensor, *, base: str 
                 sampler="bespoke", base=base, steps=steps, nfe=get("bespoke").nfe(steps),
                 rmse=math.sqrt(mse), rmse_base=math.sqrt(mse_base),
                 rmse_default=tuned.get("rmse_default"), fit_times=fit_times,
-                iterations=int(opt.state[opt._params[0]].get("n_iter", 0)),
+                iterations=int(opt.state[theta].get("n_iter", 0)),
                 calibration=int(noise.shape[0]))
