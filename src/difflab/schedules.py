@@ -122,13 +122,13 @@ class NoiseSchedule(nn.Module):
     def t_from_sigma_ratio(self, sigma_ratio: Tensor | float) -> Tensor:
         return self.t_from_log_snr(self.log_snr_from_sigma_ratio(sigma_ratio))
 
-    def prior_std(self) -> float:
-        """Standard deviation of x_1 for unit-variance data: sqrt(alpha(1)^2 + sigma(1)^2).
+    def prior_std(self, t: float = 1.0) -> float:
+        """Standard deviation of x_t for unit-variance data: sqrt(alpha(t)^2 + sigma(t)^2).
 
-        1 for VP schedules, ~sigma_max for VE/EDM. ``difflab.sample`` multiplies standard
-        normal noise by it.
+        At t = 1: 1 for VP schedules, ~sigma_max for VE/EDM. ``difflab.sample`` multiplies
+        standard normal noise by it at the grid's first time.
         """
-        a, s = self.alpha_sigma(1.0)
+        a, s = self.alpha_sigma(float(t))
         return float(torch.sqrt(a * a + s * s))
 
     def sigma_max_ratio(self) -> float:

@@ -48,7 +48,6 @@ from difflab.samplers.common import (
     REGISTRY,
     EvalTimes,
     SamplerSpec,
-    prior_scale,
     randn_like,
 )
 from difflab.samplers.timesteps import SPACINGS, timesteps
@@ -97,11 +96,11 @@ def sample(denoiser: BaseDenoiser, noise: Tensor, sampler: str = "dpmpp_2m",
     ``ts``, and ``eval_ts``, the times the network is told at each grid point, applied with
     :class:`~difflab.samplers.common.EvalTimes`), or a bespoke solver's (the dict of
     :func:`difflab.samplers.bespoke.tune_solver`, with its ``coeffs``, for ``sampler="bespoke"``);
-    ``steps`` may then be left out. The noise is
-    multiplied by the std of x at the grid's first time for unit-variance data,
-    sqrt(alpha^2 + sigma^2) (= ``schedule.prior_std()`` at t = 1: 1 for VP, ~sigma_max for
-    VE). ``generator`` (one, or a list with one per image) drives the noise stochastic
-    samplers draw during sampling; ``opts`` are the sampler's options (see its docstring).
+    ``steps`` may then be left out. The noise is multiplied by the std of x at the grid's
+    first time for unit-variance data, ``schedule.prior_std(t)`` = sqrt(alpha^2 + sigma^2) (at
+    t = 1: 1 for VP, ~sigma_max for VE). ``generator`` (one, or a list with one per image)
+    drives the noise stochastic samplers draw during sampling; ``opts`` are the sampler's
+    options (see its docstring).
     """
     spec = get(sampler)
     unknown = sorted(set(opts) - set(spec.options))
@@ -130,5 +129,5 @@ def sample(denoiser: BaseDenoiser, noise: Tensor, sampler: str = "dpmpp_2m",
     else:
         ts = timesteps(schedule, 10 if steps is None else steps, spacing or spec.spacing,
                        t_start=t_start)
-    return spec.fn(denoiser, noise * prior_scale(schedule, float(ts[0])), ts, cond=cond,
+    return spec.fn(denoiser, noise * schedule.prior_std(float(ts[0])), ts, cond=cond,
                    generator=generator, callback=callback, **opts)

@@ -46,7 +46,6 @@ from difflab.samplers.common import (
     EvalTimes,
     Grid,
     predict,
-    prior_scale,
     register,
 )
 
@@ -182,7 +181,7 @@ def tune_solver(denoiser: BaseDenoiser, steps: int, noise: Tensor, *, base: str 
     if len(ts_list) != steps + 1 or len(eval_ts) != steps + 1:
         raise ValueError(f"grid has {len(ts_list)} times; {steps} steps need {steps + 1}")
     ts = torch.tensor(ts_list, dtype=torch.float64)
-    x_T = noise * prior_scale(schedule, ts_list[0])
+    x_T = noise * schedule.prior_std(ts_list[0])
     g = Grid(schedule, ts, x_T)
     # where t' may differ from t (alpha > 0, sigma > 0: as EvalTimes decides)
     told = EvalTimes(denoiser, {})

@@ -65,7 +65,7 @@ from difflab.schedules import NoiseSchedule
 
 __all__ = ["Grid", "EvalTimes", "shifted_times", "native_target", "SamplerSpec", "REGISTRY",
            "register", "randn_like", "FINAL_MODES", "first_order", "final_x0", "check_final",
-           "MAX_SHRINK", "warn_large_steps", "prior_scale"]
+           "MAX_SHRINK", "warn_large_steps"]
 
 FINAL_MODES = ("extrapolate", "x0")
 MAX_SHRINK = 10.0  # sigma~_s / sigma~_t of one step (h = ln 10 ~ 2.3): heun's, dpm_solver_k's limit
@@ -107,13 +107,6 @@ class Grid:
     def is_final(self, i: int) -> bool:
         """Whether step i -> i + 1 is the step to sigma = 0."""
         return i == self.n - 1 and self.ends_clean
-
-
-def prior_scale(schedule: NoiseSchedule, t: float) -> float:
-    """std of x_t for unit-variance data, sqrt(alpha(t)^2 + sigma(t)^2): what standard-normal
-    noise is multiplied by to start a grid at time t (1 for VP, ~sigma_max for VE)."""
-    alpha, sigma = schedule.alpha_sigma(float(t))
-    return float((alpha * alpha + sigma * sigma).sqrt())
 
 
 def first_order(g: Grid, i: int, j: int | None = None) -> tuple[float, float]:
