@@ -149,3 +149,14 @@ def test_tuned_solver_with_classifier_free_guidance():
     ref = S.sample(den, cal, "dpm_solver_3", grid=timesteps(sch, 100, "log_snr"), cond=y)
     x = S.sample(den, cal, "bespoke", grid=tuned, cond=y)
     assert rmse(x, ref) == pytest.approx(tuned["rmse"], rel=1e-9)
+
+
+def test_cli_bespoke_rejects_eval_times_only(tmp_path, capsys):
+    from conftest import mlp_checkpoint
+
+    from difflab.cli import main
+
+    ckpt = mlp_checkpoint(tmp_path / "ck")
+    assert main(["tune-grid", str(ckpt), "--sampler", "bespoke", "--steps", "3", "--count", "4",
+                 "--reference-steps", "10", "--eval-times-only"]) != 0
+    assert "drop --eval-times-only" in capsys.readouterr().err

@@ -204,6 +204,9 @@ def cmd_tune_grid(args: argparse.Namespace) -> int:
                                     grid=ts_ref) for i in range(0, args.count, args.batch_size)])
     if args.eval_times_only and args.no_eval_times:
         raise ValueError("--eval-times-only and --no-eval-times exclude each other")
+    if args.eval_times_only and args.sampler == "bespoke":
+        raise ValueError("--eval-times-only refits a stored grid's times; a bespoke fit always "
+                         "fits its times with its coefficients (drop --eval-times-only)")
     for steps in args.steps:
         if args.sampler == "bespoke":
             _tune_bespoke(args, den, noise, ref, steps)
