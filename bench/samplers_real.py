@@ -109,7 +109,17 @@ def main() -> None:
     with torch.no_grad():
         ref = reference(den, noise, args.ref_steps)
         ref_half = reference(den, noise, args.ref_steps // 2)
-    rows_dl = {}
+    fitted = sorted(den.solvers)
+    auto = (f"auto: `difflab.sample(den, noise, steps=n)`, the default (bespoke solver fitted "
+            f"by `difflab train` at {fitted} steps, else dpmpp_2m)" if fitted else
+            "auto: `difflab.sample(den, noise, steps=n)`, the default (no fitted solver: "
+            "dpmpp_2m)")
+    rows_dl = {auto: {}}
+    for nfe in NFES:  # every sampler auto chooses makes one network call per step
+        x = S.sample(den, noise, steps=nfe)
+        rows_dl[auto][nfe] = (rmse(x, ref), S.get(S.choose(den, None, nfe)[0]).nfe(nfe))
+    print(auto, rows_dl[auto], flush=True)
+    defaults = (auto, *DIFFLAB)
     for name in DIFFLAB:
         rows_dl[name] = {}
         for nfe in NFES:
@@ -193,8 +203,8 @@ def main() -> None:
         return out
 
     def best(rows, nfe, defaults_only=False, fixed_only=False):
-        keys = [k for k in rows if (not defaults_only or k in DIFFLAB)
-                and (not fixed_only or k not in tuned_rows)]
+        keys = [k for k in rows if (not defaults_only or k in defaults)
+                and (not fixed_only or (k not in tuned_rows and not (k == auto and fitted)))]
         name = min(keys, key=lambda k: math.inf if math.isnan(rows[k][nfe][0])
                    else rows[k][nfe][0])
         return rows[name][nfe][0], name

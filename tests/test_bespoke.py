@@ -160,3 +160,70 @@ def test_cli_bespoke_rejects_eval_times_only(tmp_path, capsys):
     assert main(["tune-grid", str(ckpt), "--sampler", "bespoke", "--steps", "3", "--count", "4",
                  "--reference-steps", "10", "--eval-times-only"]) != 0
     assert "drop --eval-times-only" in capsys.readouterr().err
+
+
+def test_fitted_solvers_are_the_default_of_sample():
+    """fit_solvers fits one solver per step count on one calibration batch and attaches them:
+    ``difflab.sample(den, noise, steps=k)`` then runs the fitted k-step solver (on held-out
+    noise at least 3x below unipc on the same grid, the fit's starting point); a named
+    sampler, a spacing, an unfitted step count or a guidance transform of the denoiser run
+    the classical default."""
+    from difflab import guidance
+    from difflab.samplers.bespoke import fit_solvers
+
+    sch = schedules.linear()
+    mix = GaussianMixture.ring()
+    den = mix.denoiser(sch, "eps")
+    cal = torch.randn(256, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    test = torch.randn(512, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ref = S.sample(den, test, "dpm_solver_3", grid=timesteps(sch, 200, "log_snr"))
+    fits = fit_solvers(den, [3, 5], cal, max_iter=40, batch_size=128)
+    assert sorted(den.solvers) == [3, 5] and den.solvers[5] is fits[5]
+    ref_cal = S.sample(den, cal, "dpm_solver_3", grid=timesteps(sch, 100, "log_snr"))
+    for k in (3, 5):
+        # started on the grid (of log-SNR and uniform-t) where unipc is closest on `cal`
+        base = {sp: rmse(S.sample(den, cal, "unipc", k, spacing=sp), ref_cal)
+                for sp in ("log_snr", "uniform")}
+        spacing = min(base, key=base.get)
+        assert fits[k]["spacing"] == spacing and fits[k]["rmse_base"] == pytest.approx(
+            base[spacing], rel=1e-9)
+        assert fits[k]["ts"] == timesteps(sch, k, spacing).tolist()
+        x = S.sample(den, test, steps=k)
+        assert torch.equal(x, S.sample(den, test, "bespoke", grid=fits[k]))
+        e_base = rmse(S.sample(den, test, "unipc", steps=k, spacing=spacing), ref)
+        assert rmse(x, ref) < e_base / 3, (k, rmse(x, ref), e_base)
+    classical = S.sample(den, test, "dpmpp_2m", steps=5)
+    assert torch.equal(S.sample(den, test, steps=5, spacing="log_snr"), classical)
+    assert torch.equal(S.sample(den, test, "dpmpp_2m", steps=5), classical)
+    assert torch.equal(S.sample(den, test, steps=4), S.sample(den, test, "dpmpp_2m", steps=4))
+    y = torch.zeros(512, dtype=torch.long)
+    cfg = guidance.classifier_free(den, 1.0, uncond=mix.num_components)
+    assert S.choose(cfg, None, 5) == ("dpmpp_2m", None)
+    assert torch.equal(S.sample(cfg, test, steps=5, cond=y),
+                       S.sample(cfg, test, "dpmpp_2m", steps=5, cond=y))
+
+
+def test_cli_bespoke_from_a_spacing_needs_no_tuned_grid(tmp_path, capsys):
+    """``tune-grid --sampler bespoke --start auto`` fits on a spacing's grid (no unipc entry is
+    tuned or stored) and plain ``difflab sample`` then uses it; a bad --start is named."""
+    import json
+
+    from conftest import mlp_checkpoint
+
+    from difflab.cli import main
+    from difflab.train.grids import GRIDS
+
+    ckpt = mlp_checkpoint(tmp_path / "ck")
+    assert main(["tune-grid", str(ckpt), "--sampler", "bespoke", "--start", "best"]) != 0
+    assert "unknown --start 'best'; valid: tuned, auto, uniform" in capsys.readouterr().err
+    assert main(["tune-grid", str(ckpt), "--sampler", "bespoke", "--steps", "3", "--count", "16",
+                 "--reference-steps", "20", "--max-iter", "10", "--start", "auto"]) == 0
+    grids = json.loads((ckpt / GRIDS).read_text())["grids"]
+    assert list(grids) == ["bespoke/3/ema"]
+    entry = grids["bespoke/3/ema"]
+    assert entry["spacing"] in ("log_snr", "uniform") and entry["rmse"] <= entry["rmse_base"]
+    capsys.readouterr()
+    assert main(["sample", str(ckpt), "--steps", "3", "--count", "4",
+                 "--out", str(tmp_path / "x.npy")]) == 0
+    out = capsys.readouterr().out
+    assert "using the bespoke solver fitted" in out and "(bespoke, 3 steps)" in out

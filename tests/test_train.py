@@ -378,3 +378,38 @@ def test_compiled_channels_last_training_matches_eager_and_saves_plain_weights(
     for k, v in eager.ema.state_dict().items():
         torch.testing.assert_close(fast.ema.state_dict()[k], v, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_training_fits_solvers_that_sampling_uses_by_default(tmp_path, capsys):
+    """train.fit_steps: after training, a bespoke solver per step count is fitted to the EMA
+    weights and stored in the checkpoint; load_denoiser attaches it and both difflab.sample
+    and `difflab sample` use it by default (same output); other step counts stay classical."""
+    import numpy as np
+
+    from difflab import samplers as S
+    from difflab.cli import main
+    from difflab.train.checkpoint import load_denoiser
+    from difflab.train.trainer import train
+
+    cfg = apply_overrides(preset("toy2d"), [
+        "train.steps=30", "train.fit_steps=[3]", "train.fit_count=16", "train.fit_iters=10",
+        "train.grid_size=0", "train.threads=1", "data.n=512"])
+    summary = train(cfg, tmp_path / "run", quiet=True)
+    assert summary["fitted"] == [3]
+    den, _ = load_denoiser(tmp_path / "run")
+    fit = den.solvers[3]
+    assert fit["sampler"] == "bespoke" and fit["rmse"] <= fit["rmse_base"]
+    noise = torch.randn((5, 2), generator=torch.Generator().manual_seed(3))
+    x = S.sample(den, noise, steps=3)
+    assert torch.equal(x, S.sample(den, noise, "bespoke", grid=fit))
+    capsys.readouterr()
+    out = tmp_path / "x.npy"
+    assert main(["sample", str(tmp_path / "run"), "--steps", "3", "--count", "5", "--seed", "3",
+                 "--out", str(out)]) == 0
+    assert "using the bespoke solver fitted" in capsys.readouterr().out
+    np.testing.assert_allclose(np.load(out), x.numpy(), rtol=1e-5, atol=1e-6)
+    assert main(["sample", str(tmp_path / "run"), "--steps", "4", "--count", "5",
+                 "--out", str(out)]) == 0
+    assert "(dpmpp_2m, 4 steps)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="fit_steps"):
+        apply_overrides(preset("toy2d"), ["train.fit_steps=[0]"])

@@ -22,8 +22,9 @@ interface (``predict`` / ``__call__``) and to ``denoiser.schedule``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import torch
@@ -156,6 +157,11 @@ class BaseDenoiser(nn.Module):
     """
 
     schedule: NoiseSchedule
+    #: Solvers fitted to this denoiser's network, by step count (the dicts of
+    #: :func:`difflab.samplers.bespoke.tune_solver`; a checkpoint loads those its training
+    #: fitted). ``difflab.sample`` uses the one for its ``steps`` when no sampler is named.
+    #: Empty for guidance transforms: a fit to the unguided model is not one to the guided.
+    solvers: Mapping[int, dict[str, Any]] = MappingProxyType({})
 
     def predict(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Prediction:
         raise NotImplementedError  # pragma: no cover
@@ -203,6 +209,7 @@ class Denoiser(BaseDenoiser):
         self.schedule = schedule
         self.prediction = prediction
         self.sigma_data = float(sigma_data)
+        self.solvers: dict[int, dict[str, Any]] = {}
 
     def _call_net(self, x: Tensor, net_t: Tensor, cond: Any) -> Tensor:
         return self.net(x, net_t) if cond is None else self.net(x, net_t, cond)

@@ -172,7 +172,10 @@ def register(subparsers: Any) -> None:
                    help="fmnist | mnist | inception:/path/to/pt_inception.pth | a .safetensors "
                         "path (default: the one matching --reference)")
     p.add_argument("--num", type=int, default=2000, help="images to generate per setting")
-    p.add_argument("--sampler", default="dpmpp_2m", help="sampler name(s), comma-separated")
+    p.add_argument("--sampler", default="auto",
+                   help="sampler name(s), comma-separated; auto: the bespoke solver fitted to "
+                        "the checkpoint for each --steps (grids.json) where there is one, "
+                        "else dpmpp_2m")
     p.add_argument("--steps", default="10", help="step count(s), comma-separated")
     p.add_argument("--guidance", type=float, default=0.0,
                    help="classifier-free guidance weight w (eps = (1 + w) eps_c - w eps_null)")
@@ -206,7 +209,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         import difflab
 
         for name in samplers:  # fail before any work on a typo
-            difflab.samplers.get(name)
+            if name != difflab.samplers.AUTO:
+                difflab.samplers.get(name)
     extractor = load_feature_net(default_feature_net(args.reference, args.feature_net))
     ref = resolve_reference(args.reference, extractor, split=args.split,
                             n=args.n_ref or None, cache=not args.no_cache)
@@ -221,18 +225,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return rec
 
     if _is_checkpoint(source):
+        from difflab.samplers import choose
         from difflab.train.checkpoint import load_denoiser
         from difflab.train.grids import load_tuned_grid
 
         den, config = load_denoiser(source, ema=not args.no_ema, device=args.device)
-        for name in samplers:
+        for asked in samplers:
             for n_steps in steps:
-                grid = load_tuned_grid(source, name, n_steps, ema=not args.no_ema)
+                # auto: the bespoke solver fitted for n_steps, else dpmpp_2m
+                name, grid = choose(den, asked, n_steps)
+                if grid is None:
+                    grid = load_tuned_grid(source, name, n_steps, ema=not args.no_ema)
                 x, labels, cost = sample_checkpoint(den, config, args.num, name, n_steps,
                                                     batch_size=args.batch_size, seed=args.seed,
                                                     guidance=args.guidance, grid=grid)
-                rec = {"sampler": name, "steps": n_steps, "grid": "tuned" if grid else
-                       "default", **cost, **measure(x, labels)}
+                rec = {"sampler": name, "steps": n_steps, "grid": "fitted" if name ==
+                       "bespoke" else "tuned" if grid else "default", **cost,
+                       **measure(x, labels)}
                 records.append(rec)
                 _print_record(rec, extractor.label)
                 if args.save_samples:

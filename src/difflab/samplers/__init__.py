@@ -52,8 +52,11 @@ from difflab.samplers.common import (
 )
 from difflab.samplers.timesteps import SPACINGS, timesteps
 
-__all__ = ["sample", "names", "get", "timesteps", "SPACINGS", "FINAL_MODES", "SamplerSpec",
-           "randn_like", "EvalTimes", "with_eval_times"]
+__all__ = ["sample", "names", "get", "choose", "timesteps", "SPACINGS", "FINAL_MODES",
+           "SamplerSpec", "randn_like", "EvalTimes", "with_eval_times", "DEFAULT", "AUTO"]
+
+DEFAULT = "dpmpp_2m"  # the sampler of a denoiser with no solver fitted for the step count
+AUTO = "auto"  # sampler=None or "auto": a fitted solver if there is one, else DEFAULT
 
 
 def names() -> list[str]:
@@ -66,6 +69,21 @@ def get(name: str) -> SamplerSpec:
     if name not in REGISTRY:
         raise ValueError(f"unknown sampler {name!r}; valid: {names()}")
     return REGISTRY[name]
+
+
+def choose(denoiser: BaseDenoiser, sampler: str | None, steps: int | None = None,
+           spacing: str | None = None, grid: Any = None) -> tuple[str, Any]:
+    """(sampler, grid) that :func:`sample` runs. A named sampler runs as asked. ``None`` or
+    ``"auto"``: the solver fitted to this denoiser for ``steps`` (``denoiser.solvers``, a
+    bespoke solver, e.g. fitted at the end of ``difflab train``) when neither ``grid`` nor
+    ``spacing`` is given, else :data:`DEFAULT` on its default grid."""
+    if sampler is not None and sampler != AUTO:
+        return sampler, grid
+    if grid is None and spacing is None:
+        fitted = denoiser.solvers.get(10 if steps is None else steps)
+        if fitted is not None:
+            return fitted.get("sampler", "bespoke"), fitted
+    return DEFAULT, grid
 
 
 def with_eval_times(denoiser: BaseDenoiser, ts: Sequence[float],
@@ -82,13 +100,15 @@ def with_eval_times(denoiser: BaseDenoiser, ts: Sequence[float],
     return shifted if shifted.eval_ts else denoiser
 
 
-def sample(denoiser: BaseDenoiser, noise: Tensor, sampler: str = "dpmpp_2m",
+def sample(denoiser: BaseDenoiser, noise: Tensor, sampler: str | None = None,
            steps: int | None = None, *, spacing: str | None = None,
            grid: Tensor | list[float] | dict[str, Any] | None = None, cond: Any = None,
            generator: torch.Generator | list[torch.Generator] | None = None,
            callback: Callable[[dict], None] | None = None, t_start: float = 1.0,
            **opts: Any) -> Tensor:
-    """Draw x_0 from standard-normal ``noise`` with ``steps`` (default 10) steps of ``sampler``.
+    """Draw x_0 from standard-normal ``noise`` with ``steps`` (default 10) steps of ``sampler``
+    (default: the solver fitted to ``denoiser`` for ``steps`` if it has one, else dpmpp_2m;
+    :func:`choose`).
 
     The grid is ``timesteps(schedule, steps, spacing or the sampler's default, t_start)``, or
     ``grid``: an explicit decreasing list of ``steps + 1`` times ending at 0, or a tuned grid
@@ -102,6 +122,7 @@ def sample(denoiser: BaseDenoiser, noise: Tensor, sampler: str = "dpmpp_2m",
     drives the noise stochastic samplers draw during sampling; ``opts`` are the sampler's
     options (see its docstring).
     """
+    sampler, grid = choose(denoiser, sampler, steps, spacing, grid)
     spec = get(sampler)
     unknown = sorted(set(opts) - set(spec.options))
     if unknown:

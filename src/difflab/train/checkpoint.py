@@ -225,6 +225,9 @@ def load_denoiser(path: str | os.PathLike, ema: bool = True,
     """(Denoiser, config) from a checkpoint directory (or a run directory).
 
     ``ema=True`` loads the averaged weights (what one samples with), ``False`` the raw ones.
+    The bespoke solvers fitted to those weights (``grids.json``: at the end of ``difflab
+    train`` with ``train.fit_steps``, or by ``difflab tune-grid --sampler bespoke``) come as
+    ``denoiser.solvers``, which ``difflab.sample`` uses by default.
     """
     from difflab.denoiser import Denoiser
     from difflab.schedules import from_config
@@ -241,6 +244,9 @@ def load_denoiser(path: str | os.PathLike, ema: bool = True,
     schedule = from_config(config["schedule"])
     den = Denoiser(net, schedule, prediction=config["prediction"],
                    sigma_data=float(config.get("sigma_data", 0.5)))
+    from difflab.train.grids import fitted_solvers
+
+    den.solvers.update(fitted_solvers(path, ema))
     return den.to(device), config
 
 

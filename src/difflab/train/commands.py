@@ -76,7 +76,11 @@ def register(subparsers: Any) -> None:
                     "one array (uint8 NHWC in [0,255] or float32 NCHW in [-1,1], see "
                     "--npy-dtype), anything else a directory of PNGs (000000.png, ...).")
     s.add_argument("checkpoint", help="checkpoint directory (or the run directory holding it)")
-    s.add_argument("--sampler", default="dpmpp_2m", help="sampler name (difflab.samplers.names())")
+    s.add_argument("--sampler", default="auto",
+                   help="sampler name (difflab.samplers.names()), or auto: the bespoke solver "
+                        "fitted to the checkpoint for --steps (grids.json, written by `difflab "
+                        "train` with train.fit_steps or by `difflab tune-grid --sampler "
+                        "bespoke`) if there is one, else dpmpp_2m")
     s.add_argument("--steps", type=int, default=10, help="sampler steps")
     s.add_argument("--spacing", default=None, choices=SPACINGS,
                    help="time grid rule (default: the grid `difflab tune-grid` fitted for this "
@@ -173,8 +177,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--count must be at least 1, got {args.count}")
     den, config = load_denoiser(args.checkpoint, ema=not args.no_ema, device=args.device)
     names = difflab.samplers.names()
-    if args.sampler not in names:
-        raise ValueError(f"unknown sampler {args.sampler!r}; valid: {sorted(names)}")
+    if args.sampler not in names and args.sampler != difflab.samplers.AUTO:
+        raise ValueError(f"unknown sampler {args.sampler!r}; valid: auto, {', '.join(names)}")
     from difflab.train.guided import guided_denoiser
 
     data = config.get("data", {})
@@ -185,13 +189,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
         shape = (int(data["channels"]), int(data["resolution"]), int(data["resolution"]))
     else:
         shape = (int(data.get("channels", 2)),)
-    grid = None
-    if args.spacing is None:
+    sampler, grid = difflab.samplers.choose(den, args.sampler, args.steps, args.spacing)
+    if grid is not None:
+        print(f"using the bespoke solver fitted to {args.checkpoint} for {args.steps} steps "
+              "(grids.json; --sampler NAME runs a classical one)")
+    elif args.spacing is None:
         from difflab.train.grids import load_tuned_grid
 
-        grid = load_tuned_grid(args.checkpoint, args.sampler, args.steps, ema=not args.no_ema)
+        grid = load_tuned_grid(args.checkpoint, sampler, args.steps, ema=not args.no_ema)
         if grid is not None:
-            print(f"using the tuned {args.sampler} {args.steps}-step grid of "
+            print(f"using the tuned {sampler} {args.steps}-step grid of "
                   f"{args.checkpoint} (grids.json; --spacing chooses a fixed rule)")
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn((args.count,) + shape, generator=g)
@@ -201,7 +208,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         cond = None if labels is None else labels[sl].to(args.device)
         # no torch.no_grad(): classifier guidance differentiates the classifier; the
         # diffusion network's weights do not require gradients (load_denoiser)
-        x_i = difflab.sample(den, noise[sl].to(args.device), sampler=args.sampler,
+        x_i = difflab.sample(den, noise[sl].to(args.device), sampler=sampler,
                              steps=args.steps, spacing=args.spacing, grid=grid, cond=cond,
                              generator=g)
         chunks.append(x_i.detach().cpu())
@@ -230,7 +237,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         for i, img in enumerate(to_uint8(x).numpy()):
             Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(out / f"{i:06d}.png")
-    print(f"wrote {args.count} samples ({args.sampler}, {args.steps} steps) to {out}")
+    print(f"wrote {args.count} samples ({sampler}, {args.steps} steps) to {out}")
     return 0
 
 

@@ -49,7 +49,10 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "sample_every": 0,          # save a sample grid every N steps (0: only at the end)
     "ckpt_every": 0,            # save a checkpoint every N steps (0: only at the end)
     "sample_steps": 10,         # sampler steps for grids
-    "sampler": "dpmpp_2m",
+    "sampler": "auto",          # a sampler name, or auto (the fitted solver, else dpmpp_2m)
+    "fit_steps": [],            # step counts to fit a bespoke solver for after training
+    "fit_count": 32,            # calibration images of that fit
+    "fit_iters": 40,            # its L-BFGS iterations
     "grid_size": 64,            # images in a sample grid (0: no grids)
     "threads": None,            # torch.set_num_threads (None: leave as is)
     "compile": False,           # torch.compile the network: true or a mode (COMPILE_MODES)
@@ -69,7 +72,8 @@ _FASHION = {
              "split": "train"},
     "train": {"steps": 100000, "max_minutes": 10, "batch_size": 16, "lr": 2e-3, "warmup": 50,
               "ema_decay": 0.999, "target": "v", "weighting": "min_snr", "min_snr_gamma": 5.0,
-              "grad_clip": 1.0, "sample_every": 500, "ckpt_every": 500, "log_every": 20},
+              "grad_clip": 1.0, "sample_every": 500, "ckpt_every": 500, "log_every": 20,
+              "fit_steps": [10]},
 }
 
 _DIGITS = {
@@ -132,6 +136,13 @@ def complete(config: dict[str, Any]) -> dict[str, Any]:
     if train["batch_size"] % train["grad_accum"]:
         raise ValueError(f"train.batch_size ({train['batch_size']}) must be divisible by "
                          f"train.grad_accum ({train['grad_accum']})")
+    steps = train["fit_steps"]
+    if not isinstance(steps, list) or not all(isinstance(k, int) and k >= 1 for k in steps):
+        raise ValueError(f"train.fit_steps must be a list of step counts >= 1 (e.g. [5, 10]), "
+                         f"got {steps!r}")
+    for key in ("fit_count", "fit_iters"):
+        if not isinstance(train[key], int) or train[key] < 1:
+            raise ValueError(f"train.{key} must be a positive integer, got {train[key]!r}")
     for key in ("channels_last", "conditional"):
         if not isinstance(train[key], bool):
             raise ValueError(f"train.{key} must be true or false, got {train[key]!r}")

@@ -36,7 +36,7 @@ from typing import Any
 from difflab.cli import HelpFormatter
 
 __all__ = ["GRIDS", "grid_key", "load_tuned_grid", "save_tuned_grid", "register",
-           "cmd_tune_grid", "weights_sha256", "tuned_grid_entry"]
+           "cmd_tune_grid", "weights_sha256", "tuned_grid_entry", "fitted_solvers"]
 
 GRIDS = "grids.json"
 FORMAT = "difflab-grids-1"
@@ -117,6 +117,27 @@ def load_tuned_grid(path: str | os.PathLike, sampler: str, steps: int,
     return grid
 
 
+def fitted_solvers(path: str | os.PathLike, ema: bool = True) -> dict[int, dict[str, Any]]:
+    """The bespoke solvers in ``CKPT/grids.json`` fitted to these weights, by step count (what
+    :func:`~difflab.train.checkpoint.load_denoiser` attaches as ``denoiser.solvers``, so that
+    ``difflab.sample`` and ``difflab sample`` use them by default)."""
+    from difflab.train.checkpoint import resolve
+
+    ckpt = resolve(path)
+    if not (ckpt / GRIDS).is_file():
+        return {}
+    suffix = "/" + grid_key("", 0, ema).split("/")[-1]
+    found = {int(key.split("/")[1]): key for key in _read(ckpt)["grids"]
+             if key.startswith("bespoke/") and key.endswith(suffix)}
+    out = {}
+    for steps in sorted(found):
+        grid = load_tuned_grid(ckpt, "bespoke", steps, ema)  # None (warned) if stale
+        if isinstance(grid, dict):  # how it was made (rmse, calibration, ...) and the solver
+            out[steps] = dict(_read(ckpt)["grids"][found[steps]], **grid, sampler="bespoke",
+                              steps=steps)
+    return out
+
+
 def tuned_grid_entry(path: str | os.PathLike, sampler: str, steps: int,
                      ema: bool = True) -> dict[str, Any] | None:
     """:func:`load_tuned_grid`'s whole grids.json entry (grid ``ts``, calibration size, RMSE
@@ -171,6 +192,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--base", default="unipc",
                    help="--sampler bespoke: the solver whose grid and coefficients it starts "
                         "from")
+    p.add_argument("--start", default="tuned",
+                   help="--sampler bespoke: the grid the fit starts from: tuned (the --base "
+                        "solver's tuned grid, tuned first if grids.json has none), auto (the "
+                        "better of log_snr and uniform for the base solver: no grid tuning, "
+                        "what `difflab train` with train.fit_steps does) or a spacing name")
     p.add_argument("--max-iter", type=int, default=100,
                    help="--sampler bespoke: L-BFGS iterations of the coefficient fit")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -189,6 +215,9 @@ def cmd_tune_grid(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.count < 1:
         raise ValueError(f"--count must be at least 1, got {args.count}")
+    starts = ("tuned", "auto", *difflab.samplers.SPACINGS)
+    if args.start not in starts:
+        raise ValueError(f"unknown --start {args.start!r}; valid: {', '.join(starts)}")
     den, config = load_denoiser(args.checkpoint, ema=not args.no_ema, device=args.device)
     if config.get("data", {}).get("num_classes") and config.get("train", {}).get("conditional"):
         raise ValueError("tune-grid fits unconditional sampling; this checkpoint is "
@@ -234,10 +263,23 @@ def cmd_tune_grid(args: argparse.Namespace) -> int:
 
 def _tune_bespoke(args: argparse.Namespace, den: Any, noise: Any, ref: Any, steps: int) -> None:
     """``tune-grid --sampler bespoke``: coefficients on the base solver's tuned grid."""
-    from difflab.samplers.bespoke import tune_solver
+    from difflab.samplers.bespoke import start_spacing, tune_solver
     from difflab.samplers.tuning import tune_grid
 
     ema = not args.no_ema
+    if args.start != "tuned":
+        spacing = args.start
+        if spacing == "auto":
+            spacing, _ = start_spacing(den, steps, noise, ref, base=args.base,
+                                       batch_size=args.batch_size)
+        tuned = tune_solver(den, steps, noise, base=args.base, grid=spacing, reference=ref,
+                            max_iter=args.max_iter, batch_size=args.batch_size)
+        tuned.update(seed=args.seed, reference_steps=args.reference_steps, spacing=spacing)
+        path = save_tuned_grid(args.checkpoint, tuned, ema=ema)
+        print(f"bespoke {steps} steps ({tuned['nfe']} NFE), from the {spacing} grid: "
+              f"calibration RMSE {tuned['rmse']:.4g} ({args.base} on that grid "
+              f"{tuned['rmse_base']:.4g}), {tuned['iterations']} L-BFGS iterations -> {path}")
+        return
     entry = tuned_grid_entry(args.checkpoint, args.base, steps, ema)
     if entry is None:
         entry = tune_grid(den, args.base, steps, noise, reference=ref, max_evals=args.max_evals,

@@ -27,6 +27,7 @@ import copy
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,7 @@ class Trainer:
         self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
         self.log = MetricsLog(self.out / "metrics.jsonl")
         self.train_seconds = 0.0
+        self.solvers: dict[int, dict[str, Any]] = {}  # fitted to the final EMA weights
         if resume:
             self.try_resume()
 
@@ -330,9 +332,7 @@ class Trainer:
 
         tc = self.tc
         n = n or int(tc["grid_size"])
-        self.ema.copy_to(self.ema_net)
-        den = Denoiser(self.ema_net, self.schedule, self.config["prediction"],
-                       float(self.config.get("sigma_data", 0.5)))
+        den = self.ema_denoiser()
         g = torch.Generator().manual_seed(seed)
         shape = (n,) + tuple(self.images.shape[1:])
         noise = torch.randn(shape, generator=g).to(self.device)
@@ -341,6 +341,47 @@ class Trainer:
             cond = (torch.arange(n) % int(self.config["data"]["num_classes"])).to(self.device)
         return difflab.sample(den, noise, sampler=tc["sampler"], steps=int(tc["sample_steps"]),
                               cond=cond, generator=g)
+
+    def ema_denoiser(self) -> Denoiser:
+        """The EMA weights as a denoiser, with the solvers fitted to them (:meth:`fit_solvers`)."""
+        self.ema.copy_to(self.ema_net)
+        den = Denoiser(self.ema_net, self.schedule, self.config["prediction"],
+                       float(self.config.get("sigma_data", 0.5)))
+        den.solvers.update(self.solvers)
+        return den
+
+    def fit_solvers(self, checkpoint: Path) -> dict[int, dict[str, Any]]:
+        """Fit a bespoke solver for each of ``train.fit_steps`` to the EMA weights (``train.
+        fit_count`` calibration images, ``train.fit_iters`` L-BFGS iterations;
+        :func:`difflab.samplers.bespoke.fit_solvers`) and store them in the checkpoint's
+        grids.json, where ``load_denoiser`` finds them: ``difflab sample`` then uses them."""
+        from difflab.samplers.bespoke import fit_solvers
+        from difflab.train.grids import save_tuned_grid
+
+        tc = self.tc
+        if tc["conditional"]:
+            print("train.fit_steps skipped: fitted solvers serve unconditional sampling and "
+                  "this model is class-conditional", file=sys.stderr)
+            return {}
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(int(tc["seed"]) + 1000)
+        noise = torch.randn((int(tc["fit_count"]),) + tuple(self.images.shape[1:]),
+                            generator=g).to(self.device)
+        den = self.ema_denoiser()
+
+        def log(msg: str) -> None:
+            if not self.quiet:
+                print(msg, file=sys.stderr)
+
+        fits = fit_solvers(den, tc["fit_steps"], noise, max_iter=int(tc["fit_iters"]),
+                           log=log)
+        for fit in fits.values():
+            fit.update(seed=int(tc["seed"]) + 1000, seconds=time.perf_counter() - t0)
+            save_tuned_grid(checkpoint, fit, ema=True)
+        self.solvers.update(fits)
+        log(f"fitted bespoke solvers for {sorted(fits)} steps in "
+            f"{(time.perf_counter() - t0) / 60:.1f} min -> {checkpoint}/grids.json")
+        return fits
 
     def save_samples(self, path: Path) -> Path:
         x = self.sample()
@@ -407,6 +448,8 @@ class Trainer:
                    "stopped_by": stopped_by, "out": str(self.out)}
         if self.dist.is_main:
             summary["checkpoint"] = str(self.save())
+            if tc["fit_steps"]:
+                summary["fitted"] = sorted(self.fit_solvers(Path(summary["checkpoint"])))
             if tc["grid_size"]:
                 summary["samples"] = str(self.save_samples(self.out / "samples.png"))
             records = read_metrics(self.log.path) if self.log.path.is_file() else []
