@@ -159,6 +159,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print(f"trained {summary['steps']} steps in {summary['seconds'] / 60:.1f} min "
           f"(stopped by {summary['stopped_by']}), final loss {summary['loss']:.4f}")
     print(f"checkpoint: {summary.get('checkpoint')}")
+    if summary.get("fitted"):
+        print(f"fitted:     bespoke solvers for {summary['fitted']} steps (grids.json; "
+              "`difflab sample` uses them by default)")
     print(f"samples:    {summary.get('samples')}")
     if summary.get("loss_plot"):
         print(f"loss curve: {summary['loss_plot']}")
