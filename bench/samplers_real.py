@@ -100,6 +100,9 @@ def main() -> None:
     ap.add_argument("--grids", default="",
                     help="samplers (comma list) whose grids from the checkpoint's grids.json "
                          "(`difflab tune-grid`, the grids `difflab sample` uses) get rows")
+    ap.add_argument("--figure", default="",
+                    help="PNG: 8 images from the reference and, per NFE, dpmpp_2m and the "
+                         "default call (rows)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     den, cfg = load_denoiser(args.checkpoint)
@@ -115,10 +118,18 @@ def main() -> None:
             "auto: `difflab.sample(den, noise, steps=n)`, the default (no fitted solver: "
             "dpmpp_2m)")
     rows_dl = {auto: {}}
+    shown = [ref[:8]]  # --figure: the reference, then per NFE dpmpp_2m and the default
     for nfe in NFES:  # every sampler auto chooses makes one network call per step
         x = S.sample(den, noise, steps=nfe)
         rows_dl[auto][nfe] = (rmse(x, ref), S.get(S.choose(den, None, nfe)[0]).nfe(nfe))
+        shown += [S.sample(den, noise[:8], "dpmpp_2m", nfe), x[:8]]
     print(auto, rows_dl[auto], flush=True)
+    if args.figure:
+        from difflab.train.monitor import save_grid
+
+        save_grid(torch.cat(shown), args.figure, nrow=8, scale=2)
+        print(f"wrote {args.figure}: rows = {args.ref_steps}-step reference, then for NFE "
+              f"{NFES}: dpmpp_2m, the default call", flush=True)
     defaults = (auto, *DIFFLAB)
     for name in DIFFLAB:
         rows_dl[name] = {}

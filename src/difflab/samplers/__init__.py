@@ -21,6 +21,10 @@ unipc              Zhao et al. 2023 (bh2)    steps       log_snr     UniP-2 + Un
 bespoke            Shaul et al. 2024         steps       log_snr     fitted coefficients
 =================  ========================  ==========  ==========  ===========================
 
+:func:`sample` without a sampler name runs the solver fitted to the denoiser for that step
+count (``denoiser.solvers``: :func:`difflab.samplers.bespoke.fit_solvers`, or a checkpoint
+trained with ``train.fit_steps``) and otherwise dpmpp_2m (:func:`choose`).
+
 ``difflab.samplers.get(name).nfe(steps)`` is the exact number of denoiser calls
 (``nfe_rule`` says it in words); on a zero-terminal-SNR grid heun and dpm_solver_k take their
 first step (from alpha = 0) as a one-call Euler/DDIM step, so they use order - 1 fewer.

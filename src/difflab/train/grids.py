@@ -263,22 +263,23 @@ def cmd_tune_grid(args: argparse.Namespace) -> int:
 
 def _tune_bespoke(args: argparse.Namespace, den: Any, noise: Any, ref: Any, steps: int) -> None:
     """``tune-grid --sampler bespoke``: coefficients on the base solver's tuned grid."""
-    from difflab.samplers.bespoke import start_spacing, tune_solver
+    from difflab.samplers.bespoke import fit_solver, tune_solver
     from difflab.samplers.tuning import tune_grid
 
     ema = not args.no_ema
-    if args.start != "tuned":
-        spacing = args.start
-        if spacing == "auto":
-            spacing, _ = start_spacing(den, steps, noise, ref, base=args.base,
-                                       batch_size=args.batch_size)
-        tuned = tune_solver(den, steps, noise, base=args.base, grid=spacing, reference=ref,
-                            max_iter=args.max_iter, batch_size=args.batch_size)
-        tuned.update(seed=args.seed, reference_steps=args.reference_steps, spacing=spacing)
+    if args.start != "tuned":  # from a spacing's grid (auto: log-SNR and uniform-t)
+        if args.base != "unipc":
+            raise ValueError("--start fits from unipc's coefficients; use --start tuned with "
+                             f"--base {args.base}")
+        tuned = fit_solver(den, steps, noise, ref, spacing=args.start, max_iter=args.max_iter,
+                           batch_size=args.batch_size)
+        tuned.update(seed=args.seed, reference_steps=args.reference_steps)
         path = save_tuned_grid(args.checkpoint, tuned, ema=ema)
-        print(f"bespoke {steps} steps ({tuned['nfe']} NFE), from the {spacing} grid: "
-              f"calibration RMSE {tuned['rmse']:.4g} ({args.base} on that grid "
-              f"{tuned['rmse_base']:.4g}), {tuned['iterations']} L-BFGS iterations -> {path}")
+        print(f"bespoke {steps} steps ({tuned['nfe']} NFE), from the {tuned['spacing']} grid: "
+              f"calibration RMSE {tuned['rmse']:.4g} (unipc on that grid "
+              f"{tuned['rmse_base']:.4g}; from each start: "
+              f"{', '.join(f'{k} {v:.4g}' for k, v in tuned['starts'].items())}), "
+              f"{tuned['iterations']} L-BFGS iterations -> {path}")
         return
     entry = tuned_grid_entry(args.checkpoint, args.base, steps, ema)
     if entry is None:
