@@ -152,9 +152,10 @@ def tune_solver(denoiser: BaseDenoiser, steps: int, noise: Tensor, *, base: str 
 
     ``grid``: the grid (a list, or :func:`~difflab.samplers.tuning.tune_grid`'s dict with its
     evaluation times, or a spacing name of :func:`~difflab.samplers.timesteps`); by default
-    ``tune_grid(denoiser, base, steps, noise)`` first. With the evaluation times fitted, a
-    spacing is nearly as good a start as a tuned grid at a fraction of the cost (the solver's
-    coefficients and told times span the same family; docs/results/samplers.md). The fit
+    ``tune_grid(denoiser, base, steps, noise)`` first. A spacing is the far cheaper start (no
+    Nelder-Mead runs through the model); the tuned grid's fit ends 2-3.4x lower on the 2-D
+    benchmark mixture and is mixed on the 64-D one (docs/results/samplers_fit.md against the
+    bespoke row of samplers.md). The fit
     starts from ``base``'s coefficients on that grid and runs L-BFGS (strong Wolfe line search)
     for at most ``max_iter`` iterations; with ``fit_times`` the times the network is told
     (the grid's evaluation times t'_j, :class:`~difflab.samplers.common.EvalTimes`) are fitted
