@@ -53,6 +53,12 @@ def reference(den: Denoiser, noise: torch.Tensor, steps: int) -> torch.Tensor:
     return S.get("dpm_solver_3").fn(den, noise, ts)
 
 
+def benchmark_mixtures() -> dict[str, tuple[GaussianMixture, int]]:
+    """The two benchmark mixtures and their numbers of test draws."""
+    return {"ring (2-D, 8 components)": (GaussianMixture.ring(), 1024),
+            "random (64-D, 10 components)": (GaussianMixture.random(10, 64, seed=0), 2048)}
+
+
 def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).pow(2).mean().sqrt())
 
@@ -356,8 +362,7 @@ def main() -> None:
 
     diffusers.utils.logging.set_verbosity_error()
     sch = schedules.linear(1e-4, 0.02, 1000)
-    mixtures = {"ring (2-D, 8 components)": (GaussianMixture.ring(), 1024),
-                "random (64-D, 10 components)": (GaussianMixture.random(10, 64, seed=0), 2048)}
+    mixtures = benchmark_mixtures()
     # bespoke without fitted coefficients is unipc: it is measured in the tuned section
     deterministic = [n for n in S.names() if not S.get(n).stochastic and n != "bespoke"]
     lines = [

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from samplers import (  # noqa: E402
     DiffusersModel,
+    benchmark_mixtures,
     diffusers_configs,
     diffusers_sample,
     draw_errors,
@@ -71,8 +72,7 @@ def main() -> None:
 
     diffusers.utils.logging.set_verbosity_error()
     sch = schedules.linear(1e-4, 0.02, 1000)
-    mixtures = {"ring (2-D, 8 components)": (GaussianMixture.ring(), 1024),
-                "random (64-D, 10 components)": (GaussianMixture.random(10, 64, seed=0), 2048)}
+    mixtures = benchmark_mixtures()
     lines = [
         "# The default pipeline's fitted solvers on the exact mixtures", "",
         f"Command: `{shlex.join(['python', 'bench/samplers_fit.py', *sys.argv[1:]])}`  ",
