@@ -84,7 +84,7 @@ def choose(denoiser: BaseDenoiser, sampler: str | None, steps: int | None = None
     if sampler is not None and sampler != AUTO:
         return sampler, grid
     if grid is None and spacing is None:
-        fitted = denoiser.solvers.get(10 if steps is None else steps)
+        fitted = getattr(denoiser, "solvers", {}).get(10 if steps is None else steps)
         if fitted is not None:
             return fitted.get("sampler", "bespoke"), fitted
     return DEFAULT, grid

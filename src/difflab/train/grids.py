@@ -194,9 +194,10 @@ def register(subparsers: Any) -> None:
                         "from")
     p.add_argument("--start", default="tuned",
                    help="--sampler bespoke: the grid the fit starts from: tuned (the --base "
-                        "solver's tuned grid, tuned first if grids.json has none), auto (the "
-                        "better of log_snr and uniform for the base solver: no grid tuning, "
-                        "what `difflab train` with train.fit_steps does) or a spacing name")
+                        "solver's tuned grid, tuned first if grids.json has none), auto "
+                        "(fit from the log_snr and the uniform grid, keep the better: no grid "
+                        "tuning, what `difflab train` with train.fit_steps does) or a spacing "
+                        "name (unipc as --base)")
     p.add_argument("--max-iter", type=int, default=100,
                    help="--sampler bespoke: L-BFGS iterations of the coefficient fit")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

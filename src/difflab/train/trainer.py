@@ -376,7 +376,7 @@ class Trainer:
         fits = fit_solvers(den, tc["fit_steps"], noise, max_iter=int(tc["fit_iters"]),
                            log=log)
         for fit in fits.values():
-            fit.update(seed=int(tc["seed"]) + 1000, seconds=time.perf_counter() - t0)
+            fit["seed"] = int(tc["seed"]) + 1000
             save_tuned_grid(checkpoint, fit, ema=True)
         self.solvers.update(fits)
         log(f"fitted bespoke solvers for {sorted(fits)} steps in "
