@@ -106,8 +106,10 @@ def load_tuned_grid(path: str | os.PathLike, sampler: str, steps: int,
     and ``coeffs`` for a bespoke solver), or None (no grid, or a grid fitted to other weights:
     then with a warning)."""
     entry = tuned_grid_entry(path, sampler, steps, ema)
-    if entry is None:
-        return None
+    return None if entry is None else _as_grid(entry)
+
+
+def _as_grid(entry: dict[str, Any]) -> list[float] | dict[str, Any]:
     ts = [float(t) for t in entry["ts"]]
     if entry.get("eval_ts") is None and entry.get("coeffs") is None:
         return ts
@@ -127,14 +129,13 @@ def fitted_solvers(path: str | os.PathLike, ema: bool = True) -> dict[int, dict[
     if not (ckpt / GRIDS).is_file():
         return {}
     suffix = "/" + grid_key("", 0, ema).split("/")[-1]
-    found = {int(key.split("/")[1]): key for key in _read(ckpt)["grids"]
-             if key.startswith("bespoke/") and key.endswith(suffix)}
+    found = sorted(int(key.split("/")[1]) for key in _read(ckpt)["grids"]
+                   if key.startswith("bespoke/") and key.endswith(suffix))
     out = {}
-    for steps in sorted(found):
-        grid = load_tuned_grid(ckpt, "bespoke", steps, ema)  # None (warned) if stale
-        if isinstance(grid, dict):  # how it was made (rmse, calibration, ...) and the solver
-            out[steps] = dict(_read(ckpt)["grids"][found[steps]], **grid, sampler="bespoke",
-                              steps=steps)
+    for steps in found:
+        entry = tuned_grid_entry(ckpt, "bespoke", steps, ema)  # None (warned) if stale
+        if entry is not None:  # how it was made (rmse, calibration, ...) and the solver
+            out[steps] = {**entry, **_as_grid(entry), "sampler": "bespoke", "steps": steps}
     return out
 
 
