@@ -50,7 +50,7 @@ from difflab.samplers.common import (
 )
 
 __all__ = ["sample_bespoke", "solver_coefficients", "tune_solver", "fit_solver",
-           "fit_solvers", "BASES", "START_SPACINGS"]
+           "fit_solvers", "describe_fit", "BASES", "START_SPACINGS"]
 
 BASES = ("unipc", "dpmpp_3m", "dpmpp_2m", "ddim", "euler")  # one call per grid point
 
@@ -308,14 +308,17 @@ def fit_solvers(denoiser: BaseDenoiser, steps: Sequence[int], noise: Tensor, *,
                              batch_size=batch_size, cond=cond)
         fits[k]["reference_steps"] = reference_steps
         if log is not None:
-            log(f"bespoke {k} steps: calibration RMSE {fits[k]['rmse']:.4g} from the "
-                f"{fits[k]['spacing']} grid (unipc there {fits[k]['rmse_base']:.4g}; "
-                f"from each start: {_fmt(fits[k]['starts'])})")
+            log(describe_fit(fits[k]))
     if not isinstance(denoiser.solvers, dict):  # a transform's read-only default: its own now
         denoiser.solvers = {}
     denoiser.solvers.update(fits)
     return fits
 
 
-def _fmt(rmse_by_start: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.4g}" for k, v in rmse_by_start.items())
+def describe_fit(fit: dict[str, Any]) -> str:
+    """One line on a :func:`fit_solver` result: its calibration RMSE, start, base and starts."""
+    starts = ", ".join(f"{k} {v:.4g}" for k, v in fit.get("starts", {}).items())
+    return (f"bespoke {fit['steps']} steps ({fit['nfe']} NFE): calibration RMSE "
+            f"{fit['rmse']:.4g} from the {fit['spacing']} grid (unipc there "
+            f"{fit['rmse_base']:.4g}; from each start: {starts}), {fit['iterations']} L-BFGS "
+            "iterations")

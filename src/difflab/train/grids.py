@@ -265,7 +265,7 @@ def cmd_tune_grid(args: argparse.Namespace) -> int:
 
 def _tune_bespoke(args: argparse.Namespace, den: Any, noise: Any, ref: Any, steps: int) -> None:
     """``tune-grid --sampler bespoke``: coefficients on the base solver's tuned grid."""
-    from difflab.samplers.bespoke import fit_solver, tune_solver
+    from difflab.samplers.bespoke import describe_fit, fit_solver, tune_solver
     from difflab.samplers.tuning import tune_grid
 
     ema = not args.no_ema
@@ -277,11 +277,7 @@ def _tune_bespoke(args: argparse.Namespace, den: Any, noise: Any, ref: Any, step
                            batch_size=args.batch_size)
         tuned.update(seed=args.seed, reference_steps=args.reference_steps)
         path = save_tuned_grid(args.checkpoint, tuned, ema=ema)
-        print(f"bespoke {steps} steps ({tuned['nfe']} NFE), from the {tuned['spacing']} grid: "
-              f"calibration RMSE {tuned['rmse']:.4g} (unipc on that grid "
-              f"{tuned['rmse_base']:.4g}; from each start: "
-              f"{', '.join(f'{k} {v:.4g}' for k, v in tuned['starts'].items())}), "
-              f"{tuned['iterations']} L-BFGS iterations -> {path}")
+        print(f"{describe_fit(tuned)} -> {path}")
         return
     entry = tuned_grid_entry(args.checkpoint, args.base, steps, ema)
     if entry is None:
