@@ -4,8 +4,9 @@
 
 ``difflab train`` with ``train.fit_steps`` (and ``difflab tune-grid --sampler bespoke --start
 auto``) fits a bespoke solver per step count with
-:func:`difflab.samplers.bespoke.fit_solvers`: unipc on the better of the log-SNR and uniform-t
-grids as the start, no grid tuning, then ``difflab.sample(den, noise, steps=n)`` uses it by
+:func:`difflab.samplers.bespoke.fit_solvers`: unipc on each of ``START_GRIDS`` (the adaptive
+grid from the reference solve, log-SNR, uniform-t) as the start, the best fit kept, no grid
+tuning, then ``difflab.sample(den, noise, steps=n)`` uses it by
 default. This measures exactly that call on the two mixtures of ``bench/samplers.py`` (same
 schedule, test noise and reference), beside the default without a fit and the best of the ~40
 diffusers configurations of ``bench/samplers.py`` at each NFE.
@@ -115,11 +116,14 @@ def main() -> None:
                   "| fit: start grid, calibration RMSE (unipc there) | " + " | ".join(
                       f"{fits[k]['spacing']}, {fits[k]['rmse']:.1e} ({fits[k]['rmse_base']:.1e})"
                       for k in NFES) + " |",
+                  "| calibration RMSE from each start | " + " | ".join(
+                      ", ".join(f"{g} {e:.1e}" for g, e in fits[k]["starts"].items())
+                      for k in NFES) + " |",
                   "| test draws ending in another component (> 0.5); RMSE without them | "
                   + " | ".join("{1}; {2:.1e}".format(*draw_errors(xs[k], ref)) for k in NFES)
                   + " |", "",
                   f"Fitting all three took {seconds:.0f} s (1 thread).", ""]
-        print("\n".join(lines[-10:]), flush=True)
+        print("\n".join(lines[-11:]), flush=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 

@@ -170,6 +170,7 @@ def test_fitted_solvers_are_the_default_of_sample():
     the classical default."""
     from difflab import guidance
     from difflab.samplers.bespoke import fit_solvers
+    from difflab.samplers.tuning import adaptive_grid, reference_profile
 
     sch = schedules.linear()
     mix = GaussianMixture.ring()
@@ -180,19 +181,23 @@ def test_fitted_solvers_are_the_default_of_sample():
     fits = fit_solvers(den, [3, 5], cal, max_iter=40, batch_size=128)
     assert sorted(den.solvers) == [3, 5] and den.solvers[5] is fits[5]
     ref_cal = S.sample(den, cal, "dpm_solver_3", grid=timesteps(sch, 100, "log_snr"))
+    _, profile = reference_profile(den, cal, 100)
     for k in (3, 5):
-        # fitted from the log-SNR and the uniform-t grid; the fit with the lower calibration
-        # error is kept, and its base is unipc on that grid
+        # fitted from the adaptive, the log-SNR and the uniform-t grid; the fit with the lowest
+        # calibration error is kept, and its base is unipc on that grid
         starts = fits[k]["starts"]
         spacing = min(starts, key=starts.get)
-        assert sorted(starts) == ["log_snr", "uniform"] and fits[k]["spacing"] == spacing
-        assert fits[k]["rmse"] == starts[spacing]
+        assert sorted(starts) == ["adaptive", "log_snr", "uniform"]
+        assert fits[k]["spacing"] == spacing and fits[k]["rmse"] == starts[spacing]
+        grid = (adaptive_grid(sch, k, profile) if spacing == "adaptive"
+                else timesteps(sch, k, spacing).tolist())
+        assert fits[k]["ts"] == grid
         assert fits[k]["rmse_base"] == pytest.approx(
-            rmse(S.sample(den, cal, "unipc", k, spacing=spacing), ref_cal), rel=1e-9)
-        assert fits[k]["ts"] == timesteps(sch, k, spacing).tolist()
+            rmse(S.sample(den, cal, "unipc", grid=grid), ref_cal), rel=1e-9)
+        assert fits[k]["iterations"] <= 40
         x = S.sample(den, test, steps=k)
         assert torch.equal(x, S.sample(den, test, "bespoke", grid=fits[k]))
-        e_base = rmse(S.sample(den, test, "unipc", steps=k, spacing=spacing), ref)
+        e_base = rmse(S.sample(den, test, "unipc", grid=grid), ref)
         assert rmse(x, ref) < e_base / 3, (k, rmse(x, ref), e_base)
     classical = S.sample(den, test, "dpmpp_2m", steps=5)
     assert torch.equal(S.sample(den, test, steps=5, spacing="log_snr"), classical)
@@ -206,7 +211,7 @@ def test_fitted_solvers_are_the_default_of_sample():
 
 
 def test_cli_bespoke_from_a_spacing_needs_no_tuned_grid(tmp_path, capsys):
-    """``tune-grid --sampler bespoke --start auto`` fits on a spacing's grid (no unipc entry is
+    """``tune-grid --sampler bespoke --start auto`` fits on fixed rules' grids (no unipc entry is
     tuned or stored) and plain ``difflab sample`` then uses it; a bad --start is named."""
     import json
 
@@ -217,13 +222,15 @@ def test_cli_bespoke_from_a_spacing_needs_no_tuned_grid(tmp_path, capsys):
 
     ckpt = mlp_checkpoint(tmp_path / "ck")
     assert main(["tune-grid", str(ckpt), "--sampler", "bespoke", "--start", "best"]) != 0
-    assert "unknown --start 'best'; valid: tuned, auto, uniform" in capsys.readouterr().err
+    assert "unknown --start 'best'; valid: tuned, auto, adaptive, uniform" in (
+        capsys.readouterr().err)
     assert main(["tune-grid", str(ckpt), "--sampler", "bespoke", "--steps", "3", "--count", "16",
                  "--reference-steps", "20", "--max-iter", "10", "--start", "auto"]) == 0
     grids = json.loads((ckpt / GRIDS).read_text())["grids"]
     assert list(grids) == ["bespoke/3/ema"]
     entry = grids["bespoke/3/ema"]
-    assert entry["spacing"] in ("log_snr", "uniform") and entry["rmse"] <= entry["rmse_base"]
+    assert sorted(entry["starts"]) == ["adaptive", "log_snr", "uniform"]
+    assert entry["spacing"] in entry["starts"] and entry["rmse"] <= entry["rmse_base"]
     capsys.readouterr()
     assert main(["sample", str(ckpt), "--steps", "3", "--count", "4",
                  "--out", str(tmp_path / "x.npy")]) == 0

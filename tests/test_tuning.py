@@ -11,7 +11,13 @@ import torch
 from difflab import samplers as S
 from difflab import schedules
 from difflab.samplers.timesteps import timesteps
-from difflab.samplers.tuning import grid_from_theta, nelder_mead, tune_grid
+from difflab.samplers.tuning import (
+    adaptive_grid,
+    grid_from_theta,
+    nelder_mead,
+    reference_profile,
+    tune_grid,
+)
 from difflab.toy import GaussianMixture
 
 
@@ -33,6 +39,52 @@ def test_theta_zero_is_the_default_log_snr_grid():
     for steps in (1, 2, 5, 12):
         torch.testing.assert_close(grid_from_theta(sch, steps, [0.0] * steps),
                                    timesteps(sch, steps, "log_snr"), rtol=1e-9, atol=1e-12)
+
+
+def test_reference_profile_is_the_rate_of_the_gaussian_data_prediction():
+    """For Gaussian data N(mu, s^2 I) the ODE solution from noise is x_t = alpha_t mu +
+    sqrt(alpha_t^2 s^2 + sigma_t^2) z, so the data prediction along it is D(lambda) = mu +
+    s^2 z / sqrt(s^2 + e^-lambda) and |dD/dlambda| = s^2 |z| e^-lambda (s^2 + e^-lambda)^-3/2
+    / 2. The profile (finite differences on the reference solve, at the log-SNR midpoints)
+    matches it to the differences' O(h^2) error; the reference is the ODE solution itself."""
+    sch = schedules.linear()
+    s, dim = 0.5, 8
+    mu = torch.linspace(-1, 1, dim, dtype=torch.float64)
+    mix = GaussianMixture(mu[None], s)
+    den = mix.denoiser(sch, "eps")
+    noise = torch.randn(1024, dim, generator=torch.Generator().manual_seed(0),
+                        dtype=torch.float64)
+    ref, profile = reference_profile(den, noise, 100, batch_size=300)
+    x_T = noise * sch.prior_std(1.0)
+    a_T, s_T = (float(v) for v in sch.alpha_sigma(torch.tensor(1.0, dtype=torch.float64)))
+    z = (x_T - a_T * mu) / (a_T ** 2 * s ** 2 + s_T ** 2) ** 0.5
+    torch.testing.assert_close(ref, mu + s * z, atol=2e-5, rtol=0)  # the exact x_0
+    lam = torch.tensor(profile["log_snr"], dtype=torch.float64)
+    rate = torch.tensor(profile["rate"], dtype=torch.float64)
+    e = torch.exp(-lam)
+    exact = s ** 2 * z.pow(2).mean().sqrt() * e * (s ** 2 + e) ** -1.5 / 2
+    assert lam.numel() == 99 and bool((lam.diff() > 0).all())
+    torch.testing.assert_close(rate, exact, rtol=5e-3, atol=0)  # measured 1.6e-3
+
+
+def test_adaptive_grid_equidistributes_the_square_root_of_the_rate():
+    """Density sqrt(r): with r = 1 below lambda = 0 and 4 above, the mass of [-10, 10] is
+    10 + 20, and the 6-step grid's points k = 1..5 sit at mass 5 k: lambda = -5, 0, 2.5, 5,
+    7.5; then t = 0. A constant rate gives the uniform log-SNR grid over the profile."""
+    sch = schedules.linear()
+    lam = torch.linspace(-10, 10, 4001, dtype=torch.float64)
+    rate = torch.where(lam < 0, 1.0, 4.0)
+    grid = adaptive_grid(sch, 6, {"log_snr": lam.tolist(), "rate": rate.tolist()})
+    assert len(grid) == 7 and grid[0] == 1.0 and grid[-1] == 0.0
+    got = sch.log_snr(torch.tensor(grid[1:-1], dtype=torch.float64))
+    torch.testing.assert_close(got, torch.tensor([-5.0, 0.0, 2.5, 5.0, 7.5],
+                                                 dtype=torch.float64), atol=5e-3, rtol=0)
+    flat = adaptive_grid(sch, 4, {"log_snr": lam.tolist(), "rate": [3.0] * lam.numel()})
+    torch.testing.assert_close(sch.log_snr(torch.tensor(flat[1:-1], dtype=torch.float64)),
+                               torch.tensor([-5.0, 0.0, 5.0], dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="rate is zero"):
+        adaptive_grid(sch, 4, {"log_snr": lam.tolist(), "rate": [0.0] * lam.numel()})
 
 
 @pytest.mark.parametrize("schedule", [schedules.linear(), schedules.cosine(),

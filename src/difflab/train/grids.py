@@ -196,9 +196,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--start", default="tuned",
                    help="--sampler bespoke: the grid the fit starts from: tuned (the --base "
                         "solver's tuned grid, tuned first if grids.json has none), auto "
-                        "(fit from the log_snr and the uniform grid, keep the better: no grid "
-                        "tuning, what `difflab train` with train.fit_steps does) or a spacing "
-                        "name (unipc as --base)")
+                        "(fit from the adaptive, the log_snr and the uniform grid, keep the "
+                        "best: no grid tuning, what `difflab train` with train.fit_steps does), "
+                        "adaptive (the grid equidistributing the reference trajectories' "
+                        "local error) or a spacing name (unipc as --base)")
     p.add_argument("--max-iter", type=int, default=100,
                    help="--sampler bespoke: L-BFGS iterations of the coefficient fit")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -210,14 +211,14 @@ def cmd_tune_grid(args: argparse.Namespace) -> int:
     import torch
 
     import difflab
-    from difflab.samplers.tuning import tune_grid
+    from difflab.samplers.tuning import reference_profile, tune_grid
     from difflab.train.checkpoint import load_denoiser
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.count < 1:
         raise ValueError(f"--count must be at least 1, got {args.count}")
-    starts = ("tuned", "auto", *difflab.samplers.SPACINGS)
+    starts = ("tuned", "auto", "adaptive", *difflab.samplers.SPACINGS)
     if args.start not in starts:
         raise ValueError(f"unknown --start {args.start!r}; valid: {', '.join(starts)}")
     den, config = load_denoiser(args.checkpoint, ema=not args.no_ema, device=args.device)
@@ -230,9 +231,8 @@ def cmd_tune_grid(args: argparse.Namespace) -> int:
              if data.get("resolution") else (int(data.get("channels", 2)),))
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn((args.count,) + shape, generator=g).to(args.device)
-    ts_ref = difflab.samplers.timesteps(den.schedule, args.reference_steps, "log_snr")
-    ref = torch.cat([difflab.sample(den, noise[i:i + args.batch_size], "dpm_solver_3",
-                                    grid=ts_ref) for i in range(0, args.count, args.batch_size)])
+    ref, profile = reference_profile(den, noise, args.reference_steps,
+                                     batch_size=args.batch_size)
     if args.eval_times_only and args.no_eval_times:
         raise ValueError("--eval-times-only and --no-eval-times exclude each other")
     if args.eval_times_only and args.sampler == "bespoke":
@@ -240,7 +240,7 @@ def cmd_tune_grid(args: argparse.Namespace) -> int:
                          "fits its times with its coefficients (drop --eval-times-only)")
     for steps in args.steps:
         if args.sampler == "bespoke":
-            _tune_bespoke(args, den, noise, ref, steps)
+            _tune_bespoke(args, den, noise, ref, profile, steps)
             continue
         keep = None
         if args.eval_times_only:
@@ -263,18 +263,19 @@ def cmd_tune_grid(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tune_bespoke(args: argparse.Namespace, den: Any, noise: Any, ref: Any, steps: int) -> None:
+def _tune_bespoke(args: argparse.Namespace, den: Any, noise: Any, ref: Any,
+                  profile: dict[str, Any], steps: int) -> None:
     """``tune-grid --sampler bespoke``: coefficients on the base solver's tuned grid."""
     from difflab.samplers.bespoke import describe_fit, fit_solver, tune_solver
     from difflab.samplers.tuning import tune_grid
 
     ema = not args.no_ema
-    if args.start != "tuned":  # from a spacing's grid (auto: log-SNR and uniform-t)
+    if args.start != "tuned":  # from a fixed rule's grid (auto: each of START_GRIDS)
         if args.base != "unipc":
             raise ValueError("--start fits from unipc's coefficients; use --start tuned with "
                              f"--base {args.base}")
-        tuned = fit_solver(den, steps, noise, ref, spacing=args.start, max_iter=args.max_iter,
-                           batch_size=args.batch_size)
+        tuned = fit_solver(den, steps, noise, ref, spacing=args.start, profile=profile,
+                           max_iter=args.max_iter, batch_size=args.batch_size)
         tuned.update(seed=args.seed, reference_steps=args.reference_steps)
         path = save_tuned_grid(args.checkpoint, tuned, ema=ema)
         print(f"{describe_fit(tuned)} -> {path}")
