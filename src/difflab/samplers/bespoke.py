@@ -292,7 +292,7 @@ def fit_solver(denoiser: BaseDenoiser, steps: int, noise: Tensor,
     fits best: on the 10-minute demo U-Net unipc is as accurate on the log-SNR and uniform-t
     grids at 5 and 10 steps, yet the fit from uniform-t ends 1.9x lower (on the 2-D benchmark
     mixture at 5 steps, log-SNR wins by 2x)."""
-    from difflab.samplers.tuning import reference_profile
+    from difflab.samplers.tuning import adaptive_grid, reference_profile
 
     starts = START_GRIDS if spacing == "auto" else (spacing,)
     if reference is None or (profile is None and "adaptive" in starts):
@@ -303,8 +303,6 @@ def fit_solver(denoiser: BaseDenoiser, steps: int, noise: Tensor,
     for start in starts:
         grid: Any = start
         if start == "adaptive":
-            from difflab.samplers.tuning import adaptive_grid
-
             grid = adaptive_grid(denoiser.schedule, steps, profile)
         fit = tune_solver(denoiser, steps, noise, grid=grid, cond=cond, reference=reference,
                           max_iter=max_iter, batch_size=batch_size)

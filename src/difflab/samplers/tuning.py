@@ -152,15 +152,11 @@ def calibration_reference(denoiser: BaseDenoiser, steps: int, noise: Tensor,
     """What every fit to a model starts with: ``steps`` checked, and the accurate ODE
     solution from the calibration ``noise`` (``reference`` if given, else dpm_solver_3 on a
     ``reference_steps``-step log-SNR grid)."""
-    from difflab.samplers import sample
-
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if reference is not None:
         return reference
-    ts_ref = timesteps(denoiser.schedule, reference_steps, "log_snr", t_start=t_start)
-    with torch.no_grad():
-        return sample(denoiser, noise, "dpm_solver_3", reference_steps, grid=ts_ref, cond=cond)
+    return reference_profile(denoiser, noise, reference_steps, cond=cond, t_start=t_start)[0]
 
 
 @torch.no_grad()
