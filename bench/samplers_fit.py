@@ -5,7 +5,8 @@
 ``difflab train`` with ``train.fit_steps`` (and ``difflab tune-grid --sampler bespoke --start
 auto``) fits a bespoke solver per step count with
 :func:`difflab.samplers.bespoke.fit_solvers`: unipc on each of ``START_GRIDS`` (the adaptive
-grid from the reference solve, log-SNR, uniform-t) as the start, the best fit kept, no grid
+grid from the reference solve, uniform-t; the docs/results file of 2026-12-02 also fitted from
+log-SNR, which never won and was dropped) as the start, the best fit kept, no grid
 tuning, then ``difflab.sample(den, noise, steps=n)`` uses it by
 default. This measures exactly that call on the two mixtures of ``bench/samplers.py`` (same
 schedule, test noise and reference), beside the default without a fit and the best of the ~40

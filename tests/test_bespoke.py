@@ -183,11 +183,11 @@ def test_fitted_solvers_are_the_default_of_sample():
     ref_cal = S.sample(den, cal, "dpm_solver_3", grid=timesteps(sch, 100, "log_snr"))
     _, profile = reference_profile(den, cal, 100)
     for k in (3, 5):
-        # fitted from the adaptive, the log-SNR and the uniform-t grid; the fit with the lowest
+        # fitted from the adaptive and the uniform-t grid; the fit with the lowest
         # calibration error is kept, and its base is unipc on that grid
         starts = fits[k]["starts"]
         spacing = min(starts, key=starts.get)
-        assert sorted(starts) == ["adaptive", "log_snr", "uniform"]
+        assert sorted(starts) == ["adaptive", "uniform"]
         assert fits[k]["spacing"] == spacing and fits[k]["rmse"] == starts[spacing]
         grid = (adaptive_grid(sch, k, profile) if spacing == "adaptive"
                 else timesteps(sch, k, spacing).tolist())
@@ -229,7 +229,7 @@ def test_cli_bespoke_from_a_spacing_needs_no_tuned_grid(tmp_path, capsys):
     grids = json.loads((ckpt / GRIDS).read_text())["grids"]
     assert list(grids) == ["bespoke/3/ema"]
     entry = grids["bespoke/3/ema"]
-    assert sorted(entry["starts"]) == ["adaptive", "log_snr", "uniform"]
+    assert sorted(entry["starts"]) == ["adaptive", "uniform"]
     assert entry["spacing"] in entry["starts"] and entry["rmse"] <= entry["rmse_base"]
     capsys.readouterr()
     assert main(["sample", str(ckpt), "--steps", "3", "--count", "4",

