@@ -13,17 +13,19 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["targets", "samplers", "samplers_fit", "samplers_real", "samplers_real_h200", "train",
-         "train_gpu", "nets", "metrics", "metrics_eval", "guidance", "guidance_mnist"]
+ORDER = ["targets", "samplers", "samplers_overhead", "samplers_fit", "samplers_real",
+         "samplers_real_h200", "train", "train_gpu", "nets", "metrics", "metrics_eval", "guidance",
+         "guidance_mnist"]
 HEADER = """# difflab benchmarks
 
 Every number on this page was measured by a script in `bench/`; each section names the command
 that produced it, the machine and the date. `bench/README.md` says how to rerun all of it, and
 `python bench/collect.py` rebuilds this page from `docs/results/*.md`. Ratios against peers
 (HuggingFace `diffusers`) come from the same run on the same machine; absolute times on a shared
-2-core machine are noise. All of it ran on 2026-11-26 (`samplers_fit`, `samplers_real`:
-2026-12-02) on a 2-core CPU (CI-class) that other jobs shared during most runs, except the GPU
-section (`train_gpu`: one NVIDIA H200, lent for 15 minutes), which names its card.
+2-core machine are noise. All of it ran on 2026-11-26 (`samplers_overhead`, `samplers_fit`,
+`samplers_real`: 2026-12-02) on a 2-core CPU (CI-class) that other jobs shared during most runs,
+except the GPU section (`train_gpu`: one NVIDIA H200, lent for 15 minutes), which names its
+card.
 
 """
 

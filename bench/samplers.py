@@ -1,6 +1,8 @@
 """Samplers benchmark: difflab vs HuggingFace diffusers schedulers on exact Gaussian mixtures.
 
-    python bench/samplers.py                    # writes docs/results/samplers.md
+    python bench/samplers.py                    # writes docs/results/samplers.md and
+                                                # docs/results/samplers_overhead.md
+    python bench/samplers.py --overhead-only    # only samplers_overhead.md (a few minutes)
     python bench/samplers.py --quick            # fewer samples, no file (smoke run)
 
 Setup: DDPM's linear schedule (T = 1000, beta 1e-4 .. 0.02), the exact mixture model
@@ -349,6 +351,37 @@ def draw_errors(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, int, float]:
     return float(e.median()), int((~ok).sum()), float(e[ok].pow(2).mean().sqrt())
 
 
+OVERHEAD_OUT = ROOT / "docs" / "results" / "samplers_overhead.md"
+
+
+def _header(title: str) -> list[str]:
+    return [
+        f"# {title}", "",
+        f"Command: `{shlex.join(['python', 'bench/samplers.py', *sys.argv[1:]])}`  ",
+        f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  ",
+        f"Machine: 2-core CPU (CI-class), {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, diffusers {__import__('diffusers').__version__}", "",
+    ]
+
+
+def overhead_section(quick: bool) -> list[str]:
+    """The per-step overhead tables (docs/results/samplers_overhead.md)."""
+    lines = _header("Sampler overhead per step: difflab vs diffusers") + [
+        "Zero-cost network, batch 1, float32, one thread. Microseconds per network call for "
+        "the whole sampling call (grid set-up, denoiser conversions, solver arithmetic, noise "
+        "draws), 50 steps; best of 5 rounds, each timing difflab and diffusers alternately "
+        "(the 2-core machine is shared with other jobs, so absolute numbers are noisy; ratios "
+        "are the measure; target <= 0.5).", ""]
+    for shape in ((1, 64), (1, 4, 64, 64)):
+        lines += [f"## x of shape {shape}", "",
+                  "| difflab | us/call | diffusers | us/call | ratio |", "|---|---|---|---|---|"]
+        for name, dname, ours_us, theirs_us in overhead(shape, reps=2 if quick else 5):
+            lines.append(f"| {name} | {ours_us:.0f} | {dname} | {theirs_us:.0f} | "
+                         f"{ours_us / theirs_us:.2f} |")
+        lines.append("")
+    return lines
+
+
 # ----------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -356,21 +389,25 @@ def main() -> None:
     ap.add_argument("--calibration", type=int, default=512,
                     help="calibration draws for the tuned grids (seed 123)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "samplers.md"))
+    ap.add_argument("--overhead-only", action="store_true",
+                    help="only the per-step overhead table (a few minutes)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     import diffusers
 
     diffusers.utils.logging.set_verbosity_error()
+    overhead_text = "\n".join(overhead_section(args.quick))
+    print(overhead_text)
+    if not args.quick:
+        OVERHEAD_OUT.write_text(overhead_text)
+        print(f"wrote {OVERHEAD_OUT}")
+    if args.overhead_only:
+        return
     sch = schedules.linear(1e-4, 0.02, 1000)
     mixtures = benchmark_mixtures()
     # bespoke without fitted coefficients is unipc: it is measured in the tuned section
     deterministic = [n for n in S.names() if not S.get(n).stochastic and n != "bespoke"]
-    lines = [
-        "# Samplers: difflab vs diffusers on exact Gaussian mixtures", "",
-        f"Command: `{shlex.join(['python', 'bench/samplers.py', *sys.argv[1:]])}`  ",
-        f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  ",
-        f"Machine: 2-core CPU (CI-class), {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, diffusers {__import__('diffusers').__version__}", "",
+    lines = _header("Samplers: difflab vs diffusers on exact Gaussian mixtures") + [
         "Linear DDPM schedule (T = 1000), exact mixture model as eps-predictor. Error = RMSE "
         "to the exact PF-ODE solution from the same noise. difflab samplers use their DEFAULT "
         "settings (grid, final step); diffusers schedulers every listed option. A cell "
@@ -456,18 +493,6 @@ def main() -> None:
                 lines.append(f"| {label.split(' ')[0]} | {name} | {final} | "
                              + " | ".join(f"{e:.1e}" for e in errs) + " |")
     lines.append("")
-    lines += ["## Per-step overhead (zero-cost network, batch 1, float32)", "",
-              "Microseconds per network call for the whole sampling call (grid set-up, "
-              "denoiser conversions, solver arithmetic), 50 steps; best of 5 rounds, each "
-              "timing difflab and diffusers alternately (the 2-core machine was shared with "
-              "other jobs, so absolute numbers are noisy; ratios are the measure).", ""]
-    for shape in ((1, 64), (1, 4, 64, 64)):
-        lines += [f"### x of shape {shape}", "",
-                  "| difflab | us/call | diffusers | us/call | ratio |", "|---|---|---|---|---|"]
-        for name, dname, ours_us, theirs_us in overhead(shape, reps=2 if args.quick else 5):
-            lines.append(f"| {name} | {ours_us:.0f} | {dname} | {theirs_us:.0f} | "
-                         f"{ours_us / theirs_us:.2f} |")
-        lines.append("")
     text = "\n".join(lines)
     print(text[-3000:])
     if not args.quick:

@@ -23,7 +23,6 @@ interface (``predict`` / ``__call__``) and to ``denoiser.schedule``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -87,20 +86,42 @@ def broadcast_time(t: Tensor | float, x: Tensor) -> Tensor:
     return t
 
 
-@dataclass
 class Prediction:
     """Everything a denoiser says about x_t at time t.
 
     ``x0`` and ``eps`` are both taken from the network's own output with one conversion, so
-    neither is recomputed from the other at low precision. ``alpha``/``sigma`` are shaped to
-    broadcast against x.
+    neither is recomputed from the other at low precision. A denoiser may give only the one its
+    network predicts (the other ``None``): the other is converted on first use and kept, so a
+    sampler that needs only eps (or only x0) pays no conversion; the conversion reads ``x``,
+    so x must not be changed in place before it. ``alpha``/``sigma`` are shaped to broadcast
+    against x.
     """
 
-    x: Tensor
-    x0: Tensor
-    eps: Tensor
-    alpha: Tensor
-    sigma: Tensor
+    __slots__ = ("x", "_x0", "_eps", "alpha", "sigma")
+
+    def __init__(self, x: Tensor, x0: Tensor | None, eps: Tensor | None, alpha: Tensor,
+                 sigma: Tensor):
+        if x0 is None and eps is None:
+            raise ValueError("a Prediction needs x0 or eps")
+        self.x, self._x0, self._eps, self.alpha, self.sigma = x, x0, eps, alpha, sigma
+
+    @property
+    def holds_x0(self) -> bool:
+        """Whether x0 is at hand without a conversion (else eps is): a sampler step with an
+        equivalent data and noise form takes the one that costs nothing more."""
+        return self._x0 is not None
+
+    @property
+    def x0(self) -> Tensor:
+        if self._x0 is None:
+            self._x0 = eps_to_x0(self.x, self._eps, self.alpha, self.sigma)
+        return self._x0
+
+    @property
+    def eps(self) -> Tensor:
+        if self._eps is None:
+            self._eps = x0_to_eps(self.x, self._x0, self.alpha, self.sigma)
+        return self._eps
 
     @property
     def score(self) -> Tensor:
@@ -244,16 +265,15 @@ class Denoiser(BaseDenoiser):
             c_noise = 0.25 * torch.log(s_tilde.flatten()).expand(x.shape[0])
             out = self._call_net(c_in * x_tilde, c_noise, cond)
             x0 = c_skip * x_tilde + c_out * out.to(x.dtype)
-            return Prediction(x, x0, x0_to_eps(x, x0, alpha, sigma), alpha, sigma)
+            return Prediction(x, x0, None, alpha, sigma)
         out = self._call_net(x, net_t, cond)
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
         if self.prediction == "eps":
-            return Prediction(x, eps_to_x0(x, out, alpha, sigma), out, alpha, sigma)
+            return Prediction(x, None, out, alpha, sigma)
         if self.prediction == "score":
-            eps = -sigma * out
-            return Prediction(x, eps_to_x0(x, eps, alpha, sigma), eps, alpha, sigma)
+            return Prediction(x, None, -sigma * out, alpha, sigma)
         if self.prediction == "x0":
-            return Prediction(x, out, x0_to_eps(x, out, alpha, sigma), alpha, sigma)
+            return Prediction(x, out, None, alpha, sigma)
         x0, eps = v_to_x0_eps(x, out, alpha, sigma)
         return Prediction(x, x0, eps, alpha, sigma)

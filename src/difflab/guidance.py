@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from difflab.denoiser import BaseDenoiser, Prediction, broadcast_time, eps_to_x0, v_to_x0_eps
+from difflab.denoiser import BaseDenoiser, Prediction, broadcast_time, v_to_x0_eps
 
 __all__ = ["ClassifierFreeGuidance", "ClassifierGuidance", "classifier_free",
            "classifier_guidance", "classifier_log_prob"]
@@ -112,8 +112,7 @@ class ClassifierGuidance(BaseDenoiser):
             return base
         grad = self.grad_log_prob(x, tb, torch.as_tensor(cond, device=x.device))
         eps = base.eps - self.scale * base.sigma * grad.to(x.dtype)
-        return Prediction(x, eps_to_x0(x, eps, base.alpha, base.sigma), eps,
-                          base.alpha, base.sigma)
+        return Prediction(x, None, eps, base.alpha, base.sigma)
 
 
 def classifier_free(denoiser: BaseDenoiser, w: float, uncond: Any,

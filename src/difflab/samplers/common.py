@@ -57,9 +57,7 @@ from difflab.denoiser import (
     BaseDenoiser,
     Prediction,
     TimePoint,
-    eps_to_x0,
     v_to_x0_eps,
-    x0_to_eps,
 )
 from difflab.schedules import NoiseSchedule
 
@@ -115,6 +113,20 @@ def first_order(g: Grid, i: int, j: int | None = None) -> tuple[float, float]:
     return g.sigma[j] / g.sigma[i], -g.alpha[j] * math.expm1(-(g.lam[j] - g.lam[i]))
 
 
+def first_order_step(g: Grid, i: int, x: Tensor, pred: Prediction) -> Tensor:
+    """x at grid point i + 1 by the first-order step from point i, in the form that needs no
+    conversion of ``pred``: the data form x_t = (sigma_t / sigma_s) x + alpha_t (1 - e^{-h}) x0
+    or, equal after substituting x0 = (x - sigma_s eps) / alpha_s, the noise form (Euler in
+    (sigma~, x~), where dx~/dsigma~ = eps) x_t = (alpha_t / alpha_s) x + alpha_t
+    (sigma~_t - sigma~_s) eps. From alpha_s = 0 only the data form is finite."""
+    if pred.holds_x0 or math.isinf(g.s2[i]):
+        ratio, c = first_order(g, i)
+        return pred.x0.mul(c).add_(x, alpha=ratio)
+    a_t = g.alpha[i + 1]
+    return pred.eps.mul(a_t * (math.sqrt(g.s2[i + 1]) - math.sqrt(g.s2[i]))).add_(
+        x, alpha=a_t / g.alpha[i])
+
+
 def final_x0(g: Grid, x0: Tensor, x0_prev: Tensor | None, mode: str, i_prev: int) -> Tensor:
     """x(0) from the data predictions at grid points n - 1 and ``i_prev`` (see module)."""
     if mode == "x0" or x0_prev is None:
@@ -143,20 +155,22 @@ def check_final(final: str) -> None:
         raise ValueError(f"unknown final={final!r}; valid: {list(FINAL_MODES)}")
 
 
-def randn_like(x: Tensor, generator: torch.Generator | list[torch.Generator] | None) -> Tensor:
-    """Standard normal noise shaped like x, drawn on the generator's device (CPU by default) and
-    moved to x's device. A list of generators draws image k from generator k, so that image k of
-    a batch can be reproduced alone."""
+def randn_like(x: Tensor, generator: torch.Generator | list[torch.Generator] | None,
+               std: float = 1.0) -> Tensor:
+    """Normal noise N(0, std^2) shaped like x, drawn on the generator's device (CPU by default)
+    and moved to x's device; ``std`` is applied inside the draw (the same numbers as ``std *
+    torch.randn``, one pass less). A list of generators draws image k from generator k, so that
+    image k of a batch can be reproduced alone."""
     if generator is None:
-        return torch.randn_like(x)
+        return torch.empty_like(x).normal_(0.0, std)
     if isinstance(generator, (list, tuple)):
         if len(generator) != x.shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}; "
                              "pass one generator or one per image")
-        return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype,
-                                        device=g.device).to(x.device) for g in generator])
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype,
-                       device=generator.device).to(x.device)
+        return torch.stack([torch.empty(x.shape[1:], dtype=x.dtype, device=g.device).normal_(
+            0.0, std, generator=g).to(x.device) for g in generator])
+    return torch.empty(x.shape, dtype=x.dtype, device=generator.device).normal_(
+        0.0, std, generator=generator).to(x.device)
 
 
 def native_target(denoiser: BaseDenoiser) -> str:
@@ -218,9 +232,9 @@ class EvalTimes(BaseDenoiser):
         a, s = point.alpha, point.sigma
         f = self.denoiser.predict(x, te, cond).target(self.target)
         if self.target == "eps":
-            return Prediction(x, eps_to_x0(x, f, a, s), f, a, s)
+            return Prediction(x, None, f, a, s)
         if self.target == "x0":
-            return Prediction(x, f, x0_to_eps(x, f, a, s), a, s)
+            return Prediction(x, f, None, a, s)
         x0, eps = v_to_x0_eps(x, f, a, s)
         return Prediction(x, x0, eps, a, s)
 

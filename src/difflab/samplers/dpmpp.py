@@ -21,6 +21,7 @@ from difflab.samplers.common import (
     check_final,
     final_x0,
     first_order,
+    first_order_step,
     predict,
     randn_like,
     register,
@@ -41,20 +42,20 @@ def data_prediction_multistep(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, con
     extrapolation D = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1} (order 2)."""
     check_final(final)
     g = Grid(denoiser.schedule, ts, x)
-    x0_prev = None
+    prev = None  # the prediction at the previous grid point
     for i in range(g.n):
-        x0 = predict(denoiser, x, g, i, cond).x0
+        pred = predict(denoiser, x, g, i, cond)
         if g.is_final(i):
-            x = final_x0(g, x0, x0_prev, final, i - 1)
-        else:
+            x = final_x0(g, pred.x0, None if prev is None else prev.x0, final, i - 1)
+        elif order == 1 or prev is None:
+            x = first_order_step(g, i, x, pred)
+        else:  # c D, D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev
             ratio, c = first_order(g, i)
-            x = torch.add(ratio * x, x0, alpha=c)
-            if order == 2 and x0_prev is not None:  # c D, D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev
-                k = g.h(i) / (2 * g.h(i - 1))  # 1 / (2r); 0 after a step from alpha = 0
-                x = x.add_(x0, alpha=c * k).add_(x0_prev, alpha=-c * k)
-        x0_prev = x0
+            k = g.h(i) / (2 * g.h(i - 1))  # 1 / (2r); 0 after a step from alpha = 0
+            x = pred.x0.mul(c * (1 + k)).add_(x, alpha=ratio).add_(prev.x0, alpha=-c * k)
+        prev = pred
         if callback is not None:
-            callback({"i": i, "t": g.times[i], "x": x, "x0": x0})
+            callback({"i": i, "t": g.times[i], "x": x, "x0": pred.x0})
     return x
 
 

@@ -1,9 +1,11 @@
 """Karras et al. 2022 (EDM) samplers on the VE-scaled probability-flow ODE
 dx~/dsigma~ = (x~ - D(x~; sigma~)) / sigma~ with x~ = x / alpha, sigma~ = sigma / alpha.
 
-An Euler step in (sigma~, x~) is exactly the DDIM step of :func:`difflab.samplers.common.
-first_order` (x~_t = (sigma~_t / sigma~_s) x~_s + (1 - sigma~_t / sigma~_s) D), which is how it
-is computed here: finite at sigma~_s = inf (zero terminal SNR). Heun's trapezoid correction
+An Euler step in (sigma~, x~) is exactly the DDIM step (x~_t = (sigma~_t / sigma~_s) x~_s +
+(1 - sigma~_t / sigma~_s) D), and since (x~ - D) / sigma~ = eps_hat also x~_t = x~_s +
+(sigma~_t - sigma~_s) eps_hat: :func:`difflab.samplers.common.first_order_step` takes the form
+the prediction holds (no x0 / eps conversion), the data form from sigma~_s = inf (zero terminal
+SNR), where it stays finite. Heun's trapezoid correction
 does not exist across sigma~ = inf or to sigma~ = 0, so those steps are Euler steps
 (k-diffusion convention: NFE = 2 * steps - 1, one less on a zero-terminal-SNR grid).
 
@@ -33,6 +35,7 @@ from difflab.samplers.common import (
     check_final,
     final_x0,
     first_order,
+    first_order_step,
     predict,
     randn_like,
     register,
@@ -64,31 +67,38 @@ def sample_heun(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = No
     g = Grid(denoiser.schedule, ts, x)
     warn_large_steps(g, "heun", "its trapezoid correction amplifies errors (RMSE 82 at 3 steps "
                      "on a trained Fashion-MNIST U-Net)")
-    x0_prev = None
+    prev = None  # the prediction at the previous grid point
     for i in range(g.n):
-        x0 = predict(denoiser, x, g, i, cond).x0
+        pred = predict(denoiser, x, g, i, cond)
         if g.is_final(i):
-            x = final_x0(g, x0, x0_prev, final, i - 1)
+            x = final_x0(g, pred.x0, None if prev is None else prev.x0, final, i - 1)
         else:
-            ratio, c = first_order(g, i)
-            x_euler = x0.mul(c).add_(x, alpha=ratio)  # ratio x + c D_s, one new tensor
+            x_euler = first_order_step(g, i, x, pred)
             if math.isinf(g.s2[i]):
                 x = x_euler
+            elif not pred.holds_x0:
+                # x~_t = x~_s + (sigma~_t - sigma~_s) (d_s + d_t) / 2 with d = dx~/dsigma~ =
+                # eps_hat: x_t = x_euler + alpha_t (sigma~_t - sigma~_s) / 2 (eps_t - eps_s)
+                # (2 in-place ops; nxt.eps is read before x_euler changes)
+                s_s, s_t, a_t = math.sqrt(g.s2[i]), math.sqrt(g.s2[i + 1]), g.alpha[i + 1]
+                eps_next = predict(denoiser, x_euler, g, i + 1, cond).eps
+                k = 0.5 * a_t * (s_t - s_s)
+                x = x_euler.add_(eps_next, alpha=k).add_(pred.eps, alpha=-k)
             else:
+                # the same in the data form, d = (x~ - D) / sigma~, x~ = x / alpha: x_t =
+                # a_t/a_s (1 + k_s) x - a_t k_s D_s + k_t x_euler - a_t k_t D_t. With x =
+                # (x_euler - c D_s) / ratio (ratio > 0 inside the grid) it is a combination of
+                # x_euler, D_s and D_t, made in x_euler's memory (3 in-place ops)
+                x0, ratio, c = pred.x0, *first_order(g, i)
                 x0_next = predict(denoiser, x_euler, g, i + 1, cond).x0
-                # x~_t = x~_s + (sigma~_t - sigma~_s) (d_s + d_t) / 2, d = (x~ - D) / sigma~,
-                # x~ = x / alpha: x_t = a_t/a_s (1 + k_s) x - a_t k_s D_s + k_t x_euler
-                # - a_t k_t D_t. With x = (x_euler - c D_s) / ratio (ratio > 0 inside the grid)
-                # it is a combination of x_euler, D_s and D_t, made in x_euler's memory
-                # (3 in-place ops, no new tensor)
                 s_s, s_t, a_t = math.sqrt(g.s2[i]), math.sqrt(g.s2[i + 1]), g.alpha[i + 1]
                 k_s, k_t = 0.5 * (s_t - s_s) / s_s, 0.5 * (s_t - s_s) / s_t
                 c_x = a_t / g.alpha[i] * (1 + k_s) + k_t * ratio
                 x = x_euler.mul_(c_x / ratio).add_(x0, alpha=k_t * c - a_t * k_s - c_x * c / ratio)
                 x = x.add_(x0_next, alpha=-a_t * k_t)
-        x0_prev = x0
+        prev = pred
         if callback is not None:
-            callback({"i": i, "t": g.times[i], "x": x, "x0": x0})
+            callback({"i": i, "t": g.times[i], "x": x, "x0": pred.x0})
     return x
 
 
@@ -103,16 +113,23 @@ def sample_euler_ancestral(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, con
     sigma~_s^2)), sigma~_down^2 = sigma~_t^2 - sigma~_up^2 (Song et al. 2021 ancestral step)."""
     g = Grid(denoiser.schedule, ts, x)
     for i in range(g.n):
-        x0 = predict(denoiser, x, g, i, cond).x0
+        pred = predict(denoiser, x, g, i, cond)
         s2_s, s2_t = g.s2[i], g.s2[i + 1]
         q = s2_t / s2_s  # 0 from sigma~ = inf
         s_up = min(math.sqrt(s2_t), eta * math.sqrt(s2_t * (1 - q)))
         s_down = math.sqrt(max(s2_t - s_up * s_up, 0.0))
-        # x~_down = (s_down / sigma~_s) x~ + (1 - s_down / sigma~_s) D, x~ = x / alpha;
-        # x_t = alpha_t (x~_down + s_up z)
-        a_t, k = g.alpha[i + 1], s_down / math.sqrt(s2_s)
-        x_new = torch.add(a_t * s_down / g.sigma[i] * x, x0, alpha=a_t * (1 - k))
-        x = x_new.add_(randn_like(x, generator), alpha=a_t * s_up) if s_up > 0 else x_new
+        # x_t = alpha_t (x~_down + s_up z), x~ = x / alpha, with the Euler step to s_down in
+        # the form that needs no conversion of pred (see common.first_order_step): data form
+        # x~_down = (s_down / sigma~_s) x~ + (1 - s_down / sigma~_s) D (finite from sigma~_s =
+        # inf), noise form x~_down = x~ + (s_down - sigma~_s) eps_hat
+        a_t = g.alpha[i + 1]
+        if pred.holds_x0 or math.isinf(s2_s):
+            d, c_d, c_x = pred.x0, a_t * (1 - s_down / math.sqrt(s2_s)), a_t * s_down / g.sigma[i]
+        else:
+            d, c_d, c_x = pred.eps, a_t * (s_down - math.sqrt(s2_s)), a_t / g.alpha[i]
+        # the noise alpha_t s_up z is drawn first, into the memory of x_t (one pass less)
+        x_new = randn_like(x, generator, a_t * s_up).add_(d, alpha=c_d) if s_up > 0 else d.mul(c_d)
+        x = x_new.add_(x, alpha=c_x)
         if callback is not None:
-            callback({"i": i, "t": g.times[i], "x": x, "x0": x0})
+            callback({"i": i, "t": g.times[i], "x": x, "x0": pred.x0})
     return x
