@@ -76,26 +76,26 @@ def sample_heun(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, *, cond: Any = No
             x_euler = first_order_step(g, i, x, pred)
             if math.isinf(g.s2[i]):
                 x = x_euler
-            elif not pred.holds_x0:
-                # x~_t = x~_s + (sigma~_t - sigma~_s) (d_s + d_t) / 2 with d = dx~/dsigma~ =
-                # eps_hat: x_t = x_euler + alpha_t (sigma~_t - sigma~_s) / 2 (eps_t - eps_s)
-                # (2 in-place ops; nxt.eps is read before x_euler changes)
-                s_s, s_t, a_t = math.sqrt(g.s2[i]), math.sqrt(g.s2[i + 1]), g.alpha[i + 1]
-                eps_next = predict(denoiser, x_euler, g, i + 1, cond).eps
-                k = 0.5 * a_t * (s_t - s_s)
-                x = x_euler.add_(eps_next, alpha=k).add_(pred.eps, alpha=-k)
             else:
-                # the same in the data form, d = (x~ - D) / sigma~, x~ = x / alpha: x_t =
-                # a_t/a_s (1 + k_s) x - a_t k_s D_s + k_t x_euler - a_t k_t D_t. With x =
-                # (x_euler - c D_s) / ratio (ratio > 0 inside the grid) it is a combination of
-                # x_euler, D_s and D_t, made in x_euler's memory (3 in-place ops)
-                x0, ratio, c = pred.x0, *first_order(g, i)
-                x0_next = predict(denoiser, x_euler, g, i + 1, cond).x0
+                nxt = predict(denoiser, x_euler, g, i + 1, cond)
                 s_s, s_t, a_t = math.sqrt(g.s2[i]), math.sqrt(g.s2[i + 1]), g.alpha[i + 1]
-                k_s, k_t = 0.5 * (s_t - s_s) / s_s, 0.5 * (s_t - s_s) / s_t
-                c_x = a_t / g.alpha[i] * (1 + k_s) + k_t * ratio
-                x = x_euler.mul_(c_x / ratio).add_(x0, alpha=k_t * c - a_t * k_s - c_x * c / ratio)
-                x = x.add_(x0_next, alpha=-a_t * k_t)
+                if not pred.holds_x0:
+                    # x~_t = x~_s + (sigma~_t - sigma~_s) (d_s + d_t) / 2 with d = dx~/dsigma~ =
+                    # eps_hat: x_t = x_euler + alpha_t (sigma~_t - sigma~_s) / 2 (eps_t - eps_s),
+                    # 2 in-place ops (nxt.eps is read before x_euler changes)
+                    k = 0.5 * a_t * (s_t - s_s)
+                    x = x_euler.add_(nxt.eps, alpha=k).add_(pred.eps, alpha=-k)
+                else:
+                    # the same in the data form, d = (x~ - D) / sigma~, x~ = x / alpha: x_t =
+                    # a_t/a_s (1 + k_s) x - a_t k_s D_s + k_t x_euler - a_t k_t D_t. With x =
+                    # (x_euler - c D_s) / ratio (ratio > 0 inside the grid) it is a combination
+                    # of x_euler, D_s and D_t, made in x_euler's memory (3 in-place ops)
+                    x0, x0_next, (ratio, c) = pred.x0, nxt.x0, first_order(g, i)
+                    k_s, k_t = 0.5 * (s_t - s_s) / s_s, 0.5 * (s_t - s_s) / s_t
+                    c_x = a_t / g.alpha[i] * (1 + k_s) + k_t * ratio
+                    x = x_euler.mul_(c_x / ratio).add_(
+                        x0, alpha=k_t * c - a_t * k_s - c_x * c / ratio)
+                    x = x.add_(x0_next, alpha=-a_t * k_t)
         prev = pred
         if callback is not None:
             callback({"i": i, "t": g.times[i], "x": x, "x0": pred.x0})
