@@ -82,8 +82,11 @@ def test_mlp_round_trip_conditioning_and_zero_init():
     null = torch.full((3,), 4)
     assert not torch.allclose(net(x, t, c), net(x, t, null))
     assert torch.equal(net(x, t), net(x, t, null))  # cond=None is the null label
-    with pytest.raises(ValueError, match=r"\[0, 4\]"):
+    assert torch.equal(net(x, t, torch.full((3,), -1)), net(x, t, null))  # -1: Condition's null
+    with pytest.raises(ValueError, match=r"\[0, 3\] or be the null label"):
         net(x, t, torch.tensor([0, 1, 5]))
+    with pytest.raises(ValueError, match="takes no context"):
+        net(x, t, c, context=torch.zeros(3, 2, 4))
 
 
 # -- U-Net --------------------------------------------------------------------------------------
@@ -147,9 +150,9 @@ def test_unet_cross_attention_and_control_residuals():
     assert torch.allclose(net(x, t, context=ctx, context_mask=mask),
                           net(x, t, context=ctx2, context_mask=mask), atol=1e-5)
     zeros = [torch.zeros(1)] * (net.num_skips + 1)
-    assert torch.allclose(net(x, t, context=ctx, control=zeros), base)
-    with pytest.raises(ValueError, match="control must hold"):
-        net(x, t, context=ctx, control=zeros[:-1])
+    assert torch.allclose(net(x, t, context=ctx, residuals=zeros), base)
+    with pytest.raises(ValueError, match="residuals must hold"):
+        net(x, t, context=ctx, residuals=zeros[:-1])
 
 
 def test_unet_gradient_reaches_every_parameter():

@@ -8,10 +8,10 @@
 """
 
 from difflab import guidance, objectives, process, samplers, schedules
-from difflab.denoiser import BaseDenoiser, Denoiser, Prediction
+from difflab.denoiser import BaseDenoiser, Condition, Denoiser, Prediction
 from difflab.samplers import sample
 
 __version__ = "0.1.0"
 
-__all__ = ["BaseDenoiser", "Denoiser", "Prediction", "guidance", "objectives", "process",
+__all__ = ["BaseDenoiser", "Condition", "Denoiser", "Prediction", "guidance", "objectives", "process",
            "samplers", "sample", "schedules", "__version__"]

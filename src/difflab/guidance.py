@@ -22,35 +22,47 @@ i.e. score~ = score + s grad log p(y | x_t): the sigma_t factor is part of the f
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from difflab.denoiser import BaseDenoiser, Prediction, broadcast_time, v_to_x0_eps
+from difflab.denoiser import BaseDenoiser, Condition, Prediction, broadcast_time, v_to_x0_eps
 
 __all__ = ["ClassifierFreeGuidance", "ClassifierGuidance", "classifier_free",
            "classifier_guidance", "classifier_log_prob"]
 
 
-def _null_like(cond: Tensor, uncond: Any) -> Tensor:
-    u = torch.as_tensor(uncond, device=cond.device)
-    if u.shape == cond.shape:
-        return u.to(cond.dtype)
-    return u.to(cond.dtype).expand_as(cond) if u.ndim else torch.full_like(cond, u.item())
+def _null_of(cond: Condition, uncond: Any) -> Condition:
+    """The null half of the guided pair: ``cond.null()`` (labels and context nulled, control
+    images and masks kept), or the given ``uncond`` (a Condition, e.g. a negative prompt's, or
+    class labels)."""
+    if uncond is None:
+        return cond.null()
+    if isinstance(uncond, Condition):
+        return uncond if uncond.batch_size == cond.batch_size else Condition.cat(
+            [uncond] * cond.batch_size)
+    labels = torch.as_tensor(uncond, device=cond.labels.device if cond.labels is not None
+                             else None).long()
+    labels = labels.expand(cond.batch_size) if labels.ndim == 0 else labels
+    return replace(cond.null(), labels=labels)
 
 
 class ClassifierFreeGuidance(BaseDenoiser):
-    """eps~ = (1 + w) eps(x, c) - w eps(x, uncond), both from one batched network call.
+    """eps~ = (1 + w) eps(x, c) - w eps(x, null), both from one batched network call.
 
     Args:
-        denoiser: a conditional denoiser that also knows the null condition ``uncond``.
+        denoiser: a conditional denoiser.
         w: guidance weight (w = 0: the conditional model; diffusers' scale = 1 + w).
-        uncond: the null condition (e.g. the null class label), broadcast to cond's shape.
+        uncond: the null condition; default ``cond.null()`` (class labels -> the null label,
+            a prompt -> the empty prompt; control images and masks stay in both halves). A
+            Condition here replaces it, e.g. a negative prompt's.
         rescale: phi of guidance rescale (0 disables).
     """
 
-    def __init__(self, denoiser: BaseDenoiser, w: float, uncond: Any, rescale: float = 0.0):
+    def __init__(self, denoiser: BaseDenoiser, w: float, uncond: Any = None,
+                 rescale: float = 0.0):
         super().__init__()
         self.denoiser, self.w, self.uncond, self.rescale = denoiser, float(w), uncond, rescale
         self.schedule = denoiser.schedule
@@ -60,10 +72,10 @@ class ClassifierFreeGuidance(BaseDenoiser):
             raise ValueError("classifier-free guidance needs a condition: pass cond=...")
         if self.w == 0.0 and self.rescale == 0.0:
             return self.denoiser.predict(x, t, cond)
-        cond = torch.as_tensor(cond, device=x.device)
+        cond = Condition.of(cond).to(x.device)
         tb = broadcast_time(t, x)
         both = self.denoiser.predict(torch.cat([x, x]), torch.cat([tb, tb]),
-                                     torch.cat([cond, _null_like(cond, self.uncond)]))
+                                     Condition.cat([cond, _null_of(cond, self.uncond)]))
         B = x.shape[0]
         w = self.w
         x0 = (1 + w) * both.x0[:B] - w * both.x0[B:]
@@ -110,12 +122,15 @@ class ClassifierGuidance(BaseDenoiser):
         base = self.denoiser.predict(x, tb, cond if self.pass_cond else None)
         if self.scale == 0.0:
             return base
-        grad = self.grad_log_prob(x, tb, torch.as_tensor(cond, device=x.device))
+        labels = Condition.of(cond).labels
+        if labels is None:
+            raise ValueError("classifier guidance needs class labels in the condition")
+        grad = self.grad_log_prob(x, tb, labels.to(x.device))
         eps = base.eps - self.scale * base.sigma * grad.to(x.dtype)
         return Prediction(x, None, eps, base.alpha, base.sigma)
 
 
-def classifier_free(denoiser: BaseDenoiser, w: float, uncond: Any,
+def classifier_free(denoiser: BaseDenoiser, w: float, uncond: Any = None,
                     rescale: float = 0.0) -> ClassifierFreeGuidance:
     """See :class:`ClassifierFreeGuidance`."""
     return ClassifierFreeGuidance(denoiser, w, uncond, rescale)

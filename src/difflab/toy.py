@@ -15,7 +15,6 @@ are available to test every sampler and every guidance transform against.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -130,8 +129,9 @@ class GaussianMixture:
 
         The network goes through the same path as a trained one (net_time in, the chosen
         parameterisation out), so conversions are exercised too. ``cond`` may be a (B,) long
-        tensor of component labels (the class-conditional model); label ``K`` (one past the
-        last component) means "no condition", as a classifier-free null label does.
+        tensor of component labels (the class-conditional model) or a Condition with
+        ``labels``; the null label (-1, or ``K``: one past the last component) means "no
+        condition", as a classifier-free null label does.
         """
         return Denoiser(ExactMixtureNet(self, schedule, prediction), schedule, prediction)
 
@@ -144,7 +144,7 @@ class ExactMixtureNet(nn.Module):
         self.mixture, self.schedule, self.prediction = mixture, schedule, prediction
         self.calls = 0  # number of forward calls (NFE counting in tests)
 
-    def forward(self, x: Tensor, net_t: Tensor, cond: Any = None) -> Tensor:
+    def forward(self, x: Tensor, net_t: Tensor, labels: Tensor | None = None) -> Tensor:
         self.calls += 1
         shape = x.shape
         xf = x.reshape(shape[0], -1).to(torch.float64)
@@ -152,14 +152,12 @@ class ExactMixtureNet(nn.Module):
             raise ValueError("ExactMixtureNet does not emulate EDM preconditioning")
         t = self.schedule.t_from_net_time(net_t.to(torch.float64))
         alpha, sigma = self.schedule.alpha_sigma(t)
-        labels = None
-        if cond is not None:
-            labels = torch.as_tensor(cond)
-            uncond = labels >= self.mixture.num_components
+        if labels is not None:
+            uncond = (labels < 0) | (labels >= self.mixture.num_components)
             if bool(uncond.any()):
                 out_u = self.mixture.posterior_mean(xf, alpha, sigma)
                 out_c = self.mixture.posterior_mean(
-                    xf, alpha, sigma, labels.clamp(max=self.mixture.num_components - 1))
+                    xf, alpha, sigma, labels.clamp(0, self.mixture.num_components - 1))
                 x0 = torch.where(uncond[:, None], out_u, out_c)
             else:
                 x0 = self.mixture.posterior_mean(xf, alpha, sigma, labels)

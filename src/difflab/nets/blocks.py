@@ -23,13 +23,15 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "timestep_embedding", "TimeEmbedding", "ClassEmbedding", "group_norm", "zero_module",
+    "timestep_embedding", "TimeEmbedding", "LabelEmbedding", "label_embedding", "embed_labels",
+    "unused_condition", "group_norm", "zero_module",
     "Attention", "AttentionBlock", "ResBlock", "Downsample", "Upsample", "as_batch_time",
 ]
 
@@ -84,30 +86,59 @@ class TimeEmbedding(nn.Module):
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
-class ClassEmbedding(nn.Module):
-    """A learned vector per class label 0..num_classes-1 plus the null label ``num_classes``
-    (classifier-free guidance, Ho & Salimans 2022). ``cond=None`` means the null label."""
+class LabelEmbedding(nn.Module):
+    """A learned vector per class label 0..K-1 plus one for the null label (classifier-free
+    guidance, Ho & Salimans 2022): row K. The null label is written -1 by
+    :class:`~difflab.denoiser.condition.Condition` and K by checkpoints of earlier versions;
+    both select row K, as does ``labels=None``. Every network embeds labels through this one
+    module (:func:`embed_labels`)."""
 
     def __init__(self, num_classes: int, emb_dim: int):
         super().__init__()
         self.num_classes = int(num_classes)
         self.embedding = nn.Embedding(self.num_classes + 1, emb_dim)
 
-    def forward(self, cond: Tensor | None, batch: int, device: torch.device) -> Tensor:
-        if cond is None:
-            cond = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
-        cond = torch.as_tensor(cond, device=device)
-        if cond.ndim == 0:
-            cond = cond.expand(batch)
-        if cond.is_floating_point() or cond.shape != (batch,):
-            raise ValueError(f"cond must be a (B,) = ({batch},) integer tensor of class labels, "
-                             f"got dtype {cond.dtype} shape {tuple(cond.shape)}")
-        if cond.device.type == "cpu" and cond.numel() and (
-                int(cond.min()) < 0 or int(cond.max()) > self.num_classes):
-            raise ValueError(f"class labels must lie in [0, {self.num_classes}] "
-                             f"({self.num_classes} = null label), got min {int(cond.min())}, "
-                             f"max {int(cond.max())}")
-        return self.embedding(cond.long())
+    def forward(self, labels: Tensor | None, batch: int, device: torch.device) -> Tensor:
+        K = self.num_classes
+        if labels is None:
+            labels = torch.full((batch,), K, dtype=torch.long, device=device)
+        labels = torch.as_tensor(labels, device=device)
+        if labels.ndim == 0:
+            labels = labels.expand(batch)
+        if labels.is_floating_point() or labels.shape != (batch,):
+            raise ValueError(f"labels must be a (B,) = ({batch},) integer tensor of class labels, "
+                             f"got dtype {labels.dtype} shape {tuple(labels.shape)}")
+        if labels.device.type == "cpu" and labels.numel() and (
+                int(labels.min()) < -1 or int(labels.max()) > K):
+            raise ValueError(f"class labels must lie in [0, {K - 1}] or be the null label (-1 or "
+                             f"{K}), got min {int(labels.min())}, max {int(labels.max())}")
+        return self.embedding(torch.where(labels < 0, K, labels).long())
+
+
+def label_embedding(num_classes: int | None, emb_dim: int) -> LabelEmbedding | None:
+    """The label embedding of a network built with ``num_classes`` (None: unconditional)."""
+    return LabelEmbedding(num_classes, emb_dim) if num_classes else None
+
+
+def embed_labels(emb: Tensor, embedding: LabelEmbedding | None, labels: Tensor | None,
+                 net: str) -> Tensor:
+    """emb + E[labels] for a network with a label embedding; emb itself for one without, which
+    refuses labels (the one place that says so)."""
+    if embedding is not None:
+        return emb + embedding(labels, emb.shape[0], emb.device)
+    if labels is not None:
+        raise ValueError(f"this {net} has no class embedding (num_classes=None) but got class "
+                         "labels; build it with num_classes=K for class conditioning")
+    return emb
+
+
+def unused_condition(net: str, given: dict[str, Any]) -> None:
+    """Refuse condition inputs a network has no input for, naming them (one message for all
+    networks)."""
+    names = sorted(k for k, v in given.items() if v is not None)
+    if names:
+        raise ValueError(f"this {net} takes no {', '.join(names)} input(s); a condition with "
+                         f"{', '.join(names)} needs a network built for it")
 
 
 class Attention(nn.Module):

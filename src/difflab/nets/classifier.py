@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from difflab.nets import register
-from difflab.nets.blocks import Attention, group_norm
+from difflab.nets.blocks import Attention, group_norm, unused_condition
+from difflab.nets.registry import register
 from difflab.nets.unet import UNetEncoder
 
 __all__ = ["EncoderClassifier", "AttentionPool2d"]
@@ -46,8 +46,8 @@ class AttentionPool2d(nn.Module):
 
 
 class EncoderClassifier(nn.Module):
-    """Noise-aware classifier (see the module docstring); ``forward(x, t, cond=None)`` returns
-    (B, num_classes) logits. ``cond`` is accepted for the common net signature and ignored.
+    """Noise-aware classifier (see the module docstring); ``forward(x, t)`` returns
+    (B, num_classes) logits; it takes no condition.
 
     Args mirror :class:`~difflab.nets.unet.UNet`; ``num_classes`` is the number of outputs,
     ``pool`` is "attention" or "adaptive".
@@ -81,7 +81,8 @@ class EncoderClassifier(nn.Module):
             self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(ch, num_classes, 1),
                                       nn.Flatten())
 
-    def forward(self, x: Tensor, t: Tensor | float, cond: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | float, **unused: Any) -> Tensor:
+        unused_condition("classifier", unused)
         _, h, _ = self.encoder(x, t)
         return self.head(self.norm(h))
 

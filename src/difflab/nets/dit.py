@@ -19,8 +19,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from difflab.nets import register
-from difflab.nets.blocks import Attention, ClassEmbedding, TimeEmbedding, as_batch_time
+from difflab.nets.blocks import (
+    Attention,
+    TimeEmbedding,
+    as_batch_time,
+    embed_labels,
+    label_embedding,
+    unused_condition,
+)
+from difflab.nets.registry import register
 
 __all__ = ["DiT", "DiTBlock", "sincos_pos_embed_2d"]
 
@@ -99,7 +106,7 @@ class DiT(nn.Module):
         self.num_classes = num_classes
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.t_embedder = TimeEmbedding(freq_dim, hidden_size, time_scale)
-        self.y_embedder = ClassEmbedding(num_classes, hidden_size) if num_classes else None
+        self.y_embedder = label_embedding(num_classes, hidden_size)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid)[None],
                              persistent=False)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio)
@@ -136,13 +143,11 @@ class DiT(nn.Module):
         x = tokens.reshape(B, g, g, p, p, C)
         return torch.einsum("bhwpqc->bchpwq", x).reshape(B, C, g * p, g * p)
 
-    def forward(self, x: Tensor, t: Tensor | float, cond: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | float, labels: Tensor | None = None,
+                **unused: Any) -> Tensor:
+        unused_condition("DiT", unused)
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)
-        c = self.t_embedder(as_batch_time(t, x))
-        if self.y_embedder is not None:
-            c = c + self.y_embedder(cond, x.shape[0], x.device)
-        elif cond is not None:
-            raise ValueError("this DiT has no class embedding (num_classes=None) but got cond")
+        c = embed_labels(self.t_embedder(as_batch_time(t, x)), self.y_embedder, labels, "DiT")
         for block in self.blocks:
             h = block(h, c)
         shift, scale = self.adaLN_final(c).chunk(2, dim=1)

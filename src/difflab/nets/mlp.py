@@ -1,6 +1,6 @@
 """A small residual MLP denoiser for low-dimensional (e.g. 2-D toy) data.
 
-    h_0 = W_in x + e,   e = TimeEmbedding(t) [+ ClassEmbedding(c)]
+    h_0 = W_in x + e,   e = TimeEmbedding(t) [+ LabelEmbedding(labels)]
     h_{k+1} = h_k + W_2 SiLU(W_1 SiLU(LN(h_k)) + U_k e)          (k = 0 .. depth-1)
     out = W_out SiLU(LN(h_depth))                                  (W_out zero-initialised)
 
@@ -13,8 +13,15 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from difflab.nets import register
-from difflab.nets.blocks import ClassEmbedding, TimeEmbedding, as_batch_time, zero_module
+from difflab.nets.blocks import (
+    TimeEmbedding,
+    as_batch_time,
+    embed_labels,
+    label_embedding,
+    unused_condition,
+    zero_module,
+)
+from difflab.nets.registry import register
 
 __all__ = ["MLP"]
 
@@ -52,24 +59,22 @@ class MLP(nn.Module):
             "num_classes": num_classes, "time_scale": float(time_scale), "dropout": dropout}
         self.dim, self.num_classes = dim, num_classes
         self.time_embed = TimeEmbedding(emb_dim, emb_dim, time_scale)
-        self.class_embed = ClassEmbedding(num_classes, emb_dim) if num_classes else None
+        self.class_embed = label_embedding(num_classes, emb_dim)
         self.inp = nn.Linear(dim, hidden)
         self.emb_in = nn.Linear(emb_dim, hidden)
         self.blocks = nn.ModuleList(_Block(hidden, emb_dim, dropout) for _ in range(depth))
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(),
                                  zero_module(nn.Linear(hidden, dim)))
 
-    def forward(self, x: Tensor, t: Tensor | float, cond: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | float, labels: Tensor | None = None,
+                **unused: Any) -> Tensor:
+        unused_condition("MLP", unused)
         shape = x.shape
         x = x.reshape(shape[0], -1)
         if x.shape[1] != self.dim:
             raise ValueError(f"MLP(dim={self.dim}) got inputs with {x.shape[1]} features "
                              f"(shape {tuple(shape)})")
-        emb = self.time_embed(as_batch_time(t, x))
-        if self.class_embed is not None:
-            emb = emb + self.class_embed(cond, x.shape[0], x.device)
-        elif cond is not None:
-            raise ValueError("this MLP has no class embedding (num_classes=None) but got cond")
+        emb = embed_labels(self.time_embed(as_batch_time(t, x)), self.class_embed, labels, "MLP")
         h = self.inp(x) + self.emb_in(emb)
         for block in self.blocks:
             h = block(h, emb)

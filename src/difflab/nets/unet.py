@@ -4,7 +4,7 @@ scale-shift norm, multi-head self-attention at several resolutions, optional cla
 embedding added to the time embedding, and optional cross-attention to a context sequence
 (Rombach et al. 2022) so text conditioning plugs in.
 
-    emb = MLP(sinusoidal(time_scale * t)) + E[c]                 (E[num_classes] = null label)
+    emb = MLP(sinusoidal(time_scale * t)) + E[labels]        (E[-1] = E[num_classes] = null label)
     encoder: conv_in, then per level: num_res_blocks x (ResBlock [+ Attention]), Downsample
     middle:  ResBlock, Attention, ResBlock
     decoder: per level: (num_res_blocks + 1) x (concat skip, ResBlock [+ Attention]), Upsample
@@ -12,7 +12,7 @@ embedding added to the time embedding, and optional cross-attention to a context
 
 Attention is used at the pixel resolutions in ``attention_resolutions`` (e.g. (7,) for a
 28 -> 14 -> 7 network with ``channel_mult=(1, 2, 2)``). ``control`` residuals (ControlNet,
-Zhang et al. 2023) are added to the skip connections and the middle output.
+Zhang et al. 2023) are added to the skip connections and the middle output (``residuals``).
 """
 
 from __future__ import annotations
@@ -23,18 +23,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from difflab.nets import register
 from difflab.nets.blocks import (
     AttentionBlock,
-    ClassEmbedding,
     Downsample,
     ResBlock,
     TimeEmbedding,
     Upsample,
     as_batch_time,
+    embed_labels,
     group_norm,
+    label_embedding,
+    unused_condition,
     zero_module,
 )
+from difflab.nets.registry import register
 
 __all__ = ["UNet", "UNetEncoder"]
 
@@ -69,9 +71,9 @@ class UNetEncoder(nn.Module):
                  scale_shift_norm: bool = True):
         super().__init__()
         self.emb_dim = 4 * model_channels
-        self.num_classes = num_classes
+        self.num_classes, self.context_dim = num_classes, context_dim
         self.time_embed = TimeEmbedding(model_channels, self.emb_dim, time_scale)
-        self.class_embed = ClassEmbedding(num_classes, self.emb_dim) if num_classes else None
+        self.class_embed = label_embedding(num_classes, self.emb_dim)
         self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
 
         def attn(ch: int, res: int) -> nn.Module | None:
@@ -109,14 +111,9 @@ class UNetEncoder(nn.Module):
         self.mid_res2 = ResBlock(ch, ch, self.emb_dim, dropout, scale_shift_norm)
         self.out_channels = ch
 
-    def embed(self, x: Tensor, t: Tensor | float, cond: Tensor | None) -> Tensor:
-        emb = self.time_embed(as_batch_time(t, x))
-        if self.class_embed is not None:
-            emb = emb + self.class_embed(cond, x.shape[0], x.device)
-        elif cond is not None:
-            raise ValueError("this network has no class embedding (num_classes=None) but got "
-                             "cond; build it with num_classes=K for class conditioning")
-        return emb
+    def embed(self, x: Tensor, t: Tensor | float, labels: Tensor | None) -> Tensor:
+        return embed_labels(self.time_embed(as_batch_time(t, x)), self.class_embed, labels,
+                            "U-Net")
 
     @staticmethod
     def _apply_attn(block: nn.Module, h: Tensor, context: Tensor | None,
@@ -125,11 +122,14 @@ class UNetEncoder(nn.Module):
             return block(h, context, context_mask)
         return h
 
-    def forward(self, x: Tensor, t: Tensor | float, cond: Tensor | None = None,
-                context: Tensor | None = None, *, context_mask: Tensor | None = None,
+    def forward(self, x: Tensor, t: Tensor | float, labels: Tensor | None = None,
+                context: Tensor | None = None, context_mask: Tensor | None = None, *,
                 hint: Tensor | None = None) -> tuple[list[Tensor], Tensor, Tensor]:
         """(skips, middle, emb). ``hint`` (ControlNet) is added after conv_in."""
-        emb = self.embed(x, t, cond)
+        if context is not None and self.context_dim is None:
+            raise ValueError("this U-Net has no cross-attention (context_dim=None) but got "
+                             "context; build it with context_dim=D for text conditioning")
+        emb = self.embed(x, t, labels)
         h = self.conv_in(x)
         if hint is not None:
             h = h + hint
@@ -212,23 +212,26 @@ class UNet(nn.Module):
         """Number of skip connections (the length of ``control`` minus one)."""
         return len(self.encoder.skip_channels)
 
-    def forward(self, x: Tensor, t: Tensor | float, cond: Tensor | None = None,
-                context: Tensor | None = None, *, context_mask: Tensor | None = None,
-                control: Sequence[Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | float, labels: Tensor | None = None,
+                context: Tensor | None = None, context_mask: Tensor | None = None, *,
+                residuals: Sequence[Tensor] | None = None, **unused: Any) -> Tensor:
         """Network output for x (B, C, H, W) at network time t (B,).
 
         Args:
-            cond: (B,) class labels (``num_classes`` = null) or None (= null label).
-            context: (B, L, context_dim) cross-attention inputs; context_mask (B, L) bool.
-            control: ``num_skips + 1`` residuals added to the skips and the middle output.
+            labels: (B,) class labels (-1 or ``num_classes`` = null) or None (= null label).
+            context: (B, L, context_dim) cross-attention inputs; context_mask (B, L) bool,
+                True for tokens that may be attended to.
+            residuals: ``num_skips + 1`` ControlNet residuals added to the skips and the
+                middle output.
         """
-        skips, h, emb = self.encoder(x, t, cond, context, context_mask=context_mask)
-        if control is not None:
-            if len(control) != len(skips) + 1:
-                raise ValueError(f"control must hold {len(skips) + 1} residuals (one per skip "
-                                 f"connection plus the middle), got {len(control)}")
-            skips = [s + c for s, c in zip(skips, control)]
-            h = h + control[-1]
+        unused_condition("U-Net", unused)
+        skips, h, emb = self.encoder(x, t, labels, context, context_mask)
+        if residuals is not None:
+            if len(residuals) != len(skips) + 1:
+                raise ValueError(f"residuals must hold {len(skips) + 1} tensors (one per skip "
+                                 f"connection plus the middle), got {len(residuals)}")
+            skips = [s + c for s, c in zip(skips, residuals)]
+            h = h + residuals[-1]
         for j, level in enumerate(self.levels):
             for res_block, attn_block in zip(level.res, level.attn):
                 h = res_block(torch.cat([h, skips.pop()], dim=1), emb)
