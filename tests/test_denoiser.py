@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 import difflab
 from difflab import objectives, schedules
-from difflab.denoiser import PREDICTIONS, eps_to_x0, v_to_x0_eps, x0_eps_to_v, x0_to_eps
+from difflab.denoiser import PREDICTIONS, Denoiser, eps_to_x0, v_to_x0_eps, x0_eps_to_v, x0_to_eps
 from difflab.toy import GaussianMixture
 
 F64 = torch.float64
@@ -206,3 +207,31 @@ def test_conversions_differentiate_like_the_formulas():
         for d1, d2 in zip(torch.autograd.grad((out1 * w).sum(), ins1),
                           torch.autograd.grad((out2 * w).sum(), ins2)):
             torch.testing.assert_close(d1, d2)
+
+
+def test_parameterisations_are_objects_with_a_config_round_trip():
+    """A parameterisation is chosen once: by name or as an object, with its native target; its
+    config rebuilds it; EDM's coefficients are Karras et al.'s Table 1."""
+    from difflab.denoiser import parameterization as param
+
+    for name in PREDICTIONS:
+        p = param.get(name, **({"sigma_data": 0.7} if name == "edm" else {}))
+        q = param.from_config(json.loads(json.dumps(p.config())))
+        assert type(q) is type(p) and q.config() == p.config()
+        assert p.target in ("eps", "x0", "v")
+    assert {n: param.get(n).target for n in PREDICTIONS} == {
+        "eps": "eps", "x0": "x0", "v": "v", "score": "eps", "edm": "x0"}
+    edm = param.EDM(sigma_data=0.7)
+    s = torch.tensor([0.01, 0.5, 80.0], dtype=torch.float64)
+    c_skip, c_out, c_in = edm.coefficients(s)
+    torch.testing.assert_close(c_skip, 0.49 / (s**2 + 0.49))
+    torch.testing.assert_close(c_out, s * 0.7 / (s**2 + 0.49).sqrt())
+    torch.testing.assert_close(c_in, 1 / (s**2 + 0.49).sqrt())
+    net = lambda x, t: torch.tanh(x) + t.view(-1, 1)  # noqa: E731
+    sched = schedules.edm()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    a = Denoiser(net, sched, prediction=edm).predict(x, 0.3).x0
+    b = Denoiser(net, sched, prediction="edm", sigma_data=0.7).predict(x, 0.3).x0
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="unknown prediction type"):
+        Denoiser(net, sched, prediction="velocity")

@@ -65,7 +65,7 @@ class ClassifierFreeGuidance(BaseDenoiser):
                  rescale: float = 0.0):
         super().__init__()
         self.denoiser, self.w, self.uncond, self.rescale = denoiser, float(w), uncond, rescale
-        self.schedule = denoiser.schedule
+        self.schedule, self.parameterization = denoiser.schedule, denoiser.parameterization
 
     def predict(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Prediction:
         if cond is None:
@@ -106,7 +106,7 @@ class ClassifierGuidance(BaseDenoiser):
         super().__init__()
         self.denoiser, self.log_prob, self.scale = denoiser, log_prob, float(scale)
         self.pass_cond = pass_cond
-        self.schedule = denoiser.schedule
+        self.schedule, self.parameterization = denoiser.schedule, denoiser.parameterization
 
     def grad_log_prob(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         with torch.enable_grad():

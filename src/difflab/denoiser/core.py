@@ -17,7 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from difflab.denoiser.condition import Condition
-from difflab.denoiser.parameterization import PARAMETERIZATIONS, Parameterization, get
+from difflab.denoiser.parameterization import (
+    PARAMETERIZATIONS,
+    EpsPrediction,
+    Parameterization,
+    get,
+)
 from difflab.denoiser.prediction import Prediction, TimePoint, broadcast_time
 from difflab.schedules import NoiseSchedule
 
@@ -33,6 +38,9 @@ class BaseDenoiser(nn.Module):
     """
 
     schedule: NoiseSchedule
+    #: what the innermost network's output means; wrappers (guidance transforms, decoupled
+    #: evaluation times) take their inner denoiser's, so its native target is read in one step
+    parameterization: Parameterization = EpsPrediction()
 
     def predict(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Prediction:
         raise NotImplementedError  # pragma: no cover

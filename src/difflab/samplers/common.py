@@ -174,15 +174,9 @@ def randn_like(x: Tensor, generator: torch.Generator | list[torch.Generator] | N
 
 
 def native_target(denoiser: BaseDenoiser) -> str:
-    """What the innermost network predicts, as a training target ('eps', 'x0' or 'v'):
-    guidance transforms are followed through their ``.denoiser``; 'score' counts as eps and
-    EDM preconditioning as x0."""
-    inner = denoiser
-    while not hasattr(inner, "prediction") and isinstance(getattr(inner, "denoiser", None),
-                                                            BaseDenoiser):
-        inner = inner.denoiser
-    kind = getattr(inner, "prediction", "eps")
-    return {"score": "eps", "edm": "x0"}.get(kind, kind)
+    """What the innermost network predicts, as a training target ('eps', 'x0' or 'v'): its
+    parameterisation's native target (wrappers carry their inner denoiser's)."""
+    return denoiser.parameterization.target
 
 
 def shifted_times(schedule: NoiseSchedule, eval_ts: dict[float, float]) -> dict[float, float]:
@@ -212,7 +206,7 @@ class EvalTimes(BaseDenoiser):
     def __init__(self, denoiser: BaseDenoiser, eval_ts: dict[float, float]):
         super().__init__()
         self.denoiser = denoiser
-        self.schedule = denoiser.schedule
+        self.schedule, self.parameterization = denoiser.schedule, denoiser.parameterization
         self.eval_ts = shifted_times(denoiser.schedule, eval_ts)
         self.target = native_target(denoiser)
 
