@@ -13,5 +13,5 @@ from difflab.samplers import sample
 
 __version__ = "0.1.0"
 
-__all__ = ["BaseDenoiser", "Condition", "Denoiser", "Prediction", "guidance", "objectives", "process",
-           "samplers", "sample", "schedules", "__version__"]
+__all__ = ["BaseDenoiser", "Condition", "Denoiser", "Prediction", "guidance", "objectives",
+           "process", "samplers", "sample", "schedules", "__version__"]

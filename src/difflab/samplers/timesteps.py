@@ -32,7 +32,7 @@ import math
 import torch
 from torch import Tensor
 
-from difflab.schedules import DiscreteSchedule, NoiseSchedule
+from difflab.schedules import NoiseSchedule
 
 __all__ = ["SPACINGS", "timesteps", "SIGMA_MAX_CLIP"]
 
@@ -83,11 +83,11 @@ def timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "log_snr", *,
         lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
         ts = _from_sigmas(schedule, (hi + ramp * (lo - hi)) ** rho, t_start)
     else:
-        if not isinstance(schedule, DiscreteSchedule):
+        T = schedule.num_steps
+        if T is None:
             raise ValueError(f"spacing {spacing!r} uses DDPM integer indices and needs a discrete "
                              f"schedule; valid for {type(schedule).__name__}: "
                              "['uniform', 'log_snr', 'karras']")
-        T = schedule.T
         if steps > T:
             raise ValueError(f"spacing {spacing!r} has at most T = {T} steps, got {steps}")
         if spacing == "leading":
