@@ -22,19 +22,10 @@ O(sigma~^4). Final-step modes (option ``final`` of every deterministic sampler):
                      sigma~ = 0. No extra NFE, error O(sigma~_n^4); it uses denoised outputs only,
                      so it stays a data prediction for non-smooth (e.g. quantised image) data.
 
-Measured (RMSE to the exact PF-ODE solution, DDPM linear schedule, default log-SNR grid,
-exact 2-D ring / 64-D mixtures; ``python bench/samplers.py``, section "Final step"):
-
-    steps                    5      10     20     50      100     200
-    unipc x0           ring  .28    .063   .0086  1.2e-3  2.0e-4  2.3e-4   <- floor 2.4e-4
-    unipc extrapolate  ring  .28    .063   .0087  1.4e-3  2.0e-4  2.6e-5
-    dpm_solver_3 x0    64-D  .13    .074   1.8e-3 3.9e-4  2.5e-4  2.5e-4
-    dpm_solver_3 extr. 64-D  .13    .074   1.8e-3 3.2e-4  5.7e-5  9.9e-6
-    dpmpp_2m x0        ring  .26    .093   .017   2.9e-3  6.9e-4  2.0e-4
-    dpmpp_2m extr.     ring  .26    .094   .017   3.0e-3  8.2e-4  2.1e-4
-
-So the final step hardly matters at <= 20 steps (interior steps dominate), the x0 step leaves
-the predicted O(sigma_min^2) floor, and extrapolation removes it for the 3rd-order solvers
+Measured (RMSE to the exact PF-ODE solution on the benchmark mixtures; the table is in
+docs/results/samplers.md, section "Final step", made by ``python bench/samplers.py``): the
+final step hardly matters at <= 20 steps (interior steps dominate), the x0 step leaves the
+predicted O(sigma_min^2) floor, and extrapolation removes it for the 3rd-order solvers
 (dpmpp_3m, unipc, dpm_solver_3: ``final="extrapolate"`` by default). For 2nd-order solvers the
 interior error stays above the floor up to ~100 steps and extrapolation is neutral to 20%
 worse there, so dpmpp_2m, heun and dpm_solver_2 keep ``final="x0"`` (as do the first-order
