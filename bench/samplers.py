@@ -288,25 +288,24 @@ TUNED = ("unipc", "dpmpp_2m", "dpmpp_3m")
 
 def tuned_section(den, noise, ref, best_theirs: dict, quick: bool = False,
                   calibration: int = 512) -> list[str]:
-    """difflab.samplers.tuning.tune_grid fitted on ``calibration`` draws (seed 123, not the
+    """difflab.fitting.tune_grid fitted on ``calibration`` draws (seed 123, not the
     test noise), measured on the test noise like every other row: the grid alone, then with
-    its decoupled evaluation times; then a bespoke solver (difflab.samplers.bespoke) fitted on
+    its decoupled evaluation times; then a bespoke solver (difflab.fitting.bespoke) fitted on
     the same draws on unipc's tuned grid."""
-    from difflab.samplers.bespoke import tune_solver
-    from difflab.samplers.tuning import tune_grid
+    from difflab.fitting import tune_grid, tune_solver
 
     cal = torch.randn(32 if quick else calibration, noise.shape[1],
                       generator=torch.Generator().manual_seed(123), dtype=torch.float64)
     ref_cal = reference(den, cal, 1000)
     nfes = [k for k in NFES if k <= 20]
-    out = ["### difflab with tuned grids (`difflab.samplers.tuning.tune_grid`, not defaults)", "",
+    out = ["### difflab with tuned grids (`difflab.fitting.tune_grid`, not defaults)", "",
            f"Fitted per sampler and NFE on {cal.shape[0]} calibration draws (seed 123, "
            "disjoint from the test noise), then run on the test noise. Cell: test RMSE of the "
            "tuned grid alone -> with its decoupled evaluation times (the default of "
            "`tune_grid` / `difflab tune-grid`), (ratio of the latter to the best diffusers "
            "setting at that NFE; calibration cost in sampler runs). Row bespoke: the "
            "coefficients of the solver fitted on unipc's tuned grid and evaluation times, "
-           "same calibration draws (`difflab.samplers.bespoke.tune_solver`), test RMSE (ratio; "
+           "same calibration draws (`difflab.fitting.tune_solver`), test RMSE (ratio; "
            "L-BFGS iterations).", "",
            "| sampler | " + " | ".join(f"NFE {k}" for k in nfes) + " |",
            "|---" * (len(nfes) + 1) + "|"]
@@ -316,19 +315,19 @@ def tuned_section(den, noise, ref, best_theirs: dict, quick: bool = False,
         for k in nfes:
             tg = tune_grid(den, name, k, cal, reference=ref_cal,
                            max_evals=60 if quick else None)
-            e_grid = rmse(S.sample(den, noise, name, grid=tg["ts"]), ref)
-            x = S.sample(den, noise, name, grid=tg)
+            e_grid = rmse(S.sample(den, noise, name, grid=tg.ts), ref)
+            x = S.sample(den, noise, name, fit=tg)
             e = rmse(x, ref)
             cells.append(f"{e_grid:.2e} -> {e:.2e} ({e / best_theirs[k][0]:.2f}; "
-                         f"{tg['evals']} runs)")
+                         f"{tg.evals} runs)")
             print(name, k, cells[-1], flush=True)
             if name != "unipc":
                 continue
             tb = tune_solver(den, k, cal, grid=tg, reference=ref_cal,
                              max_iter=20 if quick else 100)
-            xb = S.sample(den, noise, "bespoke", grid=tb)
+            xb = S.sample(den, noise, "bespoke", fit=tb)
             eb = rmse(xb, ref)
-            cells_b.append(f"{eb:.2e} ({eb / best_theirs[k][0]:.2f}; {tb['iterations']} it)")
+            cells_b.append(f"{eb:.2e} ({eb / best_theirs[k][0]:.2f}; {tb.iterations} it)")
             print("bespoke", k, cells_b[-1], flush=True)
             per_draw.append((k, draw_errors(x, ref), draw_errors(xb, ref)))
         out.append(f"| {name} | " + " | ".join(cells) + " |")

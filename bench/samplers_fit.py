@@ -4,13 +4,13 @@
 
 ``difflab train`` with ``train.fit_steps`` (and ``difflab tune-grid --sampler bespoke --start
 auto``) fits a bespoke solver per step count with
-:func:`difflab.samplers.bespoke.fit_solvers`: unipc on each of ``START_GRIDS`` (the adaptive
+:func:`difflab.fitting.fit_solvers`: unipc on each of ``START_GRIDS`` (the adaptive
 grid from the reference solve, uniform-t; the docs/results file of 2026-12-02 also fitted from
 log-SNR, which never won and was dropped) as the start, the best fit kept, no grid
-tuning, then ``difflab.sample(den, noise, steps=n)`` uses it by
-default. This measures exactly that call on the two mixtures of ``bench/samplers.py`` (same
-schedule, test noise and reference), beside the default without a fit and the best of the ~40
-diffusers configurations of ``bench/samplers.py`` at each NFE.
+tuning, then ``difflab.sample(den, noise, fit=fits[n])`` runs it (``difflab sample`` passes
+the checkpoint's fit by default). This measures exactly that call on the two mixtures of
+``bench/samplers.py`` (same schedule, test noise and reference), beside the default without a
+fit and the best of the ~40 diffusers configurations of ``bench/samplers.py`` at each NFE.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 
 from difflab import samplers as S
 from difflab import schedules
-from difflab.samplers.bespoke import fit_solvers
+from difflab.fitting import fit_solvers
 from difflab.toy import GaussianMixture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,11 +84,11 @@ def main() -> None:
         "Same mixtures, schedule, test noise and reference as `bench/samplers.py`. Row "
         "*fitted*: `fit_solvers(den, [5, 10, 20], calibration, max_iter="
         f"{args.max_iter})` on {args.calibration} calibration draws (seed 123, disjoint from the "
-        "test noise), then `difflab.sample(den, noise, steps=n)`, the default call, which runs "
-        "the fitted solver (what `difflab train` with `train.fit_steps` and `difflab sample` "
-        "do for a checkpoint). Row *no fit*: the same call on a denoiser without fitted "
-        "solvers (dpmpp_2m on its log-SNR grid). Cell: test RMSE (ratio to the best diffusers "
-        "configuration at that NFE; target <= 0.5).", "",
+        "test noise), then `difflab.sample(den, noise, fit=fits[n])`, which runs the fitted "
+        "solver (what `difflab train` with `train.fit_steps` and `difflab sample` do for a "
+        "checkpoint). Row *no fit*: `difflab.sample(den, noise, steps=n)`, the default call "
+        "without a fit (dpmpp_2m on its log-SNR grid). Cell: test RMSE (ratio to the best "
+        "diffusers configuration at that NFE; target <= 0.5).", "",
     ]
     for label, (mix, n) in mixtures.items():
         den = mix.denoiser(sch, "eps")
@@ -103,7 +103,7 @@ def main() -> None:
         fits = fit_solvers(den, list(NFES), cal, max_iter=args.max_iter, reference_steps=1000,
                            log=print)
         seconds = time.perf_counter() - t0
-        xs = {k: S.sample(den, noise, steps=k) for k in NFES}
+        xs = {k: S.sample(den, noise, fit=fits[k]) for k in NFES}
         ours = {k: rmse(xs[k], ref) for k in NFES}
         lines += [f"## {label}, {n} test draws", "",
                   "| | " + " | ".join(f"NFE {k}" for k in NFES) + " |",
@@ -115,10 +115,10 @@ def main() -> None:
                   "| best diffusers | " + " | ".join(
                       f"{theirs[k][0]:.2e} ({theirs[k][1]})" for k in NFES) + " |",
                   "| fit: start grid, calibration RMSE (unipc there) | " + " | ".join(
-                      f"{fits[k]['spacing']}, {fits[k]['rmse']:.1e} ({fits[k]['rmse_base']:.1e})"
+                      f"{fits[k].spacing}, {fits[k].rmse:.1e} ({fits[k].rmse_base:.1e})"
                       for k in NFES) + " |",
                   "| calibration RMSE from each start | " + " | ".join(
-                      ", ".join(f"{g} {e:.1e}" for g, e in fits[k]["starts"].items())
+                      ", ".join(f"{g} {e:.1e}" for g, e in fits[k].starts.items())
                       for k in NFES) + " |",
                   "| test draws ending in another component (> 0.5); RMSE without them | "
                   + " | ".join("{1}; {2:.1e}".format(*draw_errors(xs[k], ref)) for k in NFES)

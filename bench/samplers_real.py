@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from difflab import samplers as S
-from difflab.train.checkpoint import load_denoiser
+from difflab.fitting import load_fit, load_fits
+from difflab.train.checkpoint import load_denoiser, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -98,8 +99,8 @@ def main() -> None:
     ap.add_argument("--tune-evals", type=int, default=150, help="sampler runs per grid")
     ap.add_argument("--title", default="Samplers on a trained image model (Fashion-MNIST U-Net)")
     ap.add_argument("--grids", default="",
-                    help="samplers (comma list) whose grids from the checkpoint's grids.json "
-                         "(`difflab tune-grid`, the grids `difflab sample` uses) get rows")
+                    help="samplers (comma list) whose fits stored with the checkpoint "
+                         "(`difflab tune-grid`, the fits `difflab sample` runs) get rows")
     ap.add_argument("--figure", default="",
                     help="PNG: 8 images from the reference and, per NFE, dpmpp_2m and the "
                          "default call (rows)")
@@ -112,16 +113,18 @@ def main() -> None:
     with torch.no_grad():
         ref = reference(den, noise, args.ref_steps)
         ref_half = reference(den, noise, args.ref_steps // 2)
-    fitted = sorted(den.solvers)
-    auto = (f"auto: `difflab.sample(den, noise, steps=n)`, the default (bespoke solver fitted "
-            f"by `difflab train` at {fitted} steps, else dpmpp_2m)" if fitted else
+    fits = load_fits(resolve(args.checkpoint))
+    fitted = sorted(fits)
+    auto = (f"auto: `difflab.sample(den, noise, steps=n, fit=fits.get(n))`, the default of "
+            f"`difflab sample` (bespoke solver fitted by `difflab train` at {fitted} steps, "
+            "else dpmpp_2m)" if fitted else
             "auto: `difflab.sample(den, noise, steps=n)`, the default (no fitted solver: "
             "dpmpp_2m)")
     rows_dl = {auto: {}}
     shown = [ref[:8]]  # --figure: the reference, then per NFE dpmpp_2m and the default
     for nfe in NFES:  # every sampler auto chooses makes one network call per step
-        x = S.sample(den, noise, steps=nfe)
-        rows_dl[auto][nfe] = (rmse(x, ref), S.get(S.choose(den, None, nfe)[0]).nfe(nfe))
+        x = S.sample(den, noise, steps=nfe, fit=fits.get(nfe))
+        rows_dl[auto][nfe] = (rmse(x, ref), S.get(S.choose(None, fits.get(nfe))).nfe(nfe))
         shown += [S.sample(den, noise[:8], "dpmpp_2m", nfe), x[:8]]
     print(auto, rows_dl[auto], flush=True)
     if args.figure:
@@ -148,7 +151,7 @@ def main() -> None:
         print(label, rows_dl[label], flush=True)
     tuned_rows = {}
     if args.tune:
-        from difflab.samplers.tuning import tune_grid
+        from difflab.fitting import tune_grid
 
         cal = torch.randn(args.tune_n, c, r, r, generator=torch.Generator().manual_seed(123))
         with torch.no_grad():
@@ -160,29 +163,27 @@ def main() -> None:
                 steps = steps_for(name, nfe)
                 tg = tune_grid(den, name, steps, cal, reference=ref_cal,
                                max_evals=args.tune_evals)
-                x = S.sample(den, noise, name, grid=tg["ts"])
+                x = S.sample(den, noise, name, grid=tg.ts)
                 tuned_rows[label][nfe] = (rmse(x, ref), S.get(name).nfe(steps))
-                print(label, nfe, tuned_rows[label][nfe], f"calibration {tg['rmse']:.3e} "
-                      f"(default grid {tg['rmse_default']:.3e})", flush=True)
+                print(label, nfe, tuned_rows[label][nfe], f"calibration {tg.rmse:.3e} "
+                      f"(default grid {tg.rmse_default:.3e})", flush=True)
     if args.grids:
-        from difflab.train.grids import tuned_grid_entry
-
         for name in args.grids.split(","):
             for nfe in NFES:
                 steps = steps_for(name, nfe)
-                entry = tuned_grid_entry(args.checkpoint, name, steps)
-                if entry is None:
+                fit = load_fit(resolve(args.checkpoint), name, steps)
+                if fit is None:
                     continue
-                cal = entry["calibration"]
-                if entry.get("coeffs") is not None:  # a bespoke solver on its base's grid
-                    label = (f"{name}, grids.json (coefficients and times fitted on {cal} "
-                             f"images, on {entry.get('base')}'s grid)")
-                elif "grid_from" in entry:  # grid and evaluation times fitted separately
-                    label = (f"{name}, grids.json (grid {entry['grid_from']['calibration']}, "
+                cal = fit.calibration
+                if fit.coeffs is not None:  # a bespoke solver on its base's grid
+                    label = (f"{name}, fits.json (coefficients and times fitted on {cal} "
+                             f"images, on {fit.base}'s grid)")
+                elif fit.grid_from is not None:  # grid and evaluation times fitted separately
+                    label = (f"{name}, fits.json (grid {fit.grid_from['calibration']}, "
                              f"eval times {cal} calibration images)")
                 else:
-                    label = f"{name}, grids.json ({cal} calibration images)"
-                x = S.sample(den, noise, name, grid=entry)  # with its eval_ts, if any
+                    label = f"{name}, fits.json ({cal} calibration images)"
+                x = S.sample(den, noise, name, fit=fit)  # with its eval_ts, if any
                 tuned_rows.setdefault(label, {n: (math.nan, 0) for n in NFES})
                 tuned_rows[label][nfe] = (rmse(x, ref), S.get(name).nfe(steps))
                 print(label, nfe, tuned_rows[label][nfe], flush=True)

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from difflab import samplers as S
-from difflab.train.checkpoint import load_denoiser
-from difflab.train.grids import load_tuned_grid
+from difflab.fitting import load_fit
+from difflab.train.checkpoint import load_denoiser, resolve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from samplers import reference, rmse  # noqa: E402
@@ -40,12 +40,12 @@ def main() -> None:
     with torch.no_grad():
         ref = reference(den, noise, args.ref_steps)
         for steps in args.steps:
-            ts = load_tuned_grid(args.checkpoint, args.sampler, steps)
+            ts = load_fit(resolve(args.checkpoint), args.sampler, steps)
             if ts is None:
                 print(f"{args.sampler} {steps}: no tuned grid in {args.checkpoint}")
                 continue
             e0 = rmse(S.sample(den, noise, args.sampler, steps), ref)
-            e = rmse(S.sample(den, noise, args.sampler, grid=ts), ref)
+            e = rmse(S.sample(den, noise, args.sampler, fit=ts), ref)
             print(f"{args.sampler} {steps} steps: default grid {e0:.4f}, tuned grid {e:.4f}")
 
 

@@ -10,7 +10,7 @@ import torch
 
 from difflab import samplers as S
 from difflab import schedules
-from difflab.samplers.bespoke import BASES, solver_coefficients, tune_solver
+from difflab.fitting import BASES, solver_coefficients, tune_solver
 from difflab.samplers.timesteps import timesteps
 from difflab.toy import GaussianMixture
 
@@ -64,9 +64,9 @@ def test_bad_coefficients_and_bases_are_named():
         S.sample(den, x, "bespoke", 3, coeffs=[[1.0, 0.0], [1.0, 0.0]])
     with pytest.raises(ValueError, match="valid: \\['unipc'"):
         S.sample(den, x, "bespoke", 3, base="heun")
-    grid = {"ts": timesteps(sch, 1, "log_snr").tolist(), "coeffs": [[0.0, 1.0]]}
+    fit = S.SolverPlan("bespoke", timesteps(sch, 1, "log_snr"), coeffs=[[0.0, 1.0]])
     with pytest.raises(ValueError, match="sampler='bespoke', not 'unipc'"):
-        S.sample(den, x, "unipc", grid=grid)
+        S.sample(den, x, "unipc", fit=fit)
 
 
 def test_tuned_solver_beats_its_base_on_held_out_noise():
@@ -82,18 +82,18 @@ def test_tuned_solver_beats_its_base_on_held_out_noise():
     ref = S.sample(den, test, "dpm_solver_3", grid=ref_ts)
     grid = timesteps(sch, 4, "log_snr").tolist()
     tuned = tune_solver(den, 4, cal, grid=grid, reference=ref_cal, max_iter=50)
-    assert tuned["sampler"] == "bespoke" and tuned["nfe"] == 4 and tuned["ts"] == grid
-    assert tuned["rmse"] < 0.5 * tuned["rmse_base"]
-    assert tuned["eval_ts"] != grid  # the times the network is told were fitted too
+    assert tuned.sampler == "bespoke" and tuned.nfe == 4 and list(tuned.ts) == grid
+    assert tuned.rmse < 0.5 * tuned.rmse_base
+    assert list(tuned.eval_ts) != grid  # the times the network is told were fitted too
     # the sampler, told the fitted times through EvalTimes, is the function that was fitted
-    assert rmse(S.sample(den, cal, "bespoke", grid=tuned), ref_cal) == pytest.approx(
-        tuned["rmse"], rel=1e-9)
+    assert rmse(S.sample(den, cal, "bespoke", fit=tuned), ref_cal) == pytest.approx(
+        tuned.rmse, rel=1e-9)
     fixed = tune_solver(den, 4, cal, grid=grid, reference=ref_cal, max_iter=50,
                         fit_times=False)
-    assert fixed["eval_ts"] == grid and fixed["rmse"] < fixed["rmse_base"]
+    assert list(fixed.eval_ts) == grid and fixed.rmse < fixed.rmse_base
     net = den.net
     calls = net.calls
-    e_tuned = rmse(S.sample(den, test, "bespoke", grid=tuned), ref)
+    e_tuned = rmse(S.sample(den, test, "bespoke", fit=tuned), ref)
     assert net.calls - calls == 4  # one batched call per grid point
     e_base = rmse(S.sample(den, test, "unipc", grid=grid), ref)
     assert e_tuned < 0.6 * e_base, (e_tuned, e_base)
@@ -108,14 +108,14 @@ def test_cli_tune_bespoke_then_sample_uses_it(tmp_path, capsys):
     from conftest import mlp_checkpoint
 
     from difflab.cli import main
+    from difflab.fitting import FITS, load_fit
     from difflab.train.checkpoint import load_denoiser
-    from difflab.train.grids import GRIDS, load_tuned_grid
 
     ckpt = mlp_checkpoint(tmp_path / "ck")
     assert main(["tune-grid", str(ckpt), "--sampler", "bespoke", "--steps", "3",
                  "--count", "16", "--reference-steps", "20", "--max-evals", "30",
                  "--max-iter", "10"]) == 0
-    grids = json.loads((ckpt / GRIDS).read_text())["grids"]
+    grids = json.loads((ckpt / FITS).read_text())["fits"]
     base, entry = grids["unipc/3/ema"], grids["bespoke/3/ema"]
     assert entry["ts"] == base["ts"] and entry["eval_ts"] == base["eval_ts"]
     assert [len(r) for r in entry["coeffs"]] == [2, 3, 4]
@@ -124,10 +124,10 @@ def test_cli_tune_bespoke_then_sample_uses_it(tmp_path, capsys):
     out = tmp_path / "x.npy"
     assert main(["sample", str(ckpt), "--sampler", "bespoke", "--steps", "3", "--count", "5",
                  "--seed", "3", "--out", str(out)]) == 0
-    assert "using the tuned bespoke 3-step grid" in capsys.readouterr().out
+    assert "using the bespoke solver fitted" in capsys.readouterr().out
     den, _ = load_denoiser(ckpt)
     noise = torch.randn((5, 2), generator=torch.Generator().manual_seed(3))
-    expect = S.sample(den, noise, "bespoke", grid=load_tuned_grid(ckpt, "bespoke", 3))
+    expect = S.sample(den, noise, "bespoke", fit=load_fit(ckpt, "bespoke", 3))
     np.testing.assert_allclose(np.load(out), expect.numpy(), rtol=1e-5, atol=1e-6)
 
 
@@ -145,10 +145,10 @@ def test_tuned_solver_with_classifier_free_guidance():
     grid = timesteps(sch, 3, "log_snr").tolist()
     tuned = tune_solver(den, 3, cal, grid=grid, cond=y, max_iter=30, batch_size=40,
                         reference_steps=100)
-    assert tuned["rmse"] < 0.7 * tuned["rmse_base"], tuned
+    assert tuned.rmse < 0.7 * tuned.rmse_base, tuned
     ref = S.sample(den, cal, "dpm_solver_3", grid=timesteps(sch, 100, "log_snr"), cond=y)
-    x = S.sample(den, cal, "bespoke", grid=tuned, cond=y)
-    assert rmse(x, ref) == pytest.approx(tuned["rmse"], rel=1e-9)
+    x = S.sample(den, cal, "bespoke", fit=tuned, cond=y)
+    assert rmse(x, ref) == pytest.approx(tuned.rmse, rel=1e-9)
 
 
 def test_cli_bespoke_rejects_eval_times_only(tmp_path, capsys):
@@ -159,18 +159,17 @@ def test_cli_bespoke_rejects_eval_times_only(tmp_path, capsys):
     ckpt = mlp_checkpoint(tmp_path / "ck")
     assert main(["tune-grid", str(ckpt), "--sampler", "bespoke", "--steps", "3", "--count", "4",
                  "--reference-steps", "10", "--eval-times-only"]) != 0
-    assert "drop --eval-times-only" in capsys.readouterr().err
+    assert "--eval-times-only refits a stored grid's times" in capsys.readouterr().err
 
 
-def test_fitted_solvers_are_the_default_of_sample():
-    """fit_solvers fits one solver per step count on one calibration batch and attaches them:
-    ``difflab.sample(den, noise, steps=k)`` then runs the fitted k-step solver (on held-out
-    noise at least 3x below unipc on the same grid, the fit's starting point); a named
-    sampler, a spacing, an unfitted step count or a guidance transform of the denoiser run
-    the classical default."""
+def test_fitted_solvers_run_when_passed_and_only_then():
+    """fit_solvers fits one solver per step count on one calibration batch and returns them;
+    ``difflab.sample(den, noise, fit=fits[k])`` runs the fitted k-step solver (on held-out
+    noise at least 3x below unipc on the same grid, the fit's starting point). Nothing is left
+    on the denoiser: without ``fit=`` (a named sampler, a spacing, any step count, a guidance
+    transform) the call runs the classical default."""
     from difflab import guidance
-    from difflab.samplers.bespoke import fit_solvers
-    from difflab.samplers.tuning import adaptive_grid, reference_profile
+    from difflab.fitting import adaptive_grid, fit_solvers, reference_profile
 
     sch = schedules.linear()
     mix = GaussianMixture.ring()
@@ -179,33 +178,37 @@ def test_fitted_solvers_are_the_default_of_sample():
     test = torch.randn(512, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     ref = S.sample(den, test, "dpm_solver_3", grid=timesteps(sch, 200, "log_snr"))
     fits = fit_solvers(den, [3, 5], cal, max_iter=40, batch_size=128)
-    assert sorted(den.solvers) == [3, 5] and den.solvers[5] is fits[5]
+    assert sorted(fits) == [3, 5] and not getattr(den, "solvers", {})
     ref_cal = S.sample(den, cal, "dpm_solver_3", grid=timesteps(sch, 100, "log_snr"))
     _, profile = reference_profile(den, cal, 100)
     for k in (3, 5):
         # fitted from the adaptive and the uniform-t grid; the fit with the lowest
         # calibration error is kept, and its base is unipc on that grid
-        starts = fits[k]["starts"]
+        starts = fits[k].starts
         spacing = min(starts, key=starts.get)
         assert sorted(starts) == ["adaptive", "uniform"]
-        assert fits[k]["spacing"] == spacing and fits[k]["rmse"] == starts[spacing]
+        assert fits[k].spacing == spacing and fits[k].rmse == starts[spacing]
         grid = (adaptive_grid(sch, k, profile) if spacing == "adaptive"
                 else timesteps(sch, k, spacing).tolist())
-        assert fits[k]["ts"] == grid
-        assert fits[k]["rmse_base"] == pytest.approx(
+        assert list(fits[k].ts) == grid
+        assert fits[k].rmse_base == pytest.approx(
             rmse(S.sample(den, cal, "unipc", grid=grid), ref_cal), rel=1e-9)
-        assert fits[k]["iterations"] <= 40
-        x = S.sample(den, test, steps=k)
-        assert torch.equal(x, S.sample(den, test, "bespoke", grid=fits[k]))
+        assert fits[k].iterations <= 40 and fits[k].reference_steps == 100
+        assert S.choose(None, fits[k]) == S.choose("auto", fits[k]) == "bespoke"
+        x = S.sample(den, test, fit=fits[k])
+        assert torch.equal(x, S.sample(den, test, "bespoke", k, fit=fits[k]))
         e_base = rmse(S.sample(den, test, "unipc", grid=grid), ref)
         assert rmse(x, ref) < e_base / 3, (k, rmse(x, ref), e_base)
     classical = S.sample(den, test, "dpmpp_2m", steps=5)
+    assert S.choose(None) == S.choose("auto") == "dpmpp_2m"
+    assert torch.equal(S.sample(den, test, steps=5), classical)
     assert torch.equal(S.sample(den, test, steps=5, spacing="log_snr"), classical)
-    assert torch.equal(S.sample(den, test, "dpmpp_2m", steps=5), classical)
-    assert torch.equal(S.sample(den, test, steps=4), S.sample(den, test, "dpmpp_2m", steps=4))
+    with pytest.raises(ValueError, match="brings its own grid"):
+        S.sample(den, test, fit=fits[5], spacing="log_snr")
+    with pytest.raises(ValueError, match="a 4-step grid needs 5"):
+        S.sample(den, test, steps=4, fit=fits[5])
     y = torch.zeros(512, dtype=torch.long)
     cfg = guidance.classifier_free(den, 1.0, uncond=mix.num_components)
-    assert S.choose(cfg, None, 5) == ("dpmpp_2m", None)
     assert torch.equal(S.sample(cfg, test, steps=5, cond=y),
                        S.sample(cfg, test, "dpmpp_2m", steps=5, cond=y))
 
@@ -218,7 +221,7 @@ def test_cli_bespoke_from_a_spacing_needs_no_tuned_grid(tmp_path, capsys):
     from conftest import mlp_checkpoint
 
     from difflab.cli import main
-    from difflab.train.grids import GRIDS
+    from difflab.fitting import FITS
 
     ckpt = mlp_checkpoint(tmp_path / "ck")
     assert main(["tune-grid", str(ckpt), "--sampler", "bespoke", "--start", "best"]) != 0
@@ -226,7 +229,7 @@ def test_cli_bespoke_from_a_spacing_needs_no_tuned_grid(tmp_path, capsys):
         capsys.readouterr().err)
     assert main(["tune-grid", str(ckpt), "--sampler", "bespoke", "--steps", "3", "--count", "16",
                  "--reference-steps", "20", "--max-iter", "10", "--start", "auto"]) == 0
-    grids = json.loads((ckpt / GRIDS).read_text())["grids"]
+    grids = json.loads((ckpt / FITS).read_text())["fits"]
     assert list(grids) == ["bespoke/3/ema"]
     entry = grids["bespoke/3/ema"]
     assert sorted(entry["starts"]) == ["adaptive", "uniform"]

@@ -1,5 +1,5 @@
 """Tuned time grids: the optimiser, the parametrisation, the fit on an exact mixture, and the
-grids file a checkpoint carries."""
+fits file a checkpoint carries."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import torch
 
 from difflab import samplers as S
 from difflab import schedules
-from difflab.samplers.timesteps import timesteps
-from difflab.samplers.tuning import (
+from difflab.fitting import (
     adaptive_grid,
     grid_from_theta,
     nelder_mead,
     reference_profile,
     tune_grid,
 )
+from difflab.samplers.timesteps import timesteps
 from difflab.toy import GaussianMixture
 
 
@@ -111,6 +111,8 @@ def test_sample_takes_an_explicit_grid():
         S.sample(den, x, "unipc", 5, grid=ts)
     with pytest.raises(ValueError, match="end at t = 0"):
         S.sample(den, x, "unipc", grid=ts[:-1])
+    with pytest.raises(TypeError, match="pass a tuned grid or a fitted solver as fit="):
+        S.sample(den, x, "unipc", grid={"ts": ts.tolist()})
 
 
 def test_a_tuned_grid_generalises_to_new_noise():
@@ -122,23 +124,23 @@ def test_a_tuned_grid_generalises_to_new_noise():
     cal = torch.randn(64, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     test = torch.randn(512, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     tuned = tune_grid(den, "unipc", 5, cal, reference_steps=200, max_evals=200)
-    assert tuned["rmse"] <= tuned["rmse_default"] and tuned["nfe"] == 5
+    assert tuned.rmse <= tuned.rmse_default and tuned.nfe == 5
     ref = S.sample(den, test, "dpm_solver_3", 300)
     e_default = rmse(S.sample(den, test, "unipc", 5), ref)
-    e_grid = rmse(S.sample(den, test, "unipc", grid=tuned["ts"]), ref)
+    e_grid = rmse(S.sample(den, test, "unipc", grid=tuned.ts), ref)
     assert e_grid < 0.5 * e_default, (e_grid, e_default)
     # max_evals=200 leaves 100 runs to the decoupled evaluation times, which lower the error on
     # the calibration draws and, as fitted parameters should, on the other draws too
-    assert tuned["rmse"] < tuned["rmse_grid"] and tuned["eval_ts"] != tuned["ts"]
-    e_tuned = rmse(S.sample(den, test, "unipc", grid=tuned), ref)
+    assert tuned.rmse < tuned.rmse_grid and tuned.eval_ts != tuned.ts
+    e_tuned = rmse(S.sample(den, test, fit=tuned), ref)
     assert e_tuned < e_grid, (e_tuned, e_grid)
 
 
 def test_eval_times_tell_the_network_another_time():
     """EvalTimes: at grid time t_i the network's own output is taken at t'_i and converted with
     alpha(t_i), sigma(t_i); t'_i = t_i changes nothing (bit for bit)."""
+    from difflab.fitting import eval_times_from_phi
     from difflab.samplers.common import EvalTimes, native_target
-    from difflab.samplers.tuning import eval_times_from_phi
 
     sch = schedules.linear()
     mix = GaussianMixture.ring()
@@ -147,7 +149,7 @@ def test_eval_times_tell_the_network_another_time():
     for prediction in ("eps", "v", "x0"):
         den = mix.denoiser(sch, prediction)
         assert native_target(den) == prediction
-        assert torch.equal(S.sample(den, x, "unipc", grid={"ts": ts, "eval_ts": ts}),
+        assert torch.equal(S.sample(den, x, fit=S.SolverPlan("unipc", ts, ts)),
                            S.sample(den, x, "unipc", grid=ts))
         eval_ts = eval_times_from_phi(sch, ts, [0.0, 0.5, -0.5, 0.3, 0.0, 0.2])
         assert eval_ts[0] == ts[0] and eval_ts[-1] == 0.0
@@ -164,7 +166,7 @@ def test_eval_times_tell_the_network_another_time():
         mix.denoiser(sch, "v"), 1.0, uncond=0)
     assert native_target(cfg) == "v"
     with pytest.raises(ValueError, match="eval_ts must hold one time"):
-        S.sample(den, x, "unipc", grid={"ts": ts, "eval_ts": ts[:-1]})
+        S.SolverPlan("unipc", ts, ts[:-1])
 
 
 def test_stochastic_samplers_cannot_be_tuned():
@@ -173,47 +175,103 @@ def test_stochastic_samplers_cannot_be_tuned():
         tune_grid(den, "ddpm", 5, torch.randn(4, 2))
 
 
-def test_grids_file_roundtrip_and_stale_weights(tmp_path):
+def test_fits_file_roundtrip_and_stale_weights(tmp_path):
+    from difflab.fitting import FITS, Fit, load_fit, save_fit
     from difflab.nets import build
     from difflab.train.checkpoint import save_checkpoint
-    from difflab.train.grids import GRIDS, load_tuned_grid, save_tuned_grid
 
     net = build({"type": "mlp", "dim": 2, "hidden": 16, "depth": 2})
     config = {"net": net.config, "schedule": schedules.linear().config(), "prediction": "eps",
               "data": {"name": "ring", "channels": 2, "resolution": None}}
     sd = {k: v.clone() for k, v in net.state_dict().items()}
     ckpt = save_checkpoint(tmp_path / "ck", config=config, model=sd, ema=sd)
-    assert load_tuned_grid(ckpt, "unipc", 5) is None
+    assert load_fit(ckpt, "unipc", 5) is None
     ts = timesteps(schedules.linear(), 5, "karras").tolist()
-    save_tuned_grid(ckpt, {"ts": ts, "sampler": "unipc", "steps": 5, "rmse": 0.1})
-    assert load_tuned_grid(ckpt, "unipc", 5) == ts  # a grid file from before eval_ts
+    save_fit(ckpt, Fit("unipc", ts, rmse=0.1))
+    got = load_fit(ckpt, "unipc", 5)  # a fit without decoupled evaluation times
+    assert got.ts == tuple(ts) and got.eval_ts is None and got.rmse == 0.1
     eval_ts = [min(1.0, 1.01 * t) for t in ts]
-    save_tuned_grid(ckpt, {"ts": ts, "eval_ts": eval_ts, "sampler": "unipc", "steps": 5,
-                           "rmse": 0.1})
-    assert load_tuned_grid(ckpt, "unipc", 5) == {"ts": ts, "eval_ts": eval_ts}
-    assert load_tuned_grid(ckpt, "unipc", 6) is None
-    assert load_tuned_grid(ckpt, "unipc", 5, ema=False) is None  # tuned for the EMA weights
-    assert json.loads((ckpt / GRIDS).read_text())["grids"]["unipc/5/ema"]["rmse"] == 0.1
+    save_fit(ckpt, Fit("unipc", ts, eval_ts, rmse=0.1))
+    got = load_fit(ckpt, "unipc", 5)
+    assert (list(got.ts), list(got.eval_ts)) == (ts, eval_ts)
+    assert got.weights_sha256 is not None
+    assert load_fit(ckpt, "unipc", 6) is None
+    assert load_fit(ckpt, "unipc", 5, ema=False) is None  # tuned for the EMA weights
+    assert json.loads((ckpt / FITS).read_text())["fits"]["unipc/5/ema"]["rmse"] == 0.1
     sd2 = {k: v + 1 for k, v in sd.items()}  # training went on: other weights
     save_checkpoint(tmp_path / "ck2", config=config, model=sd2, ema=sd2)
-    (tmp_path / "ck2" / GRIDS).write_text((ckpt / GRIDS).read_text())
+    (tmp_path / "ck2" / FITS).write_text((ckpt / FITS).read_text())
     with pytest.warns(UserWarning, match="tuned for other weights"):
-        assert load_tuned_grid(tmp_path / "ck2", "unipc", 5) is None
-    (ckpt / GRIDS).write_text("{not json")
+        assert load_fit(tmp_path / "ck2", "unipc", 5) is None
+    (ckpt / FITS).write_text("{not json")
     with pytest.raises(ValueError, match="not readable JSON"):
-        load_tuned_grid(ckpt, "unipc", 5)
+        load_fit(ckpt, "unipc", 5)
+
+
+def test_fit_json_roundtrip_and_old_grids_files(tmp_path):
+    """A Fit is frozen and survives to_json / from_json (through JSON text); the entries of
+    the grids.json files of older checkpoints load as fits, and a save moves them to
+    fits.json."""
+    import dataclasses
+
+    from difflab.fitting import FITS, Fit, load_fit, load_fits, save_fit, weights_file
+    from difflab.fitting.store import weights_sha256
+
+    ts = [1.0, 0.5, 0.2, 0.0]
+    fit = Fit("bespoke", ts, [1.0, 0.55, 0.21, 0.0],
+              [[0.5, 0.1], [0.2, 0.3, 0.1], [0.0, 0.2, 0.3, 0.4]], base="unipc",
+              spacing="adaptive", rmse=0.01, rmse_base=0.05, starts={"adaptive": 0.01,
+                                                                     "uniform": 0.02},
+              calibration=64, seed=1000, reference_steps=100, iterations=12, fit_times=True,
+              grid_from={"sampler": "unipc", "rmse": 0.03}, extra={"note": [1, 2]})
+    assert fit.steps == 3 and fit.nfe == 3 and fit.ts == tuple(ts)
+    back = Fit.from_json(json.loads(json.dumps(fit.to_json())))
+    assert back == fit and back.to_json() == fit.to_json()
+    assert back.to_json()["steps"] == 3 and back.extra["note"] == (1, 2)
+    import pickle
+
+    assert pickle.loads(pickle.dumps(fit)) == fit
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fit.rmse = 0.0
+    with pytest.raises(TypeError):
+        fit.starts["uniform"] = 0.0
+    assert fit.with_(seed=7).seed == 7 and fit.seed == 1000
+    with pytest.raises(ValueError, match="need 3 rows of 2, 3, .., 4 numbers"):
+        Fit("bespoke", ts, coeffs=[[1.0, 0.0]])
+    with pytest.raises(ValueError, match="for 4 steps has a grid of 4 times"):
+        Fit.from_json({"sampler": "unipc", "ts": ts, "steps": 4})
+    # a checkpoint with a grids.json of before fits.json (entries as tune-grid wrote them)
+    from conftest import mlp_checkpoint
+
+    ckpt = mlp_checkpoint(tmp_path / "ck")
+    sha = weights_sha256(weights_file(ckpt))
+    old = {"format": "difflab-grids-1", "grids": {
+        "unipc/3/ema": {"ts": ts, "sampler": "unipc", "steps": 3, "nfe": 3, "rmse": 0.1,
+                        "rmse_grid": 0.2, "rmse_default": 0.3, "default_spacing": "log_snr",
+                        "evals": 30, "calibration": 16, "seed": 1000,
+                        "reference_steps": 20, "weights_sha256": sha},
+        "bespoke/3/ema": {**fit.to_json(), "rmse_default": None, "weights_sha256": sha}}}
+    (ckpt / "grids.json").write_text(json.dumps(old))
+    grid = load_fit(ckpt, "unipc", 3)
+    assert grid.sampler == "unipc" and grid.eval_ts is None and grid.evals == 30
+    assert grid.to_json() == old["grids"]["unipc/3/ema"]
+    assert load_fits(ckpt) == {3: fit.with_(weights_sha256=sha)}
+    save_fit(ckpt, grid.with_(rmse=0.05))
+    stored = json.loads((ckpt / FITS).read_text())["fits"]
+    assert sorted(stored) == ["bespoke/3/ema", "unipc/3/ema"]
+    assert load_fit(ckpt, "unipc", 3).rmse == 0.05  # fits.json wins over grids.json
 
 
 def test_cli_tune_grid_then_sample_uses_it(tmp_path, capsys):
     from conftest import mlp_checkpoint
 
     from difflab.cli import main
-    from difflab.train.grids import GRIDS
+    from difflab.fitting import FITS
 
     ckpt = mlp_checkpoint(tmp_path / "ck")
     assert main(["tune-grid", str(ckpt), "--sampler", "dpmpp_2m", "--steps", "4",
                  "--count", "16", "--reference-steps", "20", "--max-evals", "30"]) == 0
-    entry = json.loads((ckpt / GRIDS).read_text())["grids"]["dpmpp_2m/4/ema"]
+    entry = json.loads((ckpt / FITS).read_text())["fits"]["dpmpp_2m/4/ema"]
     assert len(entry["ts"]) == 5 and entry["rmse"] <= entry["rmse_default"]
     capsys.readouterr()
     out = tmp_path / "x.npy"
@@ -227,7 +285,7 @@ def test_cli_tune_grid_then_sample_uses_it(tmp_path, capsys):
     assert main(["tune-grid", str(ckpt), "--sampler", "dpmpp_2m", "--steps", "4",
                  "--count", "8", "--reference-steps", "20", "--max-evals", "20", "--seed", "7",
                  "--eval-times-only"]) == 0
-    again = json.loads((ckpt / GRIDS).read_text())["grids"]["dpmpp_2m/4/ema"]
+    again = json.loads((ckpt / FITS).read_text())["fits"]["dpmpp_2m/4/ema"]
     assert again["ts"] == entry["ts"] and len(again["eval_ts"]) == 5
     assert again["grid_from"]["calibration"] == 16 and again["calibration"] == 8
     capsys.readouterr()

@@ -21,9 +21,10 @@ unipc              Zhao et al. 2023 (bh2)    steps       log_snr     UniP-2 + Un
 bespoke            Shaul et al. 2024         steps       log_snr     fitted coefficients
 =================  ========================  ==========  ==========  ===========================
 
-:func:`sample` without a sampler name runs the solver fitted to the denoiser for that step
-count (``denoiser.solvers``: :func:`difflab.samplers.bespoke.fit_solvers`, or a checkpoint
-trained with ``train.fit_steps``) and otherwise dpmpp_2m (:func:`choose`).
+:func:`sample` runs what its arguments say, never state left on a denoiser: a named sampler,
+or a solver plan passed as ``fit=`` (:class:`SolverPlan`; a tuned grid or a fitted bespoke solver
+of :mod:`difflab.fitting` is one), and otherwise dpmpp_2m (:func:`choose`). :func:`step` is one
+solver step from t_from to t_to (distillation).
 
 ``difflab.samplers.get(name).nfe(steps)`` is the exact number of denoiser calls
 (``nfe_rule`` says it in words); on a zero-terminal-SNR grid heun and dpm_solver_k take their
@@ -41,6 +42,7 @@ from torch import Tensor
 from difflab.denoiser import BaseDenoiser
 from difflab.samplers import (  # noqa: F401  (register)
     bespoke,
+    consistency,
     ddpm,
     dpm_solver,
     dpmpp,
@@ -54,13 +56,16 @@ from difflab.samplers.common import (
     SamplerSpec,
     randn_like,
 )
+from difflab.samplers.onestep import STEPS, step
+from difflab.samplers.plan import SolverPlan
 from difflab.samplers.timesteps import SPACINGS, timesteps
 
 __all__ = ["sample", "names", "get", "choose", "timesteps", "SPACINGS", "FINAL_MODES",
-           "SamplerSpec", "randn_like", "EvalTimes", "with_eval_times", "DEFAULT", "AUTO"]
+           "SamplerSpec", "SolverPlan", "randn_like", "EvalTimes", "with_eval_times", "step",
+           "STEPS", "DEFAULT", "AUTO"]
 
-DEFAULT = "dpmpp_2m"  # the sampler of a denoiser with no solver fitted for the step count
-AUTO = "auto"  # sampler=None or "auto": a fitted solver if there is one, else DEFAULT
+DEFAULT = "dpmpp_2m"  # the sampler of a call that names none and passes no fit
+AUTO = "auto"  # sampler=None or "auto": the fit's sampler if a fit is passed, else DEFAULT
 
 
 def names() -> list[str]:
@@ -75,19 +80,13 @@ def get(name: str) -> SamplerSpec:
     return REGISTRY[name]
 
 
-def choose(denoiser: BaseDenoiser, sampler: str | None, steps: int | None = None,
-           spacing: str | None = None, grid: Any = None) -> tuple[str, Any]:
-    """(sampler, grid) that :func:`sample` runs. A named sampler runs as asked. ``None`` or
-    ``"auto"``: the solver fitted to this denoiser for ``steps`` (``denoiser.solvers``, a
-    bespoke solver, e.g. fitted at the end of ``difflab train``) when neither ``grid`` nor
-    ``spacing`` is given, else :data:`DEFAULT` on its default grid."""
+def choose(sampler: str | None = None, fit: SolverPlan | None = None) -> str:
+    """The sampler :func:`sample` runs: a named sampler as asked; ``None`` or ``"auto"``: the
+    sampler of ``fit`` (a fitted solver or tuned grid) when one is passed, else
+    :data:`DEFAULT`. Decided by the arguments alone."""
     if sampler is not None and sampler != AUTO:
-        return sampler, grid
-    if grid is None and spacing is None:
-        fitted = getattr(denoiser, "solvers", {}).get(10 if steps is None else steps)
-        if fitted is not None:
-            return fitted.get("sampler", "bespoke"), fitted
-    return DEFAULT, grid
+        return sampler
+    return DEFAULT if fit is None else fit.sampler
 
 
 def with_eval_times(denoiser: BaseDenoiser, ts: Sequence[float],
@@ -106,44 +105,53 @@ def with_eval_times(denoiser: BaseDenoiser, ts: Sequence[float],
 
 def sample(denoiser: BaseDenoiser, noise: Tensor, sampler: str | None = None,
            steps: int | None = None, *, spacing: str | None = None,
-           grid: Tensor | list[float] | dict[str, Any] | None = None, cond: Any = None,
-           generator: torch.Generator | list[torch.Generator] | None = None,
+           grid: Tensor | Sequence[float] | None = None, fit: SolverPlan | None = None,
+           cond: Any = None, generator: torch.Generator | list[torch.Generator] | None = None,
            callback: Callable[[dict], None] | None = None, t_start: float = 1.0,
            **opts: Any) -> Tensor:
     """Draw x_0 from standard-normal ``noise`` with ``steps`` (default 10) steps of ``sampler``
-    (default: the solver fitted to ``denoiser`` for ``steps`` if it has one, else dpmpp_2m;
-    :func:`choose`).
+    (default: ``fit``'s sampler when a fit is passed, else dpmpp_2m; :func:`choose`).
 
     The grid is ``timesteps(schedule, steps, spacing or the sampler's default, t_start)``, or
-    ``grid``: an explicit decreasing list of ``steps + 1`` times ending at 0, or a tuned grid
-    (the dict of :func:`difflab.samplers.tuning.tune_grid` or ``difflab tune-grid``: its
-    ``ts``, and ``eval_ts``, the times the network is told at each grid point, applied with
-    :class:`~difflab.samplers.common.EvalTimes`), or a bespoke solver's (the dict of
-    :func:`difflab.samplers.bespoke.tune_solver`, with its ``coeffs``, for ``sampler="bespoke"``);
-    ``steps`` may then be left out. The noise is multiplied by the std of x at the grid's
-    first time for unit-variance data, ``schedule.prior_std(t)`` = sqrt(alpha^2 + sigma^2) (at
-    t = 1: 1 for VP, ~sigma_max for VE). ``generator`` (one, or a list with one per image)
-    drives the noise stochastic samplers draw during sampling; ``opts`` are the sampler's
-    options (see its docstring).
+    ``grid``: an explicit decreasing list (or tensor) of ``steps + 1`` times ending at 0, or
+    that of ``fit``: a :class:`SolverPlan` (e.g. :class:`difflab.fitting.Fit`, a tuned grid or
+    a fitted bespoke solver) runs its sampler on its ``ts``, telling the network ``eval_ts``
+    at each grid point (:class:`~difflab.samplers.common.EvalTimes`) and passing its
+    ``coeffs`` to the bespoke sampler; ``steps`` may then be left out. The noise is multiplied
+    by the std of x at the grid's first time for unit-variance data, ``schedule.prior_std(t)``
+    = sqrt(alpha^2 + sigma^2) (at t = 1: 1 for VP, ~sigma_max for VE). ``cond`` (None, class
+    labels or a Condition) reaches the denoiser unchanged. ``generator`` (one, or a list with
+    one per image) drives the noise stochastic samplers draw during sampling; ``opts`` are the
+    sampler's options (see its docstring).
     """
-    sampler, grid = choose(denoiser, sampler, steps, spacing, grid)
+    sampler = choose(sampler, fit)
     spec = get(sampler)
     unknown = sorted(set(opts) - set(spec.options))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for sampler {sampler!r}; valid: "
                          f"{list(spec.options)}")
     schedule = denoiser.schedule
+    if isinstance(grid, (dict, SolverPlan)):
+        raise TypeError("grid= takes times (a list or tensor); pass a tuned grid or a fitted "
+                        "solver as fit=")
+    if fit is not None:
+        if not isinstance(fit, SolverPlan):
+            raise TypeError(f"fit= takes a SolverPlan (e.g. difflab.fitting.Fit), got "
+                            f"{type(fit).__name__}")
+        if grid is not None or spacing is not None:
+            raise ValueError("fit= brings its own grid; pass grid= or spacing= without it")
+        if sampler != fit.sampler:
+            raise ValueError(f"this fit is for sampler={fit.sampler!r}, not {sampler!r}; leave "
+                             "sampler out to run it (grid=fit.ts runs another sampler on its "
+                             "grid)")
+        if fit.coeffs is not None:
+            if "coeffs" in opts:
+                raise ValueError("pass coeffs in the fit or as an option, not both")
+            opts = {**opts, "coeffs": fit.coeffs}
+        grid, denoiser = fit.ts, with_eval_times(denoiser, fit.ts, fit.eval_ts)
     if grid is not None:
         if spacing is not None:
             raise ValueError("pass either spacing= or grid=, not both")
-        if isinstance(grid, dict):
-            if grid.get("coeffs") is not None:
-                if sampler != "bespoke":
-                    raise ValueError(f"this grid carries a bespoke solver's coefficients; "
-                                     f"sample it with sampler='bespoke', not {sampler!r}")
-                opts = {**opts, "coeffs": grid["coeffs"]}
-            grid, denoiser = grid["ts"], with_eval_times(denoiser, grid["ts"],
-                                                         grid.get("eval_ts"))
         ts = torch.as_tensor(grid, dtype=torch.float64).flatten()
         if steps is not None and ts.numel() != steps + 1:
             raise ValueError(f"grid has {ts.numel()} times, a {steps}-step grid needs "

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from difflab import process
+import difflab.process as process
 from difflab.denoiser import BaseDenoiser
 from difflab.samplers.common import Grid, predict, randn_like, register
 

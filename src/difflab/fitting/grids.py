@@ -1,14 +1,13 @@
-"""Time grids tuned to one model: with few steps, put the network calls where they matter.
+"""Time grids fitted to one model: with few steps, put the network calls where they matter.
 
 At 5-20 network calls the placement of the grid decides a deterministic sampler's error, and
-the best fixed rule changes with the model (``bench/samplers.py``: the best diffusers option
-differs by mixture and by NFE; on the trained Fashion-MNIST U-Net uniform-t beats log-SNR for
-unipc and loses for dpmpp_2m). :func:`tune_grid` fits the grid of one sampler, step count and
-denoiser instead: it minimises the RMSE between the sampler's output and an accurate solution
-of the probability-flow ODE from the same *calibration* noise, the objective of LD3 (Tong et
-al. 2024, "Learning to Discretize Denoising Diffusion ODEs", Eq. 6, without its slack term),
-optimised derivative-free (Nelder & Mead 1965) because the solvers compute their
-coefficients as Python floats.
+the best fixed rule changes with the model (docs/fitting.md). :func:`tune_grid` fits the grid
+of one sampler, step count and denoiser instead: it minimises the RMSE between the sampler's
+output and an accurate solution of the probability-flow ODE from the same *calibration* noise
+(:mod:`difflab.fitting.reference`), the objective of LD3 (Tong et al. 2024, "Learning to
+Discretize Denoising Diffusion ODEs", Eq. 6, without its slack term), optimised
+derivative-free (Nelder & Mead 1965) because the solvers compute their coefficients as Python
+floats.
 
 Parametrisation (``steps + 1`` points, as every grid): the prior t_start, then ``steps - 1``
 interior points and the last point before t = 0 at
@@ -26,18 +25,17 @@ the time t'_i of
     log sigma~'_i = log sigma~_i + EVAL_SHIFT tanh(phi_i),      phi = 0: t'_i = t_i,
 
 and its own output (eps / x0 / v) is used at t_i (:class:`~difflab.samplers.common.EvalTimes`).
-This gives the fit a second handle on the discretisation error (the exact mixture models gain
-too) and on a network's systematic error at each noise level. Measured by
-``bench/samplers.py`` (unipc, 512 calibration draws, 5 / 10 / 20 steps, test RMSE of the grid
-alone -> with evaluation times): 64-D mixture 0.144 -> 0.120, 0.065 -> 0.063, 0.034 ->
-0.0040; 2-D ring 0.019 -> 0.016, 0.0026 -> 0.0020, 0.00080 -> 0.00076; on a trained
-Fashion-MNIST U-Net (``bench/samplers_real.py``) 5-8%.
+This gives the fit a second handle on the discretisation error and on a network's systematic
+error at each noise level (measured: docs/fitting.md).
 
-Cost: one reference solve of the calibration batch (``reference_steps`` steps of
-dpm_solver_3, 3 NFE each) plus ``max_evals`` sampler runs of ``steps`` steps (and those of the
-evaluation times); the tuned grid is then free at sampling time. Validate on noise other than
-the calibration noise (the benchmark does). The next step fits the solver's coefficients on the
-tuned grid as well: :mod:`difflab.samplers.bespoke`.
+:func:`adaptive_grid` needs no search: it equidistributes the local error of a first-order step
+along the calibration trajectories (:func:`~difflab.fitting.reference.reference_profile`).
+
+Cost of :func:`tune_grid`: one reference solve of the calibration batch (``reference_steps``
+steps of dpm_solver_3, 3 NFE each) plus ``max_evals`` sampler runs of ``steps`` steps (and
+those of the evaluation times); the tuned grid is then free at sampling time. Validate on noise
+other than the calibration noise. The next step fits the solver's coefficients on the tuned
+grid as well: :mod:`difflab.fitting.bespoke`.
 """
 
 from __future__ import annotations
@@ -50,10 +48,13 @@ import torch
 from torch import Tensor
 
 from difflab.denoiser import BaseDenoiser
-from difflab.samplers.timesteps import _finite_sigma_max, _from_sigmas, timesteps
+from difflab.fitting.fit import Fit
+from difflab.fitting.reference import calibration_reference
+from difflab.samplers import SolverPlan, get, sample, timesteps
+from difflab.samplers.timesteps import _finite_sigma_max, _from_sigmas
 
 __all__ = ["tune_grid", "grid_from_theta", "eval_times_from_phi", "nelder_mead",
-           "calibration_reference", "reference_profile", "adaptive_grid"]
+           "adaptive_grid", "END_RANGE", "EVAL_SHIFT"]
 
 END_RANGE = 3.0  # log sigma~_end within log sigma_min +- END_RANGE (a factor of ~20)
 EVAL_SHIFT = 1.0  # |log sigma~'_i - log sigma~_i| <= EVAL_SHIFT (a factor of e)
@@ -146,60 +147,11 @@ def nelder_mead(f: Callable[[list[float]], float], x0: Sequence[float], *, step:
     return pts[best], vals[best], evals
 
 
-def calibration_reference(denoiser: BaseDenoiser, steps: int, noise: Tensor,
-                          reference: Tensor | None, reference_steps: int, cond: Any,
-                          t_start: float) -> Tensor:
-    """What every fit to a model starts with: ``steps`` checked, and the accurate ODE
-    solution from the calibration ``noise`` (``reference`` if given, else dpm_solver_3 on a
-    ``reference_steps``-step log-SNR grid)."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if reference is not None:
-        return reference
-    return reference_profile(denoiser, noise, reference_steps, cond=cond, t_start=t_start)[0]
-
-
-@torch.no_grad()
-def reference_profile(denoiser: BaseDenoiser, noise: Tensor, reference_steps: int = 100, *,
-                      cond: Any = None, t_start: float = 1.0, batch_size: int | None = None
-                      ) -> tuple[Tensor, dict[str, list[float]]]:
-    """The accurate ODE solution from the calibration ``noise`` (dpm_solver_3 on a
-    ``reference_steps``-step log-SNR grid, as :func:`calibration_reference`) and, from the same
-    solve, how fast the data prediction D = x0_hat(x_t, t) moves along those trajectories:
-
-        r(lambda) = RMS over draws and dimensions of dD/dlambda,
-
-    by finite differences between consecutive grid points (at their log-SNR midpoints).
-    :func:`adaptive_grid` places a grid by it. ``batch_size`` splits the solve for memory.
-    Returns ``(reference, {"log_snr": [...], "rate": [...]})``."""
-    from difflab.samplers import sample
-
-    ts_ref = timesteps(denoiser.schedule, reference_steps, "log_snr", t_start=t_start)
-    lam = denoiser.schedule.log_snr(ts_ref[:-1].to(torch.float64)).to(torch.float64)
-    sumsq = torch.zeros(lam.numel() - 1, dtype=torch.float64)
-    chunk = batch_size or noise.shape[0]
-    refs = []
-    for i in range(0, noise.shape[0], chunk):
-        prev: list[Tensor] = []
-
-        def record(step: dict[str, Any], prev: list[Tensor] = prev) -> None:
-            j, D = step["i"], step["x0"].to(torch.float64)
-            if prev and j < lam.numel():
-                sumsq[j - 1] += (D - prev[0]).pow(2).sum().cpu() / (lam[j] - lam[j - 1]) ** 2
-            prev[:] = [D]
-
-        refs.append(sample(denoiser, noise[i:i + chunk], "dpm_solver_3", reference_steps,
-                           grid=ts_ref, cond=None if cond is None else cond[i:i + chunk],
-                           callback=record))
-    rate = (sumsq / noise.numel()).sqrt()
-    return torch.cat(refs), {"log_snr": (0.5 * (lam[1:] + lam[:-1])).tolist(),
-                             "rate": rate.tolist()}
-
-
 def adaptive_grid(schedule: Any, steps: int, profile: dict[str, Sequence[float]],
                   t_start: float = 1.0) -> list[float]:
     """The ``steps``-step grid that gives every step the same local error along the calibration
-    trajectories (:func:`reference_profile`'s rate r(lambda) of the data prediction D).
+    trajectories (:func:`~difflab.fitting.reference.reference_profile`'s rate r(lambda) of
+    the data prediction D).
 
     A first-order step of the data-prediction ODE (DDIM = DPM-Solver++(1), Lu et al. 2022b,
     Eq. 9) from lambda_s over h = lambda_t - lambda_s replaces D by D(lambda_s) inside
@@ -209,10 +161,8 @@ def adaptive_grid(schedule: Any, steps: int, profile: dict[str, Sequence[float]]
     point k of the grid sits where int sqrt(r) dlambda from lambda(t_start) reaches k / steps of
     its total, k = 0 .. steps - 1, and the last step goes to t = 0 (the data prediction at
     the last point, the share of the integral beyond it). Where D moves fastest, e.g. where
-    draws decide between mixture components, the grid is densest.
-
-    Measured (64-D benchmark mixture, unipc, test RMSE at 5 / 10 / 20 steps): 0.19 / 0.074 /
-    0.0090 on this grid against 0.24 / 0.11 / 0.046 uniform-t and 0.51 / 0.14 / 0.058 log-SNR.
+    draws decide between mixture components, the grid is densest. Measured against fixed
+    spacings: docs/fitting.md.
     """
     lam = torch.tensor(list(profile["log_snr"]), dtype=torch.float64)
     density = torch.tensor(list(profile["rate"]), dtype=torch.float64).clamp(min=0).sqrt()
@@ -238,7 +188,7 @@ def adaptive_grid(schedule: Any, steps: int, profile: dict[str, Sequence[float]]
 def tune_grid(denoiser: BaseDenoiser, sampler: str, steps: int, noise: Tensor, *,
               cond: Any = None, reference: Tensor | None = None, reference_steps: int = 200,
               max_evals: int | None = None, t_start: float = 1.0, eval_times: bool = True,
-              grid: Sequence[float] | None = None, **opts: Any) -> dict[str, Any]:
+              grid: Sequence[float] | Tensor | None = None, **opts: Any) -> Fit:
     """Fit the ``steps``-step grid of deterministic ``sampler`` to ``denoiser`` on the
     calibration ``noise`` (standard normal, e.g. 64-256 draws of the sample shape).
 
@@ -249,13 +199,12 @@ def tune_grid(denoiser: BaseDenoiser, sampler: str, steps: int, noise: Tensor, *
     max(100, 20 * steps) more runs, or max_evals // 2 when ``max_evals`` is given), kept only
     where it lowers the calibration error.
     ``grid``: keep this grid (e.g. one tuned before, on more data) and fit only the evaluation
-    times. Returns a dict: ``ts`` (the grid as a list), ``eval_ts`` (the times the network is told,
-    equal to ``ts`` without ``eval_times``), and how they were made (sampler, steps, nfe,
-    rmse on the calibration batch, rmse_grid (grid alone), rmse_default (default grid),
-    evals, ...). Pass the dict itself: ``difflab.sample(..., grid=result)``.
+    times. ``cond`` (None, labels or a Condition, one row per draw) is passed on unchanged.
+    Returns a :class:`~difflab.fitting.Fit`: ``ts`` (the grid), ``eval_ts`` (the times the
+    network is told, equal to ``ts`` without ``eval_times``), and how they were made (``rmse``
+    on the calibration batch, ``rmse_grid`` (grid alone), ``rmse_default`` (default grid),
+    ``evals``, ...). Run it with ``difflab.sample(..., fit=result)``.
     """
-    from difflab.samplers import get, sample
-
     spec = get(sampler)
     if spec.stochastic:
         raise ValueError(f"sampler {sampler!r} is stochastic: a tuned grid needs a "
@@ -264,8 +213,11 @@ def tune_grid(denoiser: BaseDenoiser, sampler: str, steps: int, noise: Tensor, *
     ref = calibration_reference(denoiser, steps, noise, reference, reference_steps, cond,
                                 t_start).to(torch.float64)
 
-    def rmse(ts: Tensor | dict[str, Any]) -> float:
-        x = sample(denoiser, noise, sampler, steps, grid=ts, cond=cond, **opts)
+    def rmse(ts: Tensor | list[float], eval_ts: list[float] | None = None) -> float:
+        if eval_ts is None:
+            x = sample(denoiser, noise, sampler, steps, grid=ts, cond=cond, **opts)
+        else:
+            x = sample(denoiser, noise, fit=SolverPlan(sampler, ts, eval_ts), cond=cond, **opts)
         err = float((x.to(torch.float64) - ref).pow(2).mean().sqrt())
         return err if math.isfinite(err) else math.inf
 
@@ -275,7 +227,7 @@ def tune_grid(denoiser: BaseDenoiser, sampler: str, steps: int, noise: Tensor, *
     theta0 = [0.0] * steps
     default = rmse(timesteps(schedule, steps, spec.spacing, t_start=t_start))
     if grid is not None:
-        ts = torch.as_tensor(list(grid), dtype=torch.float64)
+        ts = torch.as_tensor(grid, dtype=torch.float64).flatten()
         if ts.numel() != steps + 1:
             raise ValueError(f"grid has {ts.numel()} times; {steps} steps need {steps + 1}")
         best, evals = rmse(ts), 1
@@ -289,8 +241,7 @@ def tune_grid(denoiser: BaseDenoiser, sampler: str, steps: int, noise: Tensor, *
     eval_ts, best_grid = list(ts_list), best
     if eval_times:
         def objective_eval(phi: list[float]) -> float:
-            return rmse({"ts": ts_list,
-                         "eval_ts": eval_times_from_phi(schedule, ts_list, phi, t_start)})
+            return rmse(ts_list, eval_times_from_phi(schedule, ts_list, phi, t_start))
 
         budget_eval = max(100, 20 * steps) if max_evals is None else max(1, max_evals // 2)
         phi, best_eval, evals_eval = nelder_mead(objective_eval, [0.0] * steps, step=0.2,
@@ -298,6 +249,5 @@ def tune_grid(denoiser: BaseDenoiser, sampler: str, steps: int, noise: Tensor, *
         evals += evals_eval
         if best_eval < best:
             eval_ts, best = eval_times_from_phi(schedule, ts_list, phi, t_start), best_eval
-    return dict(ts=ts_list, eval_ts=eval_ts, sampler=sampler, steps=steps, rmse=best,
-                rmse_grid=best_grid, rmse_default=default, default_spacing=spec.spacing,
-                evals=evals, calibration=int(noise.shape[0]), nfe=spec.nfe(steps))
+    return Fit(sampler, ts_list, eval_ts, rmse=best, rmse_grid=best_grid, rmse_default=default,
+               default_spacing=spec.spacing, evals=evals, calibration=int(noise.shape[0]))
