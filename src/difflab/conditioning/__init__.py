@@ -7,6 +7,7 @@ it is re-exported here beside the encoders that produce its fields (text encoder
 signals).
 """
 
+from difflab.conditioning import control as control  # control signals (ControlNet)
 from difflab.denoiser.condition import NULL_LABEL, Condition
 
 __all__ = ["NULL_LABEL", "Condition"]

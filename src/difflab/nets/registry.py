@@ -13,7 +13,8 @@ __all__ = ["build", "register", "count_parameters", "NET_TYPES"]
 
 NET_TYPES: dict[str, type[nn.Module]] = {}
 _BUILTIN = {"mlp": "difflab.nets.mlp", "unet": "difflab.nets.unet", "dit": "difflab.nets.dit",
-            "classifier": "difflab.nets.classifier"}
+            "classifier": "difflab.nets.classifier", "controlnet": "difflab.nets.controlnet",
+            "controlled_unet": "difflab.nets.controlnet"}
 
 
 def register(name: str, cls: type[nn.Module]) -> type[nn.Module]:
