@@ -215,12 +215,15 @@ def test_parameterisations_are_objects_with_a_config_round_trip():
     from difflab.denoiser import parameterization as param
 
     for name in PREDICTIONS:
-        p = param.get(name, **({"sigma_data": 0.7} if name == "edm" else {}))
+        p = param.get(name, sigma_data=0.7)
         q = param.from_config(json.loads(json.dumps(p.config())))
         assert type(q) is type(p) and q.config() == p.config()
-        assert p.target in ("eps", "x0", "v")
-    assert {n: param.get(n).target for n in PREDICTIONS} == {
+        assert p.target in difflab.denoiser.TARGETS
+    assert {n: param.get(n).target for n in ("eps", "x0", "v", "score", "edm")} == {
         "eps": "eps", "x0": "x0", "v": "v", "score": "eps", "edm": "x0"}
+    assert param.get("edm", sigma_data=0.7).sigma_data == 0.7
+    with pytest.raises(ValueError, match="unknown option"):
+        param.from_config({"type": "v", "sigma_data": 0.5})
     edm = param.EDM(sigma_data=0.7)
     s = torch.tensor([0.01, 0.5, 80.0], dtype=torch.float64)
     c_skip, c_out, c_in = edm.coefficients(s)

@@ -77,8 +77,7 @@ class Denoiser(BaseDenoiser):
     def __init__(self, net: nn.Module | Callable, schedule: NoiseSchedule,
                  prediction: str | Parameterization = "eps", sigma_data: float = 0.5):
         super().__init__()
-        kw = {"sigma_data": sigma_data} if prediction == "edm" else {}
-        self.parameterization = get(prediction, **kw)
+        self.parameterization = get(prediction, sigma_data=sigma_data)
         if self.parameterization.target == "eps" and float(schedule.alpha(1.0)) == 0.0:
             raise ValueError(
                 f"prediction={self.prediction!r} cannot recover x0 where alpha = 0 (this schedule "

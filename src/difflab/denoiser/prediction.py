@@ -23,7 +23,8 @@ from difflab.schedules import NoiseSchedule
 __all__ = ["Prediction", "TimePoint", "broadcast_time", "eps_to_x0", "x0_to_eps", "v_to_x0_eps",
            "x0_eps_to_v", "TARGETS"]
 
-TARGETS = ("eps", "x0", "v")  # the spaces a network output / training target can live in
+#: the spaces a network output / training target can live in ("flow": u = eps - x0)
+TARGETS = ("eps", "x0", "v", "flow")
 
 
 # --- conversions: each formula exactly once ---------------------------------------------
@@ -111,15 +112,22 @@ class Prediction:
     def v(self) -> Tensor:
         return x0_eps_to_v(self.x0, self.eps, self.alpha, self.sigma)
 
+    @property
+    def flow(self) -> Tensor:
+        """The flow-matching velocity u = eps - x0."""
+        return self.eps - self.x0
+
     def target(self, name: str) -> Tensor:
-        """The prediction in a training-target space: 'eps', 'x0' or 'v'."""
+        """The prediction in a training-target space (:data:`TARGETS`)."""
         if name == "eps":
             return self.eps
         if name == "x0":
             return self.x0
         if name == "v":
             return self.v
-        raise ValueError(f"unknown target {name!r}; valid: 'eps', 'x0', 'v'")
+        if name == "flow":
+            return self.flow
+        raise ValueError(f"unknown target {name!r}; valid: {list(TARGETS)}")
 
 
 class TimePoint(NamedTuple):

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from difflab.denoiser import BaseDenoiser
+from difflab.denoiser import BaseDenoiser, Parameterization
 from difflab.samplers import (  # noqa: F401  (register)
     bespoke,
     consistency,
@@ -80,13 +80,17 @@ def get(name: str) -> SamplerSpec:
     return REGISTRY[name]
 
 
-def choose(sampler: str | None = None, fit: SolverPlan | None = None) -> str:
+def choose(sampler: str | None = None, fit: SolverPlan | None = None,
+           parameterization: Parameterization | None = None) -> str:
     """The sampler :func:`sample` runs: a named sampler as asked; ``None`` or ``"auto"``: the
-    sampler of ``fit`` (a fitted solver or tuned grid) when one is passed, else
+    sampler of ``fit`` (a fitted solver or tuned grid) when one is passed, else the
+    parameterisation's own (``default_sampler``: ``consistency`` for a consistency model), else
     :data:`DEFAULT`. Decided by the arguments alone."""
     if sampler is not None and sampler != AUTO:
         return sampler
-    return DEFAULT if fit is None else fit.sampler
+    if fit is not None:
+        return fit.sampler
+    return getattr(parameterization, "default_sampler", None) or DEFAULT
 
 
 def with_eval_times(denoiser: BaseDenoiser, ts: Sequence[float],
@@ -124,7 +128,7 @@ def sample(denoiser: BaseDenoiser, noise: Tensor, sampler: str | None = None,
     one per image) drives the noise stochastic samplers draw during sampling; ``opts`` are the
     sampler's options (see its docstring).
     """
-    sampler = choose(sampler, fit)
+    sampler = choose(sampler, fit, denoiser.parameterization)
     spec = get(sampler)
     unknown = sorted(set(opts) - set(spec.options))
     if unknown:
