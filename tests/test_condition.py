@@ -120,3 +120,16 @@ def test_every_sampler_takes_a_condition_like_a_label_tensor(name):
     b = difflab.sample(den, noise, name, steps=6, cond=Condition(labels=y),
                        generator=torch.Generator().manual_seed(4))
     assert torch.equal(a, b)
+
+
+def test_per_row_null_contexts_slice_and_concatenate_with_their_rows():
+    """A negative prompt per row: its null context is sliced and concatenated with the rows."""
+    g = torch.Generator().manual_seed(5)
+    c = Condition(context=torch.randn(B, L, D, generator=g),
+                  null_context=torch.randn(B, L, D, generator=g))
+    assert torch.equal(c[1:3].null_context, c.null_context[1:3])
+    assert torch.equal(c[1:3].null().context, c.null_context[1:3])
+    shared = Condition(context=torch.randn(2, L, D, generator=g), null_context=c.null_context[:1])
+    both = Condition.cat([c, shared])
+    assert both.null_context.shape == (B + 2, L, D)
+    assert torch.equal(both.null().context[B:], c.null_context[:1].expand(2, L, D))

@@ -8,6 +8,15 @@ signals).
 """
 
 from difflab.conditioning import control as control  # control signals (ControlNet)
+from difflab.conditioning.text import (
+    CLIPTextEncoder,
+    MiniLMEncoder,
+    TextEncoder,
+    TextEncoding,
+    VocabTextEncoder,
+    build_text_encoder,
+)
 from difflab.denoiser.condition import NULL_LABEL, Condition
 
-__all__ = ["NULL_LABEL", "Condition"]
+__all__ = ["NULL_LABEL", "CLIPTextEncoder", "Condition", "MiniLMEncoder", "TextEncoder",
+           "TextEncoding", "VocabTextEncoder", "build_text_encoder"]

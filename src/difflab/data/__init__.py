@@ -21,6 +21,13 @@ from difflab.data.bundled import (
     load_mnist5k,
     load_mnist10k,
 )
+from difflab.data.canvas import (
+    CaptionedDataset,
+    canvas_dataset,
+    load_captioned,
+    load_captioned_folder,
+    parse_caption,
+)
 from difflab.data.dataset import (
     BatchIterator,
     ImageDataset,
@@ -36,7 +43,8 @@ from difflab.data.toy2d import TOY2D_NAMES, toy2d
 
 __all__ = [
     "DATASET_NAMES", "FASHION_MNIST_CLASSES", "IMAGE_EXTENSIONS", "TOY2D_NAMES",
-    "BatchIterator", "ImageDataset", "convert_channels", "find_images", "load_dataset",
+    "BatchIterator", "CaptionedDataset", "ImageDataset", "canvas_dataset", "load_captioned",
+    "load_captioned_folder", "parse_caption", "convert_channels", "find_images", "load_dataset",
     "load_digits", "load_fashion_mnist", "load_image_folder", "load_mnist5k", "load_mnist10k",
     "random_flip", "read_idx", "resize_images", "to_float", "to_uint8", "toy2d", "write_idx",
 ]

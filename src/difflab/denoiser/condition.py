@@ -35,6 +35,21 @@ NULL_LABEL = -1
 INPUTS = ("labels", "context", "context_mask", "control", "mask")
 #: fields that guidance and condition dropout replace by their null value
 NULLABLE = ("labels", "context", "context_mask")
+#: the null values carried beside the inputs: one row (broadcast) or one per row
+NULL_FIELDS = ("null_context", "null_context_mask")
+
+
+def _cat_nulls(vals: list[Tensor | None], sizes: list[int]) -> Tensor | None:
+    """Concatenate null values: one shared row stays one row; otherwise each is expanded to
+    its batch."""
+    if all(v is None for v in vals):
+        return None
+    if any(v is None for v in vals):
+        raise ValueError("cannot concatenate conditions where only some carry a null context")
+    first = vals[0]
+    if all(v.shape[0] == 1 and v.shape == first.shape and torch.equal(v, first) for v in vals):
+        return first
+    return torch.cat([v.expand(n, *v.shape[1:]) for v, n in zip(vals, sizes)])
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,8 +158,8 @@ class Condition:
         out: dict[str, Tensor | None] = {}
         for f in fields(Condition):
             vals = [getattr(c, f.name) for c in conds]
-            if f.name in ("null_context", "null_context_mask"):
-                out[f.name] = vals[0]
+            if f.name in NULL_FIELDS:
+                out[f.name] = _cat_nulls(vals, [c.batch_size for c in conds])
             elif all(v is None for v in vals):
                 out[f.name] = None
             elif any(v is None for v in vals):
@@ -157,7 +172,10 @@ class Condition:
         """The conditions of a part of the batch (``cond[i:j]``, an index tensor)."""
         if isinstance(index, int):
             index = slice(index, index + 1)
-        return replace(self, **{f: getattr(self, f)[index] for f in INPUTS
+        B = self.batch_size
+        per_row = [f for f in NULL_FIELDS if (v := getattr(self, f)) is not None
+                   and v.shape[0] == B > 1]  # one null per row (per-prompt negative prompts)
+        return replace(self, **{f: getattr(self, f)[index] for f in INPUTS + tuple(per_row)
                                 if getattr(self, f) is not None})
 
     def __len__(self) -> int:
