@@ -21,6 +21,9 @@ ALL = {
     "cosine_continuous_ts250": schedules.cosine_continuous(-12.0, 0.01, time_scale=250.0),
     "edm_custom": schedules.edm(0.01, 40.0, 5.0),
     "sigmoid_custom": schedules.sigmoid(-2.0, 4.0, 0.7, timesteps=300),
+    "rectified_flow": schedules.rectified_flow(),
+    "rectified_flow_shift3": schedules.rectified_flow(shift=3.0),
+    "learned": schedules.learned(hidden=16),
 }
 
 
@@ -63,7 +66,8 @@ def test_log_snr_decreasing_and_inverse(name):
     torch.testing.assert_close(2 * torch.log(a / sig), lam, rtol=1e-10, atol=1e-10)
     if s.variance_preserving:
         torch.testing.assert_close(a**2 + sig**2, torch.ones_like(a))
-    assert float(s.sigma(0.0)) == 0.0
+    if name != "learned":  # VDM's learned schedule keeps sigma(0) > 0 (gamma_0 is learned)
+        assert float(s.sigma(0.0)) == 0.0
 
 
 @pytest.mark.parametrize("name", sorted(ALL))
@@ -294,5 +298,7 @@ def test_fixed_schedules_have_no_state(name):
     """The config alone rebuilds a fixed schedule: its state_dict is empty (only a learned one,
     with parameters, saves weights)."""
     s = ALL[name]
+    if name == "learned":  # its parameters are state; test_learned_schedule.py round-trips them
+        return
     assert s.state_dict() == {} and list(s.parameters()) == []
     s.load_state_dict(schedules.from_config(s.config()).state_dict())

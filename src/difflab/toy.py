@@ -94,6 +94,20 @@ class GaussianMixture:
         *_, log_joint = self._component_terms(x, alpha, sigma)
         return torch.logsumexp(log_joint, -1)
 
+    def log_prob_box(self, lo: Tensor, hi: Tensor) -> Tensor:
+        """log P(lo <= x_0 < hi) for boxes (B, D) (e.g. the 8-bit cells of dequantisation):
+        log sum_k w_k prod_d (Phi((hi_d - mu_kd) / s_kd) - Phi((lo_d - mu_kd) / s_kd)), each
+        difference taken in log space on the side of the mean that keeps it accurate."""
+        lo = torch.as_tensor(lo, dtype=torch.float64)[:, None, :]
+        hi = torch.as_tensor(hi, dtype=torch.float64)[:, None, :]
+        s = self.vars.sqrt()[None]
+        a, b = (lo - self.means[None]) / s, (hi - self.means[None]) / s  # (B, K, D)
+        upper = a > 0  # both in the upper tail: Phi(b) - Phi(a) = Phi(-a) - Phi(-b)
+        big = torch.special.log_ndtr(torch.where(upper, -a, b))
+        small = torch.special.log_ndtr(torch.where(upper, -b, a))
+        log_mass = big + torch.log1p(-torch.exp(small - big))
+        return torch.logsumexp(log_mass.sum(-1) + torch.log(self.weights)[None], -1)
+
     def log_posterior(self, x: Tensor, alpha: Tensor | float,
                       sigma: Tensor | float) -> Tensor:
         """log p(k | x_t), (B, K): the exact noise-aware classifier."""
@@ -170,6 +184,8 @@ class ExactMixtureNet(nn.Module):
             out = (xf - a * x0) / s
         elif self.prediction == "score":
             out = -(xf - a * x0) / (s * s)
+        elif self.prediction == "flow":  # the flow-matching velocity u = eps - x0
+            out = (xf - a * x0) / s - x0
         else:  # v
             eps = (xf - a * x0) / s
             out = a * eps - s * x0

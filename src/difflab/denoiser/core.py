@@ -78,7 +78,9 @@ class Denoiser(BaseDenoiser):
                  prediction: str | Parameterization = "eps", sigma_data: float = 0.5):
         super().__init__()
         self.parameterization = get(prediction, sigma_data=sigma_data)
-        if self.parameterization.target == "eps" and float(schedule.alpha(1.0)) == 0.0:
+        with torch.no_grad():  # a number, also for a schedule with parameters (learned)
+            terminal_alpha = float(schedule.alpha(1.0))
+        if self.parameterization.target == "eps" and terminal_alpha == 0.0:
             raise ValueError(
                 f"prediction={self.prediction!r} cannot recover x0 where alpha = 0 (this schedule "
                 "has zero terminal SNR: x0 = (x - sigma eps) / alpha divides by zero at t = 1). "

@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from difflab.denoiser.prediction import Prediction, v_to_x0_eps
+from difflab.denoiser.prediction import Prediction
 from difflab.schedules import edm_c_noise
 
 __all__ = ["Parameterization", "EpsPrediction", "X0Prediction", "VPrediction", "ScorePrediction",
@@ -93,8 +93,7 @@ class VPrediction(Parameterization):
     name, target = "v", "v"
 
     def prediction(self, out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) -> Prediction:
-        x0, eps = v_to_x0_eps(x, out, alpha, sigma)
-        return Prediction(x, x0, eps, alpha, sigma)
+        return Prediction.from_target("v", out, x, alpha, sigma)
 
 
 class ScorePrediction(Parameterization):
@@ -162,21 +161,8 @@ class FlowPrediction(Parameterization):
 
     name, target = "flow", "flow"
 
-    @staticmethod
-    def to_x0_eps(x: Tensor, u: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
-        """Invert u = eps - x0 together with x_t = alpha x0 + sigma eps (class docstring)."""
-        norm = alpha + sigma
-        return (torch.addcmul(x, sigma, u, value=-1).div_(norm),
-                torch.addcmul(x, alpha, u).div_(norm))
-
-    @staticmethod
-    def velocity(x0: Tensor, eps: Tensor) -> Tensor:
-        """u = eps - x0 (the training target and the output of an exact network)."""
-        return eps - x0
-
     def prediction(self, out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) -> Prediction:
-        x0, eps = self.to_x0_eps(x, out, alpha, sigma)
-        return Prediction(x, x0, eps, alpha, sigma)
+        return Prediction.from_target("flow", out, x, alpha, sigma)
 
 
 class Consistency(Parameterization):

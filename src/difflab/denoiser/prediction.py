@@ -21,6 +21,7 @@ from torch import Tensor
 from difflab.schedules import NoiseSchedule
 
 __all__ = ["Prediction", "TimePoint", "broadcast_time", "eps_to_x0", "x0_to_eps", "v_to_x0_eps",
+           "flow_to_x0_eps",
            "x0_eps_to_v", "TARGETS"]
 
 #: the spaces a network output / training target can live in ("flow": u = eps - x0)
@@ -45,6 +46,14 @@ def v_to_x0_eps(x: Tensor, v: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Ten
     norm = alpha * alpha + sigma * sigma
     return (torch.addcmul(alpha * x, sigma, v, value=-1).div_(norm),
             torch.addcmul(sigma * x, alpha, v).div_(norm))
+
+
+def flow_to_x0_eps(x: Tensor, u: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """Invert the flow-matching velocity u = eps - x0 together with x_t = alpha x0 + sigma eps:
+    x0 = (x_t - sigma u) / (alpha + sigma), eps = (x_t + alpha u) / (alpha + sigma) (finite at
+    alpha = 0 and at sigma = 0; rectified flow: x0 = x_t - t u, eps = x_t + (1 - t) u)."""
+    norm = alpha + sigma
+    return (torch.addcmul(x, sigma, u, value=-1).div_(norm), torch.addcmul(x, alpha, u).div_(norm))
 
 
 def x0_eps_to_v(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
@@ -116,6 +125,21 @@ class Prediction:
     def flow(self) -> Tensor:
         """The flow-matching velocity u = eps - x0."""
         return self.eps - self.x0
+
+    @staticmethod
+    def from_target(name: str, value: Tensor, x: Tensor, alpha: Tensor,
+                    sigma: Tensor) -> Prediction:
+        """The Prediction whose :meth:`target` ``name`` is ``value`` (the one map from a
+        target space back to x0 / eps)."""
+        if name == "eps":
+            return Prediction(x, None, value, alpha, sigma)
+        if name == "x0":
+            return Prediction(x, value, None, alpha, sigma)
+        if name == "v":
+            return Prediction(x, *v_to_x0_eps(x, value, alpha, sigma), alpha, sigma)
+        if name == "flow":
+            return Prediction(x, *flow_to_x0_eps(x, value, alpha, sigma), alpha, sigma)
+        raise ValueError(f"unknown target {name!r}; valid: {list(TARGETS)}")
 
     def target(self, name: str) -> Tensor:
         """The prediction in a training-target space (:data:`TARGETS`)."""

@@ -48,7 +48,6 @@ from difflab.denoiser import (
     BaseDenoiser,
     Prediction,
     TimePoint,
-    v_to_x0_eps,
 )
 from difflab.schedules import NoiseSchedule
 
@@ -214,14 +213,8 @@ class EvalTimes(BaseDenoiser):
                      cond: Any = None) -> Prediction:
         """The prediction at grid point ``point`` with the network told time ``te`` (a number,
         or a 0-d tensor that may require grad: the bespoke fit differentiates through it)."""
-        a, s = point.alpha, point.sigma
         f = self.denoiser.predict(x, te, cond).target(self.target)
-        if self.target == "eps":
-            return Prediction(x, None, f, a, s)
-        if self.target == "x0":
-            return Prediction(x, f, None, a, s)
-        x0, eps = v_to_x0_eps(x, f, a, s)
-        return Prediction(x, x0, eps, a, s)
+        return Prediction.from_target(self.target, f, x, point.alpha, point.sigma)
 
 
 def predict(denoiser: BaseDenoiser, x: Tensor, g: Grid, i: int, cond: Any) -> Prediction:

@@ -41,7 +41,8 @@ SIGMA_MAX_CLIP = 4096.0  # sigma~ used for grid placement when sigma~(t_start) =
 
 
 def _finite_sigma_max(schedule: NoiseSchedule, t_start: float) -> float:
-    s = math.exp(-0.5 * float(schedule.log_snr(t_start)))
+    with torch.no_grad():  # a number, also for a schedule with parameters (learned)
+        s = math.exp(-0.5 * float(schedule.log_snr(t_start)))
     return s if math.isfinite(s) else SIGMA_MAX_CLIP
 
 

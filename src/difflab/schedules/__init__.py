@@ -30,6 +30,8 @@ config ``"type"``, so ``from_config(schedule.config())`` rebuilds every one of t
 * ``discrete``    DDPM chains: ``linear``, ``scaled_linear``, ``cosine``, ``sigmoid``, ``betas``
 * ``continuous``  ``cosine_continuous``
 * ``edm``         ``edm`` (variance exploding), and ``edm_c_noise`` = log(sigma~) / 4
+* ``flow``        ``rectified_flow`` (alpha = 1 - t, sigma = t; a shift is a log-SNR offset),
+                  ``dynamic_shift`` (Flux's resolution-dependent shift)
 """
 
 from difflab.schedules.base import (
@@ -55,6 +57,8 @@ from difflab.schedules.discrete import (
     sigmoid,
 )
 from difflab.schedules.edm import EDMSchedule, edm, edm_c_noise
+from difflab.schedules.flow import RectifiedFlowSchedule, dynamic_shift, rectified_flow
+from difflab.schedules.learned import LearnedSchedule, learned
 
 __all__ = [
     "NoiseSchedule",
@@ -79,6 +83,11 @@ __all__ = [
     "SCHEDULE_TYPES",
     "cosine_continuous",
     "NAMES",
+    "LearnedSchedule",
+    "learned",
+    "RectifiedFlowSchedule",
+    "rectified_flow",
+    "dynamic_shift",
 ]
 
 NAMES = {
@@ -88,6 +97,7 @@ NAMES = {
     "sigmoid": sigmoid,
     "edm": edm,
     "cosine_continuous": cosine_continuous,
+    "rectified_flow": rectified_flow,
 }
 """The named schedule factories (each callable with its defaults); ``from_config`` dispatches
 on ``SCHEDULE_TYPES`` instead, which also holds ``"betas"``."""
