@@ -56,7 +56,7 @@ def train_difflab(work: Path, minutes: float, overrides: list[str]) -> dict:
     cfg = apply_overrides(preset("fashion_mnist"), [
         f"train.max_minutes={minutes}", "train.sample_every=0", "train.ckpt_every=0",
         "train.steps=1000000", "train.log_every=20", "train.grid_size=0"] + overrides)
-    tr = Trainer(cfg, work / "difflab", quiet=True)
+    tr = Trainer(cfg, work / "difflab")
     t0 = time.perf_counter()
     s = tr.run()
     wall = time.perf_counter() - t0

@@ -15,7 +15,7 @@ short still reports what it measured:
           synchronisations. Model FLOP utilisation (MFU) = images/s x training FLOPs per
           image (FlopCounterMode: forward x 3) / peak.
 3. train  the fastest set-up goes on training (the sweep's steps included) for ``--minutes``
-          more; EMA weights -> DIR/ckpt (config.json, ema/model.safetensors, state.json).
+          more; EMA weights -> DIR/ckpt (checkpoint.json, net[.ema].safetensors, state.json).
 4. eval   FID-FMNIST (the shipped Fashion-MNIST classifier features, reference: 10,000
           training images) of 10,000 samples and of the first 1,000 (the CPU benchmark's
           ``bench/train.py`` protocol), dpmpp_2m at 10 and 20 NFE; a sample grid.
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> None:
         try:
             tag = "".join(c for c in label if c.isalnum())
             tr = Trainer(config_for(setup, args), Path(args.work) / tag,
-                         data=data, device=str(device), quiet=True)
+                         data=data, device=str(device))
             t0 = time.perf_counter()
             timed_steps(tr, args.warmup, device)
             warm_s = time.perf_counter() - t0
@@ -190,7 +190,8 @@ def run(args: argparse.Namespace) -> None:
     ckpt = out / "ckpt"
     ckpt.mkdir(exist_ok=True)
     src = Path(summary["checkpoint"])
-    for f in ("config.json", "ema.safetensors", "model.safetensors", "state.json"):  # no optimizer
+    for f in ("checkpoint.json", "net.json", "schedule.json", "net.ema.safetensors",
+              "net.safetensors", "state.json"):  # no optimizer
         (ckpt / f).write_bytes((src / f).read_bytes())
     results["train"] = {"setup": best, "minutes": minutes, "steps": tr.step,
                         "steps_in_run": tr.step - steps_before, "seconds_in_run": wall,
@@ -236,7 +237,7 @@ def profile(args: argparse.Namespace) -> None:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for label in args.setups or ["bf16"]:
         tr = Trainer(config_for(SETUPS[label], args), Path(args.work) / "profile", data=data,
-                     device=str(device), quiet=True)
+                     device=str(device))
         timed_steps(tr, args.warmup, device)
         with torch_profile(activities=acts) as prof:
             sec = timed_steps(tr, args.timed, device)
@@ -247,19 +248,19 @@ def profile(args: argparse.Namespace) -> None:
 
 
 def evaluate(ckpt: Path, device: torch.device, n: int, out: Path) -> dict:
+    from difflab.commands.eval import measure_samples
+    from difflab.commands.model import Solver, load_model, sample_images
     from difflab.metrics import load_feature_net
-    from difflab.metrics.commands import sample_checkpoint
     from difflab.metrics.evaluate import evaluate_features, resolve_reference
-    from difflab.train.checkpoint import load_denoiser
     from difflab.train.monitor import save_grid
 
-    den, config = load_denoiser(ckpt, device=str(device))
+    model = load_model(ckpt, device=str(device))
     extractor = load_feature_net("fmnist")
     ref = resolve_reference("fashion_mnist", extractor, split="train", n=10000)
     res = {}
-    for nfe in NFES:
-        x, _, cost = sample_checkpoint(den, config, n, "dpmpp_2m", nfe, batch_size=2000,
-                                       seed=123)
+    for nfe in NFES:  # dpmpp_2m on its default grid (no stored fit)
+        samples = sample_images(model, Solver("dpmpp_2m", nfe), n, seed=123, batch_size=2000)
+        x, cost = measure_samples(samples)
         f = extractor(x)
         full = evaluate_features(f, ref, kid_subsets=20)
         small = evaluate_features(f[:1000], ref, kid_subsets=20)

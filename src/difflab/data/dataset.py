@@ -1,25 +1,28 @@
-"""The in-memory image data set and its deterministic, resumable batch order.
+"""The in-memory image data set, the one epoch order of training, and batches of named fields.
 
 Images are stored as uint8 NCHW (0..255) and become model inputs only in a batch:
 
     x = images / 127.5 - 1        in [-1, 1]        (DESIGN.md: images are floats in [-1, 1])
 
-with an optional horizontal flip per image. All randomness of a batch (which images, which
-flips) is a pure function of (seed, epoch, position), so a trainer resumes exactly by saving
-:meth:`BatchIterator.state_dict`.
+The epoch order (:class:`EpochOrder`) is the one every training loop uses: epoch e visits the
+N examples in the order ``randperm(N)`` of a generator seeded with ``seed * 1_000_003 + e``,
+and the examples form one endless stream, epoch after epoch, so a batch is a pure function of
+(seed, position) and a run resumes exactly from the number of examples it has consumed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ImageDataset", "BatchIterator", "to_float", "to_uint8", "random_flip",
-           "mix_seed", "resize_images", "convert_channels"]
+from difflab.objectives import random_flip  # the one flip (FeatureObjective's augmentation)
+
+__all__ = ["ImageDataset", "EpochOrder", "BatchIterator", "take", "to_float", "to_uint8",
+           "random_flip", "mix_seed", "resize_images", "convert_channels"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -27,7 +30,7 @@ _MASK64 = (1 << 64) - 1
 def mix_seed(*values: int) -> int:
     """A 63-bit seed from integers via the SplitMix64 finaliser (Steele et al. 2014).
 
-    Used to give every (seed, epoch, position) its own independent torch.Generator.
+    Used to give every (seed, epoch, position) of a :class:`BatchIterator` its own flips.
     """
     h = 0x9E3779B97F4A7C15
     for v in values:
@@ -35,6 +38,47 @@ def mix_seed(*values: int) -> int:
         h = (h ^ (h >> 27)) * 0x94D049BB133111EB & _MASK64
         h ^= h >> 31
     return h & ((1 << 63) - 1)
+
+
+class EpochOrder:
+    """The seeded order in which training visits N examples (module docstring).
+
+    ``permutation(e)`` is epoch e's order; ``indices(start, n)`` the examples start ..
+    start + n - 1 of the endless stream of epochs (a batch may straddle two epochs).
+    """
+
+    def __init__(self, n: int, seed: int = 0):
+        if n < 1:
+            raise ValueError(f"the data hold no examples (n={n})")
+        self.n, self.seed = int(n), int(seed)
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def permutation(self, epoch: int) -> Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(epoch))
+            self._perm, self._epoch = torch.randperm(self.n, generator=g), int(epoch)
+        return self._perm
+
+    def indices(self, start: int, n: int) -> Tensor:
+        out = []
+        while n > 0:
+            epoch, off = divmod(start, self.n)
+            k = min(n, self.n - off)
+            out.append(self.permutation(epoch)[off:off + k])
+            start, n = start + k, n - k
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def take(fields: Mapping[str, Tensor | None], index: Tensor) -> dict[str, Tensor]:
+    """The rows ``index`` of every named field (``"image"``, ``"label"``, ...), uint8 images
+    converted to float in [-1, 1] (:func:`to_float`); absent (None) fields are left out."""
+    out = {}
+    for name, value in fields.items():
+        if value is None:
+            continue
+        rows = value[index]
+        out[name] = to_float(rows) if rows.dtype == torch.uint8 else rows
+    return out
 
 
 def to_float(images: Tensor) -> Tensor:
@@ -47,16 +91,6 @@ def to_float(images: Tensor) -> Tensor:
 def to_uint8(x: Tensor) -> Tensor:
     """float in [-1, 1] -> uint8: round((x + 1) * 127.5), clamped to 0..255."""
     return ((x.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
-def random_flip(x: Tensor, generator: torch.Generator | None = None, p: float = 0.5) -> Tensor:
-    """Flip each image of a NCHW batch left-right with probability p (one draw per image)."""
-    flip = torch.rand(x.shape[0], generator=generator) < p
-    if not bool(flip.any()):
-        return x
-    out = x.clone()
-    out[flip] = x[flip].flip(-1)
-    return out
 
 
 def resize_images(images: Tensor, resolution: int | tuple[int, int]) -> Tensor:
@@ -153,13 +187,14 @@ class ImageDataset:
 
 
 class BatchIterator:
-    """Endless batches in a seeded random order, epoch by epoch.
+    """Endless batches of an :class:`ImageDataset` in the :class:`EpochOrder`, epoch by epoch.
 
-    Epoch e visits the images in the order ``randperm(N, seed = mix(seed, e))``; a batch is
-    the next ``batch_size`` indices from ``position``; its flips use a generator seeded with
-    mix(seed, e, position). Its whole state is (epoch, position, seed), so after
-    ``load_state_dict(state_dict())`` it yields exactly the batches the original would have.
-    With ``drop_last`` (default) an epoch ends when fewer than ``batch_size`` images remain.
+    A batch is the next ``batch_size`` indices of epoch ``epoch``'s permutation from
+    ``position``; its flips use a generator seeded with mix(seed, epoch, position). Its whole
+    state is (epoch, position, seed), so after ``load_state_dict(state_dict())`` it yields
+    exactly the batches the original would have. With ``drop_last`` (default) an epoch ends
+    when fewer than ``batch_size`` images remain. (The trainer reads the same
+    :class:`EpochOrder` as one stream instead, without dropping.)
     """
 
     def __init__(self, dataset: ImageDataset, batch_size: int, *, seed: int = 0,
@@ -170,26 +205,25 @@ class BatchIterator:
                              f"got {batch_size}")
         self.dataset = dataset
         self.batch_size = int(batch_size)
-        self.seed = int(seed)
         self.flip = bool(flip)
         self.drop_last = bool(drop_last)
         self.epoch = 0
         self.position = 0
-        self._perm: tuple[int, Tensor] | None = None
+        self._order = EpochOrder(n, seed)
+
+    @property
+    def seed(self) -> int:
+        return self._order.seed
 
     def permutation(self, epoch: int) -> Tensor:
-        if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
-            self._perm = (epoch, torch.randperm(len(self.dataset), generator=g))
-        return self._perm[1]
+        return self._order.permutation(epoch)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position, self.seed = (int(state["epoch"]), int(state["position"]),
-                                                int(state["seed"]))
-        self._perm = None
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = EpochOrder(len(self.dataset), int(state["seed"]))
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor | None]]:
         return self

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["FeatureCNN"]
@@ -89,12 +88,3 @@ class FeatureCNN(nn.Module):
             raise ValueError(f"not a feature_cnn config: type={config.get('type')!r}")
         return cls(**kw)
 
-
-def count_parameters(net: nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters())
-
-
-if __name__ == "__main__":  # pragma: no cover
-    net = FeatureCNN()
-    print(count_parameters(net))
-    print(net(torch.zeros(2, 1, 28, 28)).shape)

@@ -153,7 +153,7 @@ def _load_cnn(stem: Path, name: str) -> FeatureExtractor:
         if not p.is_file():
             raise FileNotFoundError(
                 f"feature network file {p} is missing; shipped nets: {list(SHIPPED)} "
-                "(rebuild with `python -m difflab.metrics.train_features`, see bench/README.md)")
+                "(rebuild with `difflab train-features`, see bench/README.md)")
     config = json.loads(cfg_path.read_text())
     net = FeatureCNN.from_config(config["net"])
     net.load_state_dict(load_file(str(weights)), strict=True)

@@ -1,13 +1,18 @@
 """Training configurations: nested JSON-safe dicts, presets and command-line overrides.
 
-A config has five sections; every one is stored in the checkpoint's ``config.json`` so the
-checkpoint alone rebuilds the model:
+A diffusion config has a ``kind`` ("diffusion") and five sections; all of it is stored in
+the checkpoint (``checkpoint.json``) so the checkpoint alone rebuilds the model:
 
 * ``net``        the network config understood by :func:`difflab.nets.build` ("type": ...)
 * ``schedule``   :meth:`NoiseSchedule.config` (rebuilt by :func:`difflab.schedules.from_config`)
-* ``prediction`` what the network predicts (eps, x0, v, edm), ``sigma_data`` for EDM
+* ``prediction`` the parameterisation (eps, x0, v, score, edm), ``sigma_data`` for EDM
 * ``data``       name (or path), resolution, channels, num_classes, split
-* ``train``      optimisation: lr, warm-up, batch size, EMA, objective, seeds, budgets, logging
+* ``train``      the loop's options (``LOOP_DEFAULTS``: lr, warm-up, batch size, EMA, precision,
+                 seeds, budgets, logging) and the diffusion objective's (target, weighting,
+                 t sampler, condition dropout), sample grids and the solver fit after training
+
+Other kinds (the noise-aware classifier, :mod:`difflab.train.classifier`) have their own
+``train`` defaults built on ``LOOP_DEFAULTS`` and checked by :func:`check_loop`.
 
 Overrides use dotted keys with JSON values: ``train.lr=3e-4``, ``net.model_channels=64``,
 ``train.conditional=true``; a value that is not JSON is taken as a string.
@@ -20,11 +25,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PRESETS", "TRAIN_DEFAULTS", "preset", "load_config", "apply_overrides",
-           "parse_override", "complete"]
+__all__ = ["PRESETS", "LOOP_DEFAULTS", "TRAIN_DEFAULTS", "preset", "load_config",
+           "apply_overrides", "parse_override", "complete", "check_loop", "model_identity"]
 
-# every key of the "train" section with its default; presets override some of them
-TRAIN_DEFAULTS: dict[str, Any] = {
+# the options of the one training loop (difflab.train.trainer), for every kind of model
+LOOP_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "steps": 1000,              # optimizer steps (stop earlier at max_minutes)
     "max_minutes": None,        # wall-clock budget; None = no limit
@@ -37,26 +42,32 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "betas": [0.9, 0.999],
     "weight_decay": 0.0,
     "grad_clip": 1.0,           # max global grad norm; 0 disables
-    "ema_decay": 0.999,         # maximum EMA decay, warmed up as min(decay, (1 + n) / (10 + n))
-    "target": "eps",            # eps | x0 | v
+    "ema_decay": 0.999,         # maximum EMA decay, warmed up as min(decay, (1 + n) / (10 + n));
+                                # 0 disables the EMA
+    "precision": "auto",        # auto (bf16 on CUDA if supported, fp32 on CPU) | fp32 | bf16
+    "log_every": 10,
+    "ckpt_every": 0,            # save a checkpoint every N steps (0: only at the end)
+    "threads": None,            # torch threads, applied by the caller (the CLI), never here
+    "compile": False,           # torch.compile the network: true or a mode (COMPILE_MODES)
+    "channels_last": False,     # NHWC weights and activations (faster convolutions on GPUs)
+}
+
+# every key of a diffusion config's "train" section with its default; presets override some
+TRAIN_DEFAULTS: dict[str, Any] = {
+    **LOOP_DEFAULTS,
+    "target": None,             # eps | x0 | v; None: the parameterisation's native target
     "weighting": "none",        # none | min_snr | edm
     "min_snr_gamma": 5.0,
     "t_sampler": "uniform",     # uniform | lognormal
     "conditional": False,       # class-conditional training (needs labels)
     "p_uncond": 0.1,            # probability of replacing the label by the null label
-    "precision": "auto",        # auto (bf16 on CUDA if supported, fp32 on CPU) | fp32 | bf16
-    "log_every": 10,
     "sample_every": 0,          # save a sample grid every N steps (0: only at the end)
-    "ckpt_every": 0,            # save a checkpoint every N steps (0: only at the end)
     "sample_steps": 10,         # sampler steps for grids
     "sampler": "auto",          # a sampler name, or auto (the fitted solver, else dpmpp_2m)
     "fit_steps": [],            # step counts to fit a bespoke solver for after training
     "fit_count": 32,            # calibration images of that fit
     "fit_iters": 40,            # its L-BFGS iterations
     "grid_size": 64,            # images in a sample grid (0: no grids)
-    "threads": None,            # torch.set_num_threads (None: leave as is)
-    "compile": False,           # torch.compile the network: true or a mode (COMPILE_MODES)
-    "channels_last": False,     # NHWC weights and activations (faster convolutions on GPUs)
 }
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -108,9 +119,34 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def check_loop(train: dict[str, Any]) -> None:
+    """Check the loop options of a "train" section (``LOOP_DEFAULTS``), naming the key."""
+    for key, valid in (("precision", ("auto", "fp32", "bf16")), ("lr_decay", ("none", "cosine"))):
+        if train[key] not in valid:
+            raise ValueError(f"unknown train.{key} {train[key]!r}; valid: {list(valid)}")
+    for key in ("batch_size", "grad_accum", "steps"):
+        if not isinstance(train[key], int) or train[key] < 1:
+            raise ValueError(f"train.{key} must be a positive integer, got {train[key]!r}")
+    if train["batch_size"] % train["grad_accum"]:
+        raise ValueError(f"train.batch_size ({train['batch_size']}) must be divisible by "
+                         f"train.grad_accum ({train['grad_accum']})")
+    if not 0.0 <= float(train["ema_decay"]) < 1.0:
+        raise ValueError(f"train.ema_decay must lie in [0, 1), got {train['ema_decay']}")
+    if not isinstance(train["channels_last"], bool):
+        raise ValueError(f"train.channels_last must be true or false, got "
+                         f"{train['channels_last']!r}")
+    if not isinstance(train["compile"], bool) and train["compile"] not in COMPILE_MODES:
+        raise ValueError(f"train.compile must be true, false or a torch.compile mode "
+                         f"{list(COMPILE_MODES)}, got {train['compile']!r}")
+
+
 def complete(config: dict[str, Any]) -> dict[str, Any]:
-    """Fill missing keys with defaults and check the names of the known choices."""
+    """Fill missing keys of a diffusion config with defaults and check the known choices."""
     cfg = copy.deepcopy(config)
+    kind = cfg.setdefault("kind", "diffusion")
+    if kind != "diffusion":
+        raise ValueError(f"complete() completes diffusion configs; this one has kind {kind!r} "
+                         "(a classifier config comes from train.classifier.classifier_config)")
     for key in ("net", "schedule", "data"):
         if key not in cfg or not isinstance(cfg[key], dict):
             raise ValueError(f"config needs a {key!r} section (a dict); see the presets "
@@ -123,19 +159,18 @@ def complete(config: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown train option(s) {unknown}; valid: {sorted(TRAIN_DEFAULTS)}")
     train.update(cfg.get("train", {}))
     cfg["train"] = train
+    from difflab.denoiser.parameterization import get as get_parameterization
     from difflab.objectives import T_SAMPLERS, TARGETS, WEIGHTINGS
 
+    if train["target"] is None:  # the parameterisation's native target, written out
+        train["target"] = get_parameterization(
+            cfg["prediction"], **({"sigma_data": cfg["sigma_data"]}
+                                  if cfg["prediction"] == "edm" else {})).target
     for key, valid in (("target", TARGETS), ("weighting", WEIGHTINGS),
-                       ("t_sampler", T_SAMPLERS), ("precision", ("auto", "fp32", "bf16")),
-                       ("lr_decay", ("none", "cosine"))):
+                       ("t_sampler", T_SAMPLERS)):
         if train[key] not in valid:
             raise ValueError(f"unknown train.{key} {train[key]!r}; valid: {list(valid)}")
-    for key in ("batch_size", "grad_accum", "steps"):
-        if not isinstance(train[key], int) or train[key] < 1:
-            raise ValueError(f"train.{key} must be a positive integer, got {train[key]!r}")
-    if train["batch_size"] % train["grad_accum"]:
-        raise ValueError(f"train.batch_size ({train['batch_size']}) must be divisible by "
-                         f"train.grad_accum ({train['grad_accum']})")
+    check_loop(train)
     steps = train["fit_steps"]
     if not isinstance(steps, list) or not all(isinstance(k, int) and k >= 1 for k in steps):
         raise ValueError(f"train.fit_steps must be a list of step counts >= 1 (e.g. [5, 10]), "
@@ -143,12 +178,9 @@ def complete(config: dict[str, Any]) -> dict[str, Any]:
     for key in ("fit_count", "fit_iters"):
         if not isinstance(train[key], int) or train[key] < 1:
             raise ValueError(f"train.{key} must be a positive integer, got {train[key]!r}")
-    for key in ("channels_last", "conditional"):
-        if not isinstance(train[key], bool):
-            raise ValueError(f"train.{key} must be true or false, got {train[key]!r}")
-    if not isinstance(train["compile"], bool) and train["compile"] not in COMPILE_MODES:
-        raise ValueError(f"train.compile must be true, false or a torch.compile mode "
-                         f"{list(COMPILE_MODES)}, got {train['compile']!r}")
+    if not isinstance(train["conditional"], bool):
+        raise ValueError(f"train.conditional must be true or false, got "
+                         f"{train['conditional']!r}")
     if not 0 <= train["p_uncond"] < 1:
         raise ValueError(f"train.p_uncond must lie in [0, 1), got {train['p_uncond']}")
     if train["conditional"]:
@@ -159,6 +191,18 @@ def complete(config: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+def model_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The entries of a config that define the model a checkpoint's weights belong to: its
+    kind, network and schedule, and for a diffusion model the parameterisation (prediction,
+    sigma_data). Resuming compares these."""
+    kind = config.get("kind", "diffusion")
+    out = {"kind": kind, "net": config.get("net"), "schedule": config.get("schedule")}
+    if kind == "diffusion":
+        out["prediction"] = config.get("prediction", "eps")
+        out["sigma_data"] = float(config.get("sigma_data", 0.5))
+    return out
+
+
 def preset(name: str) -> dict[str, Any]:
     """A deep copy of a named preset (completed with the defaults)."""
     if name not in PRESETS:
@@ -167,13 +211,16 @@ def preset(name: str) -> dict[str, Any]:
 
 
 def load_config(name_or_path: str) -> dict[str, Any]:
-    """A preset name or the path of a JSON config file (for example a checkpoint's
-    config.json)."""
+    """A preset name, the path of a JSON config file, or a checkpoint (its directory or its
+    ``checkpoint.json``; a checkpoint of the earlier layout: its ``config.json``)."""
     if name_or_path in PRESETS:
         return preset(name_or_path)
     path = Path(name_or_path)
-    if path.is_dir() and (path / "config.json").is_file():
-        path = path / "config.json"
+    if path.is_dir():
+        for name in ("checkpoint.json", "config.json"):
+            if (path / name).is_file():
+                path = path / name
+                break
     if not path.is_file():
         raise FileNotFoundError(f"no preset or config file {name_or_path!r}; presets: "
                                 f"{sorted(PRESETS)}, or give the path of a JSON config")
@@ -181,6 +228,8 @@ def load_config(name_or_path: str) -> dict[str, Any]:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"config file {path} is not valid JSON: {e}") from e
+    if isinstance(cfg, dict) and str(cfg.get("format", "")).startswith("difflab-checkpoint"):
+        cfg = cfg["config"]  # a checkpoint.json: the config it was trained with
     return complete(cfg)
 
 

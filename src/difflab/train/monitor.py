@@ -1,5 +1,19 @@
-"""What a training run shows and leaves behind: a progress bar on stderr, a JSONL metrics log,
-sample grids (PNG) and a loss-curve plot (matplotlib if installed, else drawn with PIL)."""
+"""What a training run shows and leaves behind: a progress bar (for the caller: the trainer
+reports through ``callback(record)`` and never prints; a :class:`ProgressBar` is such a
+callback), a JSONL metrics log, sample grids (PNG) and a loss-curve plot (matplotlib if
+installed, else drawn with PIL).
+
+The trainer's records (:class:`difflab.train.trainer.Trainer`), each a dict with an "event":
+
+    start       step, total, budget_s          before the first step (step > 0 after resume)
+    step        step, total, seconds           after every optimizer step (no device sync)
+    log         step, loss, lr, images_per_s, seconds, and the objective's logs
+                                               every train.log_every steps (also metrics.jsonl)
+    checkpoint  step, path                     a checkpoint was saved
+    samples     step, path                     a sample grid was saved
+    message     text                           something worth telling (a skipped fit, a fit)
+    end         summary                        the run's summary
+"""
 
 from __future__ import annotations
 
@@ -11,7 +25,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
-import torch
 from torch import Tensor
 
 __all__ = ["ProgressBar", "MetricsLog", "to_uint8", "save_grid", "save_points",
@@ -20,29 +33,57 @@ __all__ = ["ProgressBar", "MetricsLog", "to_uint8", "save_grid", "save_points",
 
 class ProgressBar:
     """``step 120/1000 [####------] loss 0.0412  312 img/s  0:41 / 10:00`` on one line (the bar
-    fills with the larger of steps done and wall-clock budget spent)."""
+    fills with the larger of steps done and wall-clock budget spent).
 
-    def __init__(self, total: int, stream: TextIO | None = None, width: int = 24,
+    Called with the trainer's records (``bar(record)``, the module docstring) it is the
+    trainer's ``callback``: on a terminal it redraws after every step, elsewhere it writes a
+    line at every logged step; messages go on their own lines. ``total`` and ``budget_s`` may
+    be left out: the "start" record brings them."""
+
+    def __init__(self, total: int | None = None, stream: TextIO | None = None, width: int = 24,
                  enabled: bool = True, budget_s: float = math.inf):
         self.total, self.width, self.enabled, self.budget_s = total, width, enabled, budget_s
         self.stream = stream if stream is not None else sys.stderr
         self.t0 = time.perf_counter()
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._loss, self._ips = float("nan"), 0.0
 
     def update(self, step: int, loss: float, images_per_s: float, extra: str = "") -> None:
         if not self.enabled:
             return
         el = time.perf_counter() - self.t0
-        frac = min(1.0, max(step / max(1, self.total), el / self.budget_s))
+        total = self.total or max(step, 1)
+        frac = min(1.0, max(step / max(1, total), el / self.budget_s))
         filled = int(frac * self.width)
         clock = f"{int(el) // 60}:{int(el) % 60:02d}"
         if math.isfinite(self.budget_s):  # a wall-clock budget: show time of budget
             b = int(self.budget_s)
             clock += f" / {b // 60}:{b % 60:02d}"
-        line = (f"step {step}/{self.total} [{'#' * filled}{'-' * (self.width - filled)}] "
+        line = (f"step {step}/{total} [{'#' * filled}{'-' * (self.width - filled)}] "
                 f"loss {loss:.4f}  {images_per_s:.0f} img/s  {clock}{extra}")
         self.stream.write(("\r" + line) if self.tty else (line + "\n"))
         self.stream.flush()
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        """Show one of the trainer's records."""
+        event = record.get("event")
+        if event == "start":
+            self.total = int(record.get("total") or self.total or 0) or None
+            budget = record.get("budget_s")
+            self.budget_s = math.inf if budget is None else float(budget)
+            self.t0 = time.perf_counter()
+        elif event == "log":
+            self._loss, self._ips = float(record["loss"]), float(record["images_per_s"])
+            self.update(int(record["step"]), self._loss, self._ips)
+        elif event == "step" and self.tty:
+            self.update(int(record["step"]), self._loss, self._ips)
+        elif event == "message" and self.enabled:
+            if self.tty:
+                self.stream.write("\n")
+            self.stream.write(str(record["text"]) + "\n")
+            self.stream.flush()
+        elif event == "end":
+            self.close()
 
     def close(self) -> None:
         if self.enabled and self.tty:
@@ -82,9 +123,11 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def to_uint8(x: Tensor) -> Tensor:
-    """Images in [-1, 1] (NCHW float) -> uint8 NHWC: round((x + 1) * 127.5) clipped."""
-    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).contiguous()
+    """Images in [-1, 1] (NCHW float) -> uint8 NHWC (:func:`difflab.data.to_uint8`, then
+    channels last)."""
+    from difflab.data.dataset import to_uint8 as to_uint8_nchw
+
+    return to_uint8_nchw(x.detach().cpu().clamp(-1, 1)).permute(0, 2, 3, 1).contiguous()
 
 
 def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, pad: int = 2,

@@ -1,23 +1,35 @@
-"""The training loop: AdamW with linear warm-up, gradient clipping and accumulation, EMA,
-mixed precision, class-conditional training with condition dropout, DDP, exact resume.
+"""The one training loop, generic over an objective and its modules: AdamW with linear warm-up
+(and optional cosine decay), gradient clipping and accumulation, EMA of the declared modules,
+mixed precision, DDP, one epoch order, one exact resume path.
 
 One optimizer step n uses the global batch of B examples
 
-    indices    = the next B entries of the per-epoch permutations  (data order: seed, epoch)
-    t, eps     = objectives.sample_t(schedule, B), N(0, I)          (generator ``rng``)
-    drop       = U(0, 1) < p_uncond                                  (generator ``rng``)
-    L          = mean_i  w(t_i) || f_theta(x_t,i, t_i, c_i) - f_i ||^2   (objectives.diffusion_loss)
+    indices    = the next B entries of the epoch stream      (data.EpochOrder: seed, epoch)
+    batch      = their named fields ("image" float in [-1, 1], "label", ...)
+    prepared   = objective.prepare(batch, rng)                 (all randomness, generator rng)
+    L          = mean over micro-batches and ranks of objective.loss(modules, part)
 
-All of it is drawn for the *global* batch on every rank from CPU generators and then cut into
-micro-batches (gradient accumulation) and rank shards, so the update does not depend on the
-number of processes or micro-batches (up to float summation order), and the generator states
-plus the step count are all a resume needs to continue bit for bit.
+The randomness is drawn for the *global* batch on every rank from CPU generators and then cut
+into micro-batches (gradient accumulation) and rank shards, so the update does not depend on
+the number of processes or micro-batches (up to float summation order), and the generator
+state plus the step count are all a resume needs to continue bit for bit.
+
+Modules: the objective names which it trains (``trainable``: in the optimizer, with gradients,
+an EMA if listed in ``ema``, saved in the checkpoint) and which it only reads (``frozen``: no
+gradients, optimizer state or EMA, not saved: the checkpoint references them by the SHA-256 of
+their weights). The diffusion model (:class:`~difflab.objectives.DiffusionObjective`), the
+noise-aware classifier (:mod:`difflab.train.classifier`) and the FID feature networks
+(:mod:`difflab.metrics.train_features`) all train here.
+
+The library never prints and never sets the process's thread count: progress goes to the
+caller's ``callback(record)`` (records: :mod:`difflab.train.monitor`), and ``train.threads``
+is applied by the caller (the command line).
 
 On a GPU the loop never waits for the device inside a step: batches go up from pinned memory
 without blocking, the loss is read back (and checked for NaN / inf) only every ``log_every``
 steps, the EMA is one multi-tensor update, AdamW is the fused kernel, and ``train.compile`` /
-``train.channels_last`` compile the network and store it NHWC. Checkpoints always hold the
-plain network's weights (no ``torch.compile`` / DDP key prefixes).
+``train.channels_last`` compile the trained modules and store them NHWC. Checkpoints always
+hold the plain modules' weights (no ``torch.compile`` / DDP key prefixes).
 """
 
 from __future__ import annotations
@@ -27,33 +39,35 @@ import copy
 import json
 import math
 import os
-import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from difflab.denoiser import Denoiser
-from difflab.objectives import diffusion_loss, sample_t
-from difflab.schedules import from_config
-from difflab.train import checkpoint as ckpt
-from difflab.train import ddp
-from difflab.train.config import complete
-from difflab.train.ema import EMA
-from difflab.train.monitor import (
-    MetricsLog,
-    ProgressBar,
-    plot_loss,
-    read_metrics,
-    save_grid,
-    save_points,
+import difflab.train.checkpoint as ckpt
+import difflab.train.ddp as ddp
+from difflab.data.dataset import EpochOrder, take
+from difflab.denoiser import Condition
+from difflab.objectives import (
+    ClassifierObjective,
+    DiffusionObjective,
+    FeatureObjective,
+    Objective,
+    get_weighting,
 )
+from difflab.schedules import from_config
+from difflab.train.config import LOOP_DEFAULTS, check_loop, complete, model_identity
+from difflab.train.ema import EMA
+from difflab.train.monitor import MetricsLog, plot_loss, read_metrics, save_grid, save_points
 
-__all__ = ["Trainer", "train", "load_training_data", "lr_at", "TOY_NAMES"]
+__all__ = ["Trainer", "train", "objective_from_config", "load_training_data", "lr_at",
+           "TOY_NAMES"]
 
 TOY_NAMES = ("ring", "moons", "swiss_roll")
+Callback = Callable[[dict[str, Any]], None]
 
 
 def lr_at(step: int, train_cfg: dict[str, Any]) -> float:
@@ -98,113 +112,231 @@ def load_training_data(data_cfg: dict[str, Any], seed: int = 0
     return images, (None if labels is None else torch.as_tensor(labels).long())
 
 
-def _to_float(x: Tensor) -> Tensor:
-    """uint8 in [0, 255] -> float in [-1, 1]: x / 127.5 - 1; float passes through."""
-    return x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
+def objective_from_config(config: dict[str, Any]) -> Objective:
+    """The objective a config trains: by ``config["kind"]`` (default "diffusion") from its
+    schedule, parameterisation and ``train`` options."""
+    kind = config.get("kind", "diffusion")
+    tc = config["train"]
+    if kind == "diffusion":
+        schedule, parameterization = ckpt.denoiser_parts(config)
+        return DiffusionObjective(
+            schedule, parameterization, target=tc.get("target"),
+            weighting=get_weighting(tc.get("weighting", "none"),
+                                    gamma=float(tc.get("min_snr_gamma", 5.0)),
+                                    sigma_data=float(config.get("sigma_data", 0.5))),
+            t_sampler=tc.get("t_sampler", "uniform"), conditional=bool(tc.get("conditional")),
+            p_uncond=float(tc.get("p_uncond", 0.0)))
+    if kind == "classifier":
+        return ClassifierObjective(from_config(config["schedule"]),
+                                   ema=float(tc.get("ema_decay", 0.0)) > 0)
+    if kind == "feature":
+        return FeatureObjective(int(tc.get("shift", 2)), bool(tc.get("flip", False)))
+    raise ValueError(f"unknown config kind {kind!r}; valid: ['diffusion', 'classifier', "
+                     "'feature'], or pass objective=")
+
+
+def _fields(data: Any) -> dict[str, Tensor | None]:
+    """Named data fields from a dict, or from an (images, labels) pair."""
+    if isinstance(data, Mapping):
+        return dict(data)
+    images, labels = data
+    return {"image": torch.as_tensor(images),
+            "label": None if labels is None else torch.as_tensor(labels).long()}
+
+
+def _complete(config: dict[str, Any]) -> dict[str, Any]:
+    """A diffusion config completed by :func:`~difflab.train.config.complete`; another kind's
+    ``train`` section gets the loop defaults it lacks, checked."""
+    if config.get("kind", "diffusion") == "diffusion":
+        return complete(config)
+    cfg = copy.deepcopy(config)
+    cfg["train"] = {**LOOP_DEFAULTS, **cfg.get("train", {})}
+    check_loop(cfg["train"])
+    return cfg
 
 
 class Trainer:
-    """Train a denoiser from a config (see :mod:`difflab.train.config`).
+    """Train the modules of an objective (see the module docstring).
 
     Args:
-        config: a complete config (``config.preset(...)`` or ``config.load_config(...)``).
-        out_dir: run directory; rank 0 writes ``checkpoint/``, ``metrics.jsonl``,
-            ``samples/``, ``samples.png`` and ``loss.png`` there.
-        data: optional (images, labels) overriding ``config["data"]`` (images uint8 in
-            [0, 255] or float in [-1, 1]).
-        net: optional network overriding ``config["net"]`` (it must still be rebuildable by
-            ``difflab.nets.build(config["net"])`` for :func:`load_denoiser`).
-        resume: continue from ``out_dir/checkpoint`` if it exists.
+        config: a config with a "train" section (the loop options ``LOOP_DEFAULTS``) and a
+            "data" section; a diffusion config (``config.preset(...)``,
+            ``config.load_config(...)``) is completed, other kinds come complete from their
+            builders (:func:`difflab.train.classifier.classifier_config`).
+        out_dir: run directory; rank 0 writes ``checkpoint/``, ``metrics.jsonl``, ``config.json``
+            (and for a diffusion model ``samples/``, ``samples.png``, ``loss.png``) there.
+            None: nothing is written (a run in memory).
+        data: named fields ``{"image": ..., "label": ...}`` (images uint8 in [0, 255] or float
+            in [-1, 1]; labels long), or an (images, labels) pair; default: loaded from
+            ``config["data"]``.
+        net: the network ``"net"`` (default: built from ``config["net"]`` with seed
+            ``train.seed``; it must be rebuildable from ``config["net"]`` to be loaded back).
+        modules: further named modules (or ``"net"``): the objective's frozen ones must be here.
+        objective: default :func:`objective_from_config`.
+        references: for frozen modules, the path they were loaded from (recorded in the
+            checkpoint beside their SHA-256).
+        resume: continue from ``out_dir/checkpoint`` if it exists (bit-identically).
         device: "cpu", "cuda" or None (CUDA when available).
-        quiet: no progress bar.
+        callback: receives the progress records (:mod:`difflab.train.monitor`); rank 0 only.
     """
 
-    def __init__(self, config: dict[str, Any], out_dir: str | os.PathLike, *,
-                 data: tuple[Tensor, Tensor | None] | None = None, net: nn.Module | None = None,
-                 resume: bool = False, device: str | None = None, quiet: bool = False):
-        self.config = complete(config)
-        tc = self.config["train"]
-        self.tc = tc
-        if tc.get("threads"):
-            torch.set_num_threads(int(tc["threads"]))
+    def __init__(self, config: dict[str, Any], out_dir: str | os.PathLike | None = None, *,
+                 data: Any = None, net: nn.Module | None = None,
+                 modules: Mapping[str, nn.Module] | None = None,
+                 objective: Objective | None = None,
+                 references: Mapping[str, str | os.PathLike | None] | None = None,
+                 resume: bool = False, device: str | None = None,
+                 callback: Callback | None = None):
+        self.config = _complete(config)
+        self.kind = self.config.get("kind", "diffusion")
+        tc = self.tc = self.config["train"]
         self.dist = ddp.setup(device)
         self.device = self.dist.device
-        self.out = Path(out_dir)
-        self.quiet = quiet or not self.dist.is_main
+        self.out = Path(out_dir) if out_dir is not None else None
+        self.callback = callback if self.dist.is_main else None
+        self.objective = objective if objective is not None else objective_from_config(
+            self.config)
         # data
-        images, labels = data if data is not None else load_training_data(
-            self.config["data"], tc["seed"])
-        self.images, self.labels = images, labels
+        self.fields = _fields(data if data is not None else load_training_data(
+            self.config["data"], tc["seed"]))
         self._check_data()
-        # model, EMA, optimizer
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(tc["seed"]))
-            self.net = (net if net is not None else ckpt.build_net(self.config["net"]))
-        self.net = self.net.to(self.device)
-        if tc["channels_last"]:
-            self.net = self.net.to(memory_format=torch.channels_last)
-        self.ema_net = copy.deepcopy(self.net).eval().requires_grad_(False)
-        self.schedule = from_config(self.config["schedule"])
-        self.ema = EMA(self.net, tc["ema_decay"])
-        self.model = self.net
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
+        self.order = EpochOrder(len(self.fields["image"]), int(tc["seed"]))
+        # modules: trained ones (optimizer, EMA, checkpoint) and frozen ones (read only)
+        obj = self.objective
+        given = dict(modules or {})
+        if net is not None:
+            given["net"] = net
+        declared = set(obj.trainable) | set(obj.frozen) | set(obj.ema_targets)
+        unknown = sorted(set(given) - declared)
+        if unknown:
+            raise ValueError(f"modules {unknown} are not used by the {obj.kind} objective; it "
+                             f"trains {list(obj.trainable)} and reads {list(obj.frozen)}")
+        for name in obj.frozen:
+            if name not in given:
+                raise ValueError(f"the {obj.kind} objective reads a frozen module {name!r}; "
+                                 "pass it in modules=")
+        self.modules: dict[str, nn.Module] = {}
+        for name in obj.trainable:
+            if name not in given:
+                if not isinstance(self.config.get(name), dict):
+                    raise ValueError(f"no module {name!r}: pass it in modules= or give its "
+                                     f"config as config[{name!r}]")
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(int(tc["seed"]))
+                    given[name] = ckpt.build_net(self.config[name])
+            m = given[name].to(self.device)
+            if tc["channels_last"]:
+                m = m.to(memory_format=torch.channels_last)
+            self.modules[name] = m
+        for name in obj.frozen:
+            self.modules[name] = given[name].to(self.device).eval().requires_grad_(False)
+        self.references = {
+            name: {"path": None if (references or {}).get(name) is None
+                   else str((references or {})[name]),
+                   "sha256": ckpt.module_sha256(self.modules[name])}
+            for name in obj.frozen}
+        use_ema = float(tc["ema_decay"]) > 0
+        self.emas: dict[str, EMA] = {name: EMA(self.modules[name], tc["ema_decay"])
+                                     for name in obj.ema if use_ema}
+        self._ema_copies: dict[str, nn.Module] = {}
+        for target, source in obj.ema_targets.items():  # objectives reading EMA weights
+            if source not in self.emas:
+                raise ValueError(f"ema target {target!r} needs an EMA of {source!r}; list it "
+                                 "in the objective's ema and set train.ema_decay > 0")
+            self.modules[target] = self.ema_module(source)
+        # what the objective calls: trained modules through DDP and torch.compile
+        self.forward_modules: dict[str, nn.Module] = dict(self.modules)
+        self._ddp: list[nn.Module] = []
+        for name in obj.trainable:
+            m = self.modules[name]
+            if self.dist.enabled:
+                from torch.nn.parallel import DistributedDataParallel
 
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.net, device_ids=ids)
-        self.ddp_model = self.model
-        if tc["compile"]:
-            mode = None if tc["compile"] is True else tc["compile"]
-            self.model = torch.compile(self.model, mode=mode)
-        self.denoiser = Denoiser(self.model, self.schedule, self.config["prediction"],
-                                 float(self.config.get("sigma_data", 0.5)))
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                m = DistributedDataParallel(m, device_ids=ids)
+                self._ddp.append(m)
+            if tc["compile"]:
+                m = torch.compile(m, mode=None if tc["compile"] is True else tc["compile"])
+            self.forward_modules[name] = m
+        self.params = [p for name in obj.trainable for p in self.modules[name].parameters()]
         self.optimizer = torch.optim.AdamW(
-            self.net.parameters(), lr=float(tc["lr"]), betas=tuple(tc["betas"]),
+            self.params, lr=float(tc["lr"]), betas=tuple(tc["betas"]),
             weight_decay=float(tc["weight_decay"]), fused=self.device.type == "cuda")
-        # randomness: data order from (seed, epoch); t / eps / dropout from one generator
+        # randomness: data order from (seed, epoch); everything else from one generator
         self.rng = torch.Generator().manual_seed(int(tc["seed"]) * 7919 + 1)
         self.step = 0
-        self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
-        self.log = MetricsLog(self.out / "metrics.jsonl")
+        self.log = MetricsLog(self.out / "metrics.jsonl") if self.out is not None else None
         self.train_seconds = 0.0
-        self.solvers: dict[int, dict[str, Any]] = {}  # fitted to the final EMA weights
+        self.fits: dict[int, Any] = {}  # difflab.fitting.Fit by steps, fitted to the EMA weights
+        self.last_logs: dict[str, Any] = {}  # the objective's logs of the last step
         if resume:
             self.try_resume()
 
+    # -- convenient names ---------------------------------------------------------------------
+    @property
+    def net(self) -> nn.Module:
+        """The plain module ``"net"`` (no DDP / compile wrapper)."""
+        return self.modules["net"]
+
+    @property
+    def model(self) -> nn.Module:
+        """``"net"`` as the objective calls it (through DDP / torch.compile)."""
+        return self.forward_modules["net"]
+
+    @property
+    def ema(self) -> EMA | None:
+        """The EMA of ``"net"`` (None without one)."""
+        return self.emas.get("net")
+
+    @property
+    def images(self) -> Tensor:
+        return self.fields["image"]
+
+    @property
+    def labels(self) -> Tensor | None:
+        return self.fields.get("label")
+
+    @property
+    def schedule(self) -> Any:
+        return getattr(self.objective, "schedule", None)
+
+    @property
+    def denoiser(self) -> Any:
+        """The trained network as a denoiser (diffusion objectives)."""
+        return self.objective.denoiser(self.model)
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        if self.callback is not None:
+            self.callback(record)
+
     # -- data ----------------------------------------------------------------------------
     def _check_data(self) -> None:
-        d = self.config["data"]
-        if self.images.ndim == 4:
-            c, h, w = self.images.shape[1:]
+        d = self.config.get("data", {})
+        images = self.fields.get("image")
+        if images is None or len(images) == 0:
+            raise ValueError(f"data {d.get('name')!r} is empty")
+        if images.ndim == 4:
+            c, h, w = images.shape[1:]
             res, ch = d.get("resolution"), d.get("channels")
             if (res and (h, w) != (res, res)) or (ch and c != ch):
                 raise ValueError(
                     f"data {d.get('name')!r} has images of shape {(c, h, w)} (C, H, W) but the "
                     f"config says channels={ch}, resolution={res}; set data.channels / "
                     "data.resolution (and the net's in/out channels) to match")
-        if self.tc["conditional"] and self.labels is None:
-            raise ValueError(f"train.conditional=true needs labels, but data "
-                             f"{d.get('name')!r} has none; train unconditionally")
-        if len(self.images) == 0:
-            raise ValueError(f"data {d.get('name')!r} is empty")
+        self.objective.check_data(self.fields, d.get("name"))
+        labels, nc = self.fields.get("label"), d.get("num_classes")
+        if labels is not None and nc and "label" in self.objective.fields and len(labels) and (
+                int(labels.min()) < 0 or int(labels.max()) >= int(nc)):
+            raise ValueError(f"labels must lie in 0..{int(nc) - 1} (data.num_classes={nc}), got "
+                             f"{int(labels.min())}..{int(labels.max())}")
 
     def permutation(self, epoch: int) -> Tensor:
-        """The data order of an epoch: randperm from a generator seeded by (seed, epoch)."""
-        if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(int(self.tc["seed"]) * 1_000_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(len(self.images), generator=g), epoch
-        return self._perm
+        """The data order of an epoch (:class:`~difflab.data.dataset.EpochOrder`)."""
+        return self.order.permutation(epoch)
 
     def batch_indices(self, start: int, n: int) -> Tensor:
         """Indices of examples start .. start + n - 1 of the endless epoch stream."""
-        N = len(self.images)
-        out = []
-        while n > 0:
-            epoch, off = divmod(start, N)
-            take = min(n, N - off)
-            out.append(self.permutation(epoch)[off:off + take])
-            start, n = start + take, n - take
-        return torch.cat(out)
+        return self.order.indices(start, n)
 
     # -- one optimizer step ------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -218,33 +350,27 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(dev, dtype=torch.bfloat16)
 
-    def draw(self, B: int) -> dict[str, Tensor]:
-        """Everything random about one global batch, in a fixed order from ``self.rng``."""
-        tc = self.tc
-        idx = self.batch_indices(self.step * B, B)
-        x0 = _to_float(self.images[idx])
-        t = sample_t(self.schedule, B, kind=tc["t_sampler"], generator=self.rng)
-        eps = torch.randn(x0.shape, generator=self.rng)
-        out = {"x0": x0, "t": t, "eps": eps}
-        if tc["conditional"]:
-            y = self.labels[idx].clone()
-            drop = torch.rand(B, generator=self.rng) < float(tc["p_uncond"])
-            y[drop] = int(self.config["data"]["num_classes"])  # the learned null label
-            out["cond"] = y
-        return out
+    def draw(self, B: int) -> dict[str, Any]:
+        """Everything about the global batch of this step: its fields (examples ``step * B``
+        .. of the epoch stream) and the objective's randomness from ``self.rng``."""
+        batch = take(self.fields, self.batch_indices(self.step * B, B))
+        return self.objective.prepare(batch, self.rng)
 
     def train_step(self) -> float:
         """One optimizer step; returns the global-batch loss (averaged over ranks)."""
         return float(self._step())
 
-    def _to_device(self, x: Tensor) -> Tensor:
+    def _to_device(self, x: Any) -> Any:
+        if isinstance(x, Condition):
+            return x.to(self.device)
         if self.device.type != "cuda":
             return x.to(self.device)
         return x.pin_memory().to(self.device, non_blocking=True)
 
     def _step(self) -> Tensor:
         """One optimizer step; the global-batch loss as a 0-d tensor on the device (reading
-        it is what makes the host wait for the GPU, so the loop does that only to log)."""
+        it is what makes the host wait for the GPU, so the loop does that only to log). The
+        objective's logs, averaged over micro-batches, are left in ``self.last_logs``."""
         tc = self.tc
         B, accum = int(tc["batch_size"]), int(tc["grad_accum"])
         lr = lr_at(self.step, tc)
@@ -254,80 +380,150 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         micro = B // accum
         total = torch.zeros((), device=self.device)
-        self.model.train()
+        logs: dict[str, Any] = {}
+        for name in self.objective.trainable:
+            self.forward_modules[name].train()
         for m in range(accum):
             sl = slice(m * micro, (m + 1) * micro)
             local = ddp.shard(micro, self.dist)
             part = {k: self._to_device(v[sl][local]) for k, v in batch.items()}
-            sync = self.dist.enabled and m < accum - 1
-            ctx = self.ddp_model.no_sync() if sync else contextlib.nullcontext()
-            with ctx, self.autocast():
-                loss = diffusion_loss(
-                    self.denoiser, part["x0"], cond=part.get("cond"), target=tc["target"],
-                    weighting=tc["weighting"], gamma=float(tc["min_snr_gamma"]),
-                    t=part["t"], eps=part["eps"]).mean() / accum
-            loss.backward()
+            with contextlib.ExitStack() as stack:
+                if self.dist.enabled and m < accum - 1:
+                    for wrapped in self._ddp:
+                        stack.enter_context(wrapped.no_sync())
+                with self.autocast():
+                    loss, part_logs = self.objective.loss(self.forward_modules, part)
+                    loss = loss / accum
+                loss.backward()
             total += loss.detach()
+            for k, v in part_logs.items():
+                v = v.detach() if isinstance(v, Tensor) else float(v)
+                logs[k] = logs.get(k, 0.0) + v / accum
         if tc["grad_clip"] and tc["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), float(tc["grad_clip"]))
+            torch.nn.utils.clip_grad_norm_(self.params, float(tc["grad_clip"]))
         self.optimizer.step()
-        self.ema.update(self.net)
+        for name, ema in self.emas.items():
+            ema.update(self.modules[name])
+        for target, source in self.objective.ema_targets.items():
+            self.emas[source].copy_to(self.modules[target])
         self.step += 1
         if self.dist.enabled:
             torch.distributed.all_reduce(total)
             total /= self.dist.world_size
+        self.last_logs = logs
         return total
 
     # -- checkpoints ---------------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
-        N = len(self.images)
+    def _component_config(self, name: str) -> dict[str, Any]:
+        cfg = self.config.get(name)
+        if isinstance(cfg, dict):
+            return dict(cfg)
+        return dict(getattr(self.modules[name], "config", None) or {})
+
+    def state(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """(state.json, optimizer tensors) of the run now."""
+        N = len(self.fields["image"])
         consumed = self.step * int(self.tc["batch_size"])
         opt_tensors, opt_rest = ckpt.flatten_optimizer_state(self.optimizer.state_dict())
         return {
             "step": self.step,
-            "ema_updates": self.ema.num_updates,
+            "ema_updates": {name: ema.num_updates for name, ema in self.emas.items()},
             "rng": ckpt.generator_state_to_json(self.rng),
             "data_order": {"seed": int(self.tc["seed"]), "examples_seen": consumed,
                            "epoch": consumed // N, "offset": consumed % N},
             "optimizer": opt_rest,
+            "modules": {"trainable": list(self.objective.trainable),
+                        "frozen": list(self.objective.frozen)},
             "train_seconds": self.train_seconds,
             "world_size": self.dist.world_size,
         }, opt_tensors
 
     def save(self) -> Path | None:
-        """Rank 0 writes ``out_dir/checkpoint`` atomically."""
-        if not self.dist.is_main:
+        """Rank 0 writes ``out_dir/checkpoint`` atomically: the trained modules (and their
+        EMA), the schedule's config, the optimizer and the training state; frozen modules
+        only as references."""
+        if not self.dist.is_main or self.out is None:
             return None
         state, opt_tensors = self.state()
-        return ckpt.save_checkpoint(
-            self.out / "checkpoint", config=self.config, model=self.net.state_dict(),
-            ema=self.ema.state_dict(), optimizer=opt_tensors, state=state)
+        components = {}
+        for name in self.objective.trainable:
+            ema = self.emas.get(name)
+            components[name] = ckpt.Component(self._component_config(name),
+                                               self.modules[name].state_dict(),
+                                               None if ema is None else ema.state_dict())
+        if isinstance(self.config.get("schedule"), dict) and "schedule" not in components:
+            components["schedule"] = ckpt.Component(dict(self.config["schedule"]))
+        path = ckpt.save(self.out / "checkpoint", kind=self.kind, config=self.config,
+                         components=components, optimizer=opt_tensors, state=state,
+                         references=self.references)
+        self._emit({"event": "checkpoint", "step": self.step, "path": str(path)})
+        return path
 
     def try_resume(self) -> bool:
-        path = ckpt.resolve(self.out / "checkpoint")
-        if not (path / ckpt.CONFIG).is_file():
+        """Continue from ``out_dir/checkpoint`` (either layout) if there is one; raises a
+        ValueError when it was trained for another model (kind, network, schedule,
+        parameterisation) or with other frozen modules."""
+        if self.out is None:
             return False
-        config, tensors, state = ckpt.load_checkpoint(path, optimizer=True)
-        if config["net"] != self.config["net"]:
-            raise ValueError(f"cannot resume: the checkpoint in {path} was trained with net "
-                             f"{config['net']} but this run asks for {self.config['net']}; use "
-                             "another --out or the checkpoint's config")
-        src = str(path)
-        ckpt.load_weights(self.net, tensors["model"], source=src, net_type=config["net"]["type"])
-        self.ema.load_state_dict(tensors["ema"], state["ema_updates"])
+        path = ckpt.resolve(self.out / "checkpoint")
+        if not ckpt.is_checkpoint(path):
+            return False
+        ck = ckpt.read(path)
+        saved = model_identity({"kind": ck.kind, **ck.config})
+        wanted = model_identity(self.config)
+        if saved != wanted:
+            diff = "; ".join(f"{k}: checkpoint {saved[k]!r} vs this run {wanted[k]!r}"
+                             for k in wanted if saved.get(k) != wanted[k])
+            raise ValueError(f"cannot resume: the checkpoint in {path} was trained for another "
+                             f"model ({diff}); use another output directory or the "
+                             "checkpoint's config")
+        for name, ref in self.references.items():
+            old = ck.references.get(name, {}).get("sha256")
+            if old != ref["sha256"]:
+                raise ValueError(f"cannot resume: frozen module {name!r} is not the one the "
+                                 f"checkpoint in {path} was trained with (sha256 {old} there, "
+                                 f"{ref['sha256']} here)")
+        state = ck.state()
+        if "step" not in state or "optimizer" not in state:
+            raise ValueError(f"cannot resume from {path}: it holds no training state "
+                             f"({ckpt.STATE} with the optimizer's); it can only be loaded")
+        for name in self.objective.trainable:
+            ckpt.load_weights(self.modules[name], ck.weights(name),
+                              source=str(ck.weights_file(name)),
+                              net_type=str(self._component_config(name).get("type")))
+        updates = state.get("ema_updates", 0)
+        for name, ema in self.emas.items():
+            n = updates.get(name, 0) if isinstance(updates, dict) else int(updates)
+            ema.load_state_dict(ck.weights(name, ema=True), n)
         self.optimizer.load_state_dict(
-            ckpt.unflatten_optimizer_state(tensors["optimizer"], state["optimizer"]))
+            ckpt.unflatten_optimizer_state(ck.optimizer(), state["optimizer"]))
         ckpt.generator_state_from_json(self.rng, state["rng"])
         self.step = int(state["step"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
-        if self.dist.is_main:
+        for target, source in self.objective.ema_targets.items():
+            self.emas[source].copy_to(self.modules[target])
+        if self.dist.is_main and self.log is not None:
             self.log.truncate_after(self.step)
         return True
 
-    # -- samples -------------------------------------------------------------------------
+    # -- EMA weights, samples, fitted solvers (diffusion) -----------------------------------
+    def ema_module(self, name: str = "net") -> nn.Module:
+        """A copy of module ``name`` holding its EMA weights now (no gradients, eval mode;
+        the same copy on every call)."""
+        if name not in self._ema_copies:
+            self._ema_copies[name] = copy.deepcopy(self.modules[name]).eval().requires_grad_(
+                False)
+        self.emas[name].copy_to(self._ema_copies[name])
+        return self._ema_copies[name]
+
+    def ema_denoiser(self) -> Any:
+        """The EMA weights as a denoiser (its fitted solvers: ``self.fits``)."""
+        return self.objective.denoiser(self.ema_module("net"))
+
     @torch.no_grad()
     def sample(self, n: int | None = None, seed: int = 0) -> Tensor:
-        """n samples from the EMA weights with the configured sampler (fixed seed)."""
+        """n samples from the EMA weights with ``train.sampler`` (auto: the solver fitted for
+        ``train.sample_steps`` when there is one, else the default) and a fixed seed."""
         import difflab
 
         tc = self.tc
@@ -337,86 +533,85 @@ class Trainer:
         shape = (n,) + tuple(self.images.shape[1:])
         noise = torch.randn(shape, generator=g).to(self.device)
         cond = None
-        if tc["conditional"]:
+        if getattr(self.objective, "conditional", False):
             cond = (torch.arange(n) % int(self.config["data"]["num_classes"])).to(self.device)
-        return difflab.sample(den, noise, sampler=tc["sampler"], steps=int(tc["sample_steps"]),
+        fit = self.fits.get(int(tc["sample_steps"])) if tc["sampler"] == "auto" else None
+        steps = None if fit is not None else int(tc["sample_steps"])
+        return difflab.sample(den, noise, sampler=tc["sampler"], steps=steps, fit=fit,
                               cond=cond, generator=g)
 
-    def ema_denoiser(self) -> Denoiser:
-        """The EMA weights as a denoiser, with the solvers fitted to them (:meth:`fit_solvers`)."""
-        self.ema.copy_to(self.ema_net)
-        den = Denoiser(self.ema_net, self.schedule, self.config["prediction"],
-                       float(self.config.get("sigma_data", 0.5)))
-        den.solvers.update(self.solvers)
-        return den
-
-    def fit_solvers(self, checkpoint: Path) -> dict[int, dict[str, Any]]:
+    def fit_solvers(self, checkpoint: Path) -> dict[int, Any]:
         """Fit a bespoke solver for each of ``train.fit_steps`` to the EMA weights (``train.
         fit_count`` calibration images, ``train.fit_iters`` L-BFGS iterations;
-        :func:`difflab.samplers.bespoke.fit_solvers`) and store them in the checkpoint's
-        grids.json, where ``load_denoiser`` finds them: ``difflab sample`` then uses them."""
-        from difflab.samplers.bespoke import fit_solvers
-        from difflab.train.grids import save_tuned_grid
+        :func:`difflab.fitting.fit_solvers`) and store them with the checkpoint
+        (:func:`difflab.fitting.save_fit`): sampling the checkpoint then uses them."""
+        from difflab.fitting import fit_solvers, save_fit
 
         tc = self.tc
-        if tc["conditional"]:
-            print("train.fit_steps skipped: fitted solvers serve unconditional sampling and "
-                  "this model is class-conditional", file=sys.stderr)
+        if getattr(self.objective, "conditional", False):
+            self._emit({"event": "message", "text": "train.fit_steps skipped: fitted solvers "
+                        "serve unconditional sampling and this model is class-conditional"})
             return {}
         t0 = time.perf_counter()
         g = torch.Generator().manual_seed(int(tc["seed"]) + 1000)
         noise = torch.randn((int(tc["fit_count"]),) + tuple(self.images.shape[1:]),
                             generator=g).to(self.device)
-        den = self.ema_denoiser()
 
         def log(msg: str) -> None:
-            if not self.quiet:
-                print(msg, file=sys.stderr)
+            self._emit({"event": "message", "text": msg})
 
-        fits = fit_solvers(den, tc["fit_steps"], noise, max_iter=int(tc["fit_iters"]),
-                           log=log)
+        fits = fit_solvers(self.ema_denoiser(), tc["fit_steps"], noise,
+                           max_iter=int(tc["fit_iters"]), log=log)
+        fits = {k: fit.with_(seed=int(tc["seed"]) + 1000) for k, fit in fits.items()}
+        weights = ckpt.weights_file(checkpoint, ema=True)
         for fit in fits.values():
-            fit["seed"] = int(tc["seed"]) + 1000
-            save_tuned_grid(checkpoint, fit, ema=True)
-        self.solvers.update(fits)
+            save_fit(checkpoint, fit, ema=True, weights=weights)
+        self.fits.update(fits)
         log(f"fitted bespoke solvers for {sorted(fits)} steps in "
-            f"{(time.perf_counter() - t0) / 60:.1f} min -> {checkpoint}/grids.json")
+            f"{(time.perf_counter() - t0) / 60:.1f} min -> {checkpoint}")
         return fits
 
     def save_samples(self, path: Path) -> Path:
         x = self.sample()
         if x.ndim == 2:
-            return save_points(x, path, extent=3.0)
-        nrow = int(self.config["data"]["num_classes"]) if self.tc["conditional"] else None
-        return save_grid(x, path, nrow=nrow, scale=2 if x.shape[-1] <= 32 else 1)
+            out = save_points(x, path, extent=3.0)
+        else:
+            nrow = int(self.config["data"]["num_classes"]) if getattr(
+                self.objective, "conditional", False) else None
+            out = save_grid(x, path, nrow=nrow, scale=2 if x.shape[-1] <= 32 else 1)
+        self._emit({"event": "samples", "step": self.step, "path": str(out)})
+        return out
 
     # -- the loop --------------------------------------------------------------------------
     def run(self, steps: int | None = None, max_minutes: float | None = None) -> dict[str, Any]:
         """Train until ``steps`` (default train.steps) or the wall-clock budget (default
         train.max_minutes; resumed runs count time already spent); rank 0 saves the final
-        checkpoint, a sample grid and the loss plot. Returns a summary dict."""
+        checkpoint (and for a diffusion model fits the solvers, saves a sample grid and the
+        loss plot). Returns a summary dict."""
         tc = self.tc
+        diffusion = isinstance(self.objective, DiffusionObjective)
         total = int(steps if steps is not None else tc["steps"])
         budget = max_minutes if max_minutes is not None else tc.get("max_minutes")
         budget_s = float(budget) * 60 if budget else math.inf
-        if self.dist.is_main:
+        if self.dist.is_main and self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(self.config, indent=2))
             self.log.truncate_after(self.step)  # a fresh run starts a fresh log
-        bar = ProgressBar(total, enabled=not self.quiet,
-                          budget_s=budget_s - self.train_seconds)
+        self._emit({"event": "start", "step": self.step, "total": total,
+                    "budget_s": None if math.isinf(budget_s) else budget_s - self.train_seconds})
         B = int(tc["batch_size"])
         t_last, n_last, loss = time.perf_counter(), self.step, float("nan")
-        last_ips = 0.0
         start_seconds = self.train_seconds
         t_start = time.perf_counter()
         stopped_by = "steps"
         log_every = int(tc["log_every"])
+        sample_every = int(tc.get("sample_every") or 0) if diffusion else 0
         loss_t: Tensor | None = None
         while self.step < total:
             loss_t = self._step()
+            logs = self.last_logs
             logged = self.step % log_every == 0 or self.step == total
-            if logged or self.device.type == "cpu" or bar.tty:
+            if logged or self.device.type == "cpu":
                 loss = float(loss_t)  # waits for the device: only when it is shown or free
                 if not math.isfinite(loss):
                     raise FloatingPointError(
@@ -427,34 +622,36 @@ class Trainer:
                 now = time.perf_counter()
                 ips = (self.step - n_last) * B / max(now - t_last, 1e-9)
                 t_last, n_last = now, self.step
-                if self.dist.is_main:
-                    self.log.write({"step": self.step, "loss": loss, "lr": lr_at(self.step - 1, tc),
-                                    "images_per_s": ips, "seconds": self.train_seconds})
-                bar.update(self.step, loss, ips)
-                last_ips = ips
-            elif bar.tty:  # an interactive terminal gets every step
-                bar.update(self.step, loss, last_ips)
-            if self.dist.is_main and tc["sample_every"] and self.step % tc["sample_every"] == 0:
+                record = {"step": self.step, "loss": loss, "lr": lr_at(self.step - 1, tc),
+                          "images_per_s": ips, "seconds": self.train_seconds,
+                          **{k: float(v) for k, v in logs.items()}}
+                if self.dist.is_main and self.log is not None:
+                    self.log.write(record)
+                self._emit({"event": "log", **record})
+            self._emit({"event": "step", "step": self.step, "total": total,
+                        "seconds": self.train_seconds})
+            if (self.dist.is_main and self.out is not None and sample_every
+                    and self.step % sample_every == 0):
                 self.save_samples(self.out / "samples" / f"step_{self.step:07d}.png")
             if tc["ckpt_every"] and self.step % tc["ckpt_every"] == 0:
                 self.save()
             if self._out_of_time(budget_s):
                 stopped_by = "time"
                 break
-        bar.close()
         if loss_t is not None:
             loss = float(loss_t)
         summary = {"steps": self.step, "loss": loss, "seconds": self.train_seconds,
-                   "stopped_by": stopped_by, "out": str(self.out)}
-        if self.dist.is_main:
+                   "stopped_by": stopped_by, "out": None if self.out is None else str(self.out)}
+        if self.dist.is_main and self.out is not None:
             summary["checkpoint"] = str(self.save())
-            if tc["fit_steps"]:
+            if diffusion and tc.get("fit_steps"):
                 summary["fitted"] = sorted(self.fit_solvers(Path(summary["checkpoint"])))
-            if tc["grid_size"]:
+            if diffusion and tc.get("grid_size"):
                 summary["samples"] = str(self.save_samples(self.out / "samples.png"))
             records = read_metrics(self.log.path) if self.log.path.is_file() else []
             if records:
                 summary["loss_plot"] = str(plot_loss(records, self.out / "loss.png"))
+        self._emit({"event": "end", "summary": summary})
         return summary
 
     def _out_of_time(self, budget_s: float) -> bool:
@@ -471,8 +668,10 @@ class Trainer:
         ddp.cleanup(self.dist)
 
 
-def train(config: dict[str, Any], out_dir: str | os.PathLike, **kw: Any) -> dict[str, Any]:
-    """Build a :class:`Trainer`, run it, clean up; returns the summary."""
+def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None,
+          **kw: Any) -> dict[str, Any]:
+    """Build a :class:`Trainer` (keyword arguments as its), run it (``steps``,
+    ``max_minutes``), clean up; returns the summary."""
     run_kw = {k: kw.pop(k) for k in ("steps", "max_minutes") if k in kw}
     trainer = Trainer(config, out_dir, **kw)
     try:
