@@ -198,17 +198,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    from difflab.commands.guidance import (
+        DEFAULT_CLASSIFIER_T_MAX,
+        check_classifier_matches,
+        limit_log_prob,
+    )
     from difflab.guidance import classifier_free, classifier_guidance, classifier_log_prob
     from difflab.metrics import load_feature_net
     from difflab.metrics.evaluate import resolve_reference
     from difflab.schedules import from_config
     from difflab.train.checkpoint import load_denoiser
     from difflab.train.classifier import load_classifier
-    from difflab.train.guided import (
-        DEFAULT_CLASSIFIER_T_MAX,
-        check_classifier_matches,
-        limit_log_prob,
-    )
 
     t_max = DEFAULT_CLASSIFIER_T_MAX if args.t_max is None else args.t_max
     cond_den, cond_cfg = load_denoiser(args.cond)

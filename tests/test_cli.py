@@ -49,9 +49,9 @@ def test_train_sample_resume_on_a_tiny_config(tmp_path, capsys):
     assert main(["train", cfg, "--out", str(run), "--quiet", "--conditional"]) == 0
     out = capsys.readouterr().out
     assert "trained 3 steps" in out and str(run / "checkpoint") in out
-    for f in ("checkpoint/model.safetensors", "checkpoint/ema.safetensors",
-              "checkpoint/optimizer.safetensors", "checkpoint/state.json", "metrics.jsonl",
-              "samples.png", "loss.png"):
+    for f in ("checkpoint/checkpoint.json", "checkpoint/net.safetensors",
+              "checkpoint/net.ema.safetensors", "checkpoint/optimizer.safetensors",
+              "checkpoint/state.json", "metrics.jsonl", "samples.png", "loss.png"):
         assert (run / f).is_file(), f
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
@@ -113,3 +113,83 @@ def test_bad_input_exits_2_with_a_named_error(tmp_path, capsys):
     assert ".npy" in capsys.readouterr().err
     assert main(["demo", "--data", "imagenet", "--out", str(tmp_path / "d")]) == 2
     assert "valid" in capsys.readouterr().err
+
+
+def test_help_of_the_other_commands(capsys):
+    parser = build_parser()
+    for cmd, options in {
+        "eval": ["--num", "--sampler", "--steps", "--seed", "--save-samples", "--label", "--cfg",
+                 "--cfg-rescale", "--classifier", "--classifier-scale"],
+        "tune-grid": ["--sampler", "--steps", "--count", "--no-eval-times", "--start"],
+        "train-classifier": ["--like", "--data", "--set", "--threads"],
+        "train-features": ["--dataset", "--name", "--epochs", "--calibrate"],
+        "demo": ["--set"],
+    }.items():
+        with pytest.raises(SystemExit):
+            parser.parse_args([cmd, "--help"])
+        text = capsys.readouterr().out
+        for opt in options:
+            assert opt in text, (cmd, opt)
+
+
+def test_one_seed_gives_the_same_images_in_sample_and_eval(tmp_path, monkeypatch, capsys):
+    """`difflab sample` and `difflab eval --save-samples` draw the same images for one seed
+    (one chunked, seeded sampling loop), whatever the batch size, also with a stochastic
+    sampler and classifier-free guidance; both write uint8 NHWC arrays."""
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    assert main(["train", tiny_digits_config(tmp_path), "--out", str(run), "--quiet",
+                 "--conditional", "--steps", "2"]) == 0
+    for sampler, extra in (("ddpm", ["--cfg", "1.5"]), ("dpmpp_2m", [])):
+        npy = tmp_path / f"{sampler}.npy"
+        assert main(["sample", str(run), "--out", str(npy), "--count", "7", "--steps", "3",
+                     "--sampler", sampler, "--seed", "11", "--batch-size", "2", *extra]) == 0
+        saved = tmp_path / "saved"
+        assert main(["eval", str(run), "--reference", "digits", "--feature-net", "fmnist",
+                     "--n-ref", "40", "--no-cache", "--num", "7", "--steps", "3", "--sampler",
+                     sampler, "--seed", "11", "--batch-size", "3", "--kid-subsets", "2",
+                     "--kid-subset-size", "5", "--save-samples", str(saved), *extra]) == 0
+        a, b = np.load(npy), np.load(saved / f"{sampler}_3.npy")
+        assert a.shape == b.shape == (7, 8, 8, 1) and a.dtype == b.dtype == np.uint8
+        assert np.array_equal(a, b), sampler
+    # another seed gives other images
+    other = tmp_path / "other.npy"
+    assert main(["sample", str(run), "--out", str(other), "--count", "7", "--steps", "3",
+                 "--sampler", "dpmpp_2m", "--seed", "12"]) == 0
+    assert not np.array_equal(np.load(other), np.load(tmp_path / "dpmpp_2m.npy"))
+
+
+def test_library_errors_name_parameters_and_the_cli_prints_flags(tmp_path, capsys):
+    from difflab.commands import Guidance, ParameterError, generate
+
+    run = tmp_path / "run"
+    assert main(["train", tiny_digits_config(tmp_path), "--out", str(run), "--quiet",
+                 "--conditional", "--steps", "1"]) == 0
+    capsys.readouterr()
+    # the library names its parameters ...
+    with pytest.raises(ParameterError, match=r"^cfg_rescale only changes guided predictions; "
+                                             r"give cfg W > 0$"):
+        generate(run, count=2, guidance=Guidance(cfg_rescale=0.5))
+    with pytest.raises(ParameterError, match=r"^count must be at least 1, got 0$"):
+        generate(run, count=0)
+    with pytest.raises(ParameterError, match=r"^unknown sampler 'nope'; valid: auto, "):
+        generate(run, count=1, sampler="nope")
+    # ... and the command line names its flags (per command: eval's count is --num)
+    for argv, expected in (
+        (["sample", str(run), "--cfg-rescale", "0.5"],
+         "difflab sample: error: --cfg-rescale only changes guided predictions; give --cfg W > 0"),
+        (["sample", str(run), "--count", "0"], "--count must be at least 1, got 0"),
+        (["sample", str(run), "--cfg", "-1"], "--cfg must be >= 0"),
+        (["sample", str(run), "--classifier-scale", "2"],
+         "--classifier-scale needs --classifier CKPT"),
+        (["sample", str(run), "--sampler", "nope"], "unknown --sampler 'nope'; valid: auto, "),
+        (["eval", str(run), "--reference", "digits", "--feature-net", "fmnist", "--num", "0",
+          "--n-ref", "10", "--no-cache"], "difflab eval: error: --num must be at least 1"),
+        (["tune-grid", str(run), "--eval-times-only", "--no-eval-times"],
+         "--eval-times-only and --no-eval-times exclude each other"),
+        (["train-classifier", "--like", str(tmp_path / "nope")], "--like "),
+        (["demo", "--data", "imagenet"], "unknown demo --data 'imagenet'; valid: auto"),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err, (argv, err)

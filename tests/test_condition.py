@@ -109,8 +109,6 @@ MIX = GaussianMixture.ring(k=3, radius=2.0, std=0.3)
 def test_every_sampler_takes_a_condition_like_a_label_tensor(name):
     """The same labels as a bare tensor or as a Condition give identical samples, guided and
     not (every sampler forwards the condition unchanged)."""
-    if name == "bespoke":
-        pytest.skip("bespoke needs fitted coefficients; tested with a fit in test_bespoke.py")
     sched = schedules.linear()
     den = guidance.classifier_free(MIX.denoiser(sched, "eps"), 1.5)
     noise = torch.randn(6, 2, generator=torch.Generator().manual_seed(3))

@@ -1,4 +1,5 @@
-"""Noise-aware classifier training, its checkpoint, and the guidance CLI glue.
+"""Noise-aware classifier training, its checkpoint, and guided sampling of a checkpoint
+(:mod:`difflab.commands.guidance`: the typed options, their checks, and the CLI flags).
 
 Data: a two-component Gaussian mixture of 8x8 "images" (horizontal versus vertical stripes,
 per-pixel std 0.3), so that the exact unconditional denoiser (difflab.toy) is available and a
@@ -15,6 +16,9 @@ import pytest
 import torch
 
 import difflab
+from difflab.commands.common import ParameterError
+from difflab.commands.guidance import Guidance, add_guidance_args, guidance_from_args, guide
+from difflab.commands.train_classifier import register
 from difflab.guidance import ClassifierFreeGuidance, ClassifierGuidance
 from difflab.schedules import cosine
 from difflab.toy import GaussianMixture
@@ -22,10 +26,8 @@ from difflab.train.classifier import (
     classifier_accuracy_at,
     classifier_config,
     load_classifier,
-    register,
     train_classifier,
 )
-from difflab.train.guided import add_guidance_args, guided_denoiser
 
 RES, AMP, STD = 8, 0.7, 0.3
 
@@ -84,8 +86,9 @@ def test_classifier_checkpoint_round_trip(trained):
     assert config["kind"] == "classifier"
     assert config["data"]["name"] == "stripes" and config["data"]["num_classes"] == 2
     assert config["schedule"] == schedule.config()
-    raw = json.loads((out / "checkpoint" / "config.json").read_text())
-    assert raw["net"] == TINY_NET and raw["prediction"] == "logits"
+    raw = json.loads((out / "checkpoint" / "checkpoint.json").read_text())
+    assert raw["kind"] == "classifier" and raw["config"]["net"] == TINY_NET
+    assert "prediction" not in raw["config"]  # no fake diffusion entry to pass a loader check
     x, y = images_labels(600, 1)
     # the reloaded (EMA) weights reproduce the accuracy measured right after training
     assert classifier_accuracy_at(net, schedule, x, y, 0.05) == pytest.approx(
@@ -105,11 +108,18 @@ def test_load_classifier_refuses_a_diffusion_checkpoint(tmp_path):
         load_classifier(tmp_path / "missing")
 
 
-# --- guided_denoiser ------------------------------------------------------------------------
-def parse(*argv: str) -> argparse.Namespace:
+# --- guide ----------------------------------------------------------------------------------
+def parse(*argv: str) -> Guidance:
+    """The typed options of command-line flags (add_guidance_args + guidance_from_args)."""
     p = argparse.ArgumentParser()
     add_guidance_args(p)
-    return p.parse_args(list(argv))
+    return guidance_from_args(p.parse_args(list(argv)))
+
+
+def guided_denoiser(den, config: dict, guidance: Guidance, n: int):
+    """(guided denoiser, labels of n samples or None)."""
+    guided = guide(den, config, guidance)
+    return guided.denoiser, guided.labels(n)
 
 
 def model_config(conditional: bool, **data) -> dict:
@@ -125,7 +135,8 @@ def exact_denoiser():
 def test_guidance_args_conventions_and_stacking(trained):
     out, _, _ = trained
     den, cond = guided_denoiser(exact_denoiser(), model_config(True), parse("--cfg", "2"), 5)
-    assert isinstance(den, ClassifierFreeGuidance) and den.w == 2.0 and den.uncond == 2
+    # the null half is the condition's null (label -1, the learned null label)
+    assert isinstance(den, ClassifierFreeGuidance) and den.w == 2.0 and den.uncond is None
     assert cond.tolist() == [0, 1, 0, 1, 0]
     # w = 0 is unguided: the plain conditional denoiser with labels
     base = exact_denoiser()
@@ -155,13 +166,27 @@ def test_guidance_args_conventions_and_stacking(trained):
     (("--label", "0"), model_config(False), "needs a class-conditional checkpoint"),
     (("--cfg", "-1"), model_config(True), "must be >= 0"),
     (("--cfg", "nan"), model_config(True), "finite"),
-    (("--cfg-rescale", "0.7"), model_config(True), "give --cfg W > 0"),
+    (("--cfg-rescale", "0.7"), model_config(True), "give cfg W > 0"),
     (("--cfg", "1", "--cfg-rescale", "2"), model_config(True), r"\[0, 1\]"),
-    (("--classifier-scale", "2"), model_config(False), "needs --classifier"),
+    (("--classifier-scale", "2"), model_config(False), "needs classifier"),
 ])
 def test_guided_denoiser_rejects_bad_options(argv, config, match):
     with pytest.raises(ValueError, match=match):
         guided_denoiser(exact_denoiser(), config, parse(*argv), 4)
+
+
+def test_guidance_errors_name_the_parameter_and_render_flags():
+    """The library names its parameters; a front end renders its own names for them."""
+    with pytest.raises(ParameterError) as e:
+        guide(exact_denoiser(), model_config(True), Guidance(cfg_rescale=0.5))
+    assert str(e.value) == "cfg_rescale only changes guided predictions; give cfg W > 0"
+    assert e.value.params == ["cfg_rescale", "cfg"]
+    flags = {"cfg": "--cfg", "cfg_rescale": "--cfg-rescale"}
+    assert e.value.render(flags) == ("--cfg-rescale only changes guided predictions; give "
+                                     "--cfg W > 0")
+    with pytest.raises(ParameterError, match=r"^classifier_scale must be >= 0, got -1\.0$"):
+        guide(exact_denoiser(), model_config(False), Guidance(classifier="x",
+                                                               classifier_scale=-1))
 
 
 @pytest.mark.parametrize("change, match", [
@@ -240,6 +265,16 @@ def test_train_classifier_cli_registers(tmp_path):
     ns = p.parse_args(["train-classifier", "--data", "digits", "--steps", "5",
                        "--out", str(tmp_path / "c")])
     assert ns.func.__name__ == "cmd_train_classifier" and ns.steps == 5
+    # flags become the typed config of difflab.commands.train_classifier
+    from difflab.commands.train_classifier import classifier_training_config
+
+    cfg = classifier_training_config(data="digits", steps=5, overrides=["net.model_channels=8"])
+    assert cfg["data"]["name"] == "digits" and cfg["train"]["steps"] == 5
+    assert cfg["net"]["model_channels"] == 8
+    with pytest.raises(ValueError, match="overrides x=1: keys start with net."):
+        classifier_training_config(overrides=["x=1"])
+    with pytest.raises(FileNotFoundError, match="like"):
+        classifier_training_config(like=tmp_path / "missing")
 
 
 def test_classifier_config_validation():

@@ -395,7 +395,7 @@ def test_reference_cache_key_changes_with_the_feature_network():
 
 
 def test_eval_reads_npy_layouts(tmp_path):
-    from difflab.metrics.commands import load_images
+    from difflab.commands.images import load_images
 
     g = torch.Generator().manual_seed(0)
     u8 = torch.randint(0, 256, (4, 1, 28, 28), generator=g, dtype=torch.uint8)

@@ -1,34 +1,33 @@
 """The ``difflab`` command line: ``difflab train | sample | demo | eval | ...``.
 
-Each subcommand lives with the room it belongs to and exposes ``register(subparsers)``,
-which adds its parser and sets ``func`` (called with the parsed namespace). This module only
-composes them.
+Argument parsing only. Each subcommand is a module of :mod:`difflab.commands` exposing
+``register(subparsers)``, which adds its parser and sets ``func`` (called with the parsed
+namespace); ``func`` calls the command's typed library function. Errors those functions raise
+name their parameters (:class:`difflab.commands.common.ParameterError`); :func:`main` prints
+them with this command line's flags instead (:func:`flag_names`), as
+``difflab COMMAND: error: ...`` with exit code 2 and no traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from difflab.commands import eval as eval_command
+from difflab.commands import sample, train, train_classifier, train_features, tune_grid
+from difflab.commands.common import HelpFormatter, render_error
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default once: not again where the help text already states it."""
+__all__ = ["build_parser", "main", "flag_names", "FLAGS"]
 
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        if "default" in text.lower():
-            return text
-        return super()._get_help_string(action)
+# the modules that define subcommands, in the order `difflab --help` lists them
+COMMAND_MODULES = (train, sample, tune_grid, train_classifier, eval_command, train_features)
 
-
-# modules that define subcommands; each has register(subparsers)
-COMMAND_MODULES = (
-    "difflab.train.commands",
-    "difflab.train.grids",
-    "difflab.train.classifier",
-    "difflab.metrics.commands",
-)
+# Library parameter names whose flag is not ``--`` + the name with dashes (that is derived from
+# the parsers, as are ``X=False`` -> ``--no-X``), by command ("*": every command).
+FLAGS: dict[str, dict[str, str]] = {
+    "*": {"ema=False": "--no-ema"},
+    "eval": {"count": "--num", "samplers": "--sampler"},
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,15 +37,28 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:  # a room not built yet
-            if e.name == name:
-                continue
-            raise
+    for module in COMMAND_MODULES:
         module.register(sub)
     return parser
+
+
+def flag_names(parser: argparse.ArgumentParser, command: str | None) -> dict[str, str]:
+    """Library parameter name -> flag for ``command``'s options: each option's ``dest`` ->
+    its long flag (``cfg_rescale`` -> ``--cfg-rescale``, ``overrides`` -> ``--set``), a
+    ``--no-X`` switch also as ``X=False``, then :data:`FLAGS`."""
+    names: dict[str, str] = {}
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    cmd_parser = sub.choices.get(command) if sub is not None and command else None
+    for action in getattr(cmd_parser, "_actions", []):
+        longs = [s for s in action.option_strings if s.startswith("--")]
+        if not longs or action.dest == "help":
+            continue
+        names[action.dest] = longs[0]
+        if action.dest.startswith("no_") and isinstance(action, argparse._StoreTrueAction):
+            names[f"{action.dest[3:]}=False"] = longs[0]
+    names.update(FLAGS["*"])
+    names.update(FLAGS.get(command or "", {}))
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:  # bad input: a clear message, no traceback
-        print(f"difflab {args.command}: error: {e}", file=sys.stderr)
+        message = render_error(e, flag_names(parser, args.command))
+        print(f"difflab {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -1,0 +1,217 @@
+"""A checkpoint ready to sample: the one place each of
+
+* building its (guided) denoiser: :func:`load_model`;
+* the shape of one sample: :func:`sample_shape`;
+* the solver it is sampled with: :func:`choose_solver`;
+* chunked, seeded sampling: :func:`sample_images`.
+
+``difflab sample``, ``difflab eval`` and ``difflab tune-grid`` (and a web UI or a notebook)
+compose these::
+
+    model = load_model("runs/fm", guidance=Guidance(cfg=1.5))
+    solver = choose_solver(model.checkpoint, "auto", 10)
+    samples = sample_images(model, solver, 64, seed=0)       # samples.images: (64, C, H, W)
+
+Seeding: the initial noise of all ``count`` images is drawn up front from one generator
+seeded with ``seed`` (image i's noise does not depend on the batch size), and a stochastic
+sampler draws image i's noise during sampling from its own generator, seeded with
+``mix_seed(seed, i)``. So one seed gives the same images whatever the batch size, in
+``difflab sample`` as in ``difflab eval``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from difflab.commands.common import ParameterError, param
+from difflab.commands.guidance import Guidance, Guided, guide
+
+__all__ = ["Model", "load_model", "sample_shape", "Solver", "choose_solver",
+           "Samples", "sample_images", "image_generators"]
+
+
+def sample_shape(config: dict[str, Any]) -> tuple[int, ...]:
+    """The shape of one sample of a model trained with ``config``: (C, H, W) for images
+    (``data.channels``, default 1, and ``data.resolution``, a size or [H, W]), else (D,) for
+    points (``data.channels``, default 2)."""
+    data = config.get("data", {}) or {}
+    res = data.get("resolution")
+    if not res:
+        return (int(data.get("channels") or 2),)
+    h, w = (res, res) if isinstance(res, int) else res
+    return (int(data.get("channels") or 1), int(h), int(w))
+
+
+@dataclass(frozen=True, eq=False)
+class Model:
+    """A loaded checkpoint: ``denoiser`` (its EMA or raw weights, unguided) and ``guided``
+    (the denoiser to sample, guided as asked, and the labels to sample it with)."""
+
+    checkpoint: Path
+    config: dict[str, Any]
+    denoiser: Any
+    guided: Guided
+    ema: bool = True
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of one sample (:func:`sample_shape`)."""
+        return sample_shape(self.config)
+
+    @property
+    def device(self) -> torch.device:
+        return next((p.device for p in self.denoiser.parameters()), torch.device("cpu"))
+
+
+def load_model(checkpoint: str | os.PathLike, *, ema: bool = True,
+               device: str | torch.device = "cpu",
+               guidance: Guidance | None = None) -> Model:
+    """The checkpoint (or run directory) ``checkpoint`` as a :class:`Model`: its EMA weights
+    (``ema=False``: the raw ones) on ``device``, guided by ``guidance``
+    (:func:`~difflab.commands.guidance.guide`). Raises FileNotFoundError for a missing
+    checkpoint and the errors of :func:`~difflab.commands.guidance.guide`."""
+    from difflab.train.checkpoint import load_denoiser, resolve
+
+    den, config = load_denoiser(checkpoint, ema=ema, device=device)
+    return Model(resolve(checkpoint), config, den, guide(den, config, guidance), ema)
+
+
+# --- the solver ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Solver:
+    """What a checkpoint is sampled with: ``sampler`` for ``steps`` steps on the ``spacing``
+    rule's grid (None: the sampler's default), or as the ``fit`` stored with the checkpoint
+    (a tuned grid, or a fitted bespoke solver) says."""
+
+    sampler: str
+    steps: int
+    spacing: str | None = None
+    fit: Any = None  # a difflab.fitting.Fit (a SolverPlan)
+
+    @property
+    def source(self) -> str:
+        """"fitted" (a bespoke solver fitted to the checkpoint), "tuned" (a grid tuned to it),
+        "spacing" (an explicit rule) or "default" (the sampler's default grid)."""
+        if self.fit is not None:
+            return "fitted" if self.fit.coeffs is not None else "tuned"
+        return "spacing" if self.spacing is not None else "default"
+
+    def sample_kwargs(self) -> dict[str, Any]:
+        """The arguments of :func:`difflab.sample` that select this solver."""
+        return {"sampler": self.sampler, "steps": self.steps, "spacing": self.spacing,
+                "fit": self.fit}
+
+
+def choose_solver(checkpoint: str | os.PathLike | None, sampler: str = "auto", steps: int = 10,
+                  *, spacing: str | None = None, ema: bool = True) -> Solver:
+    """The solver a checkpoint (directory, as :attr:`Model.checkpoint`) is sampled with.
+
+    An explicit ``spacing`` wins (``sampler`` on that rule's grid; "auto": dpmpp_2m).
+    Otherwise the fit stored with the checkpoint for ``sampler`` and ``steps`` runs (for
+    "auto": the bespoke solver fitted for ``steps``, else dpmpp_2m's tuned grid; the rule is
+    :func:`difflab.fitting.choose_fit`'s), else the sampler on its default grid.
+    ``checkpoint=None``: no stored fits. Raises ParameterError for an unknown sampler or
+    spacing, or steps < 1.
+    """
+    from difflab.fitting import choose_fit
+    from difflab.samplers import AUTO, SPACINGS, choose, names
+    from difflab.train.checkpoint import weights_file
+
+    if sampler != AUTO and sampler not in names():
+        raise ParameterError(f"unknown {param('sampler')} {sampler!r}; valid: {AUTO}, "
+                             f"{', '.join(names())}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ParameterError(f"{param('steps')} must be an integer >= 1, got {steps!r}")
+    if spacing is not None and spacing not in SPACINGS:
+        raise ParameterError(f"unknown {param('spacing')} {spacing!r}; valid: "
+                             f"{', '.join(SPACINGS)}")
+    fit = None if checkpoint is None else choose_fit(
+        checkpoint, sampler, steps, spacing=spacing, ema=ema,
+        weights=weights_file(checkpoint, ema))  # the fit belongs to these weights
+    return Solver(choose(sampler, fit), steps, spacing, fit)
+
+
+# --- sampling -------------------------------------------------------------------------------
+def image_generators(seed: int, start: int, stop: int) -> list[torch.Generator]:
+    """One CPU generator per image ``start .. stop - 1``: image i's is seeded with
+    ``mix_seed(seed, i)``, so it draws the same numbers in any batch."""
+    from difflab.data.dataset import mix_seed
+
+    return [torch.Generator().manual_seed(mix_seed(seed, i)) for i in range(start, stop)]
+
+
+@dataclass(frozen=True, eq=False)
+class Samples:
+    """``images``: (count, *shape) floats on the CPU as the sampler returned them (images in
+    about [-1, 1], not clamped); ``labels``: their class labels (None: unconditional);
+    ``solver``: what ran; ``network_rows``: the network's evaluations summed over images
+    (a classifier-free guided step counts two per image); ``network_calls``: its forward
+    calls; ``batches``; ``seconds`` of sampling."""
+
+    images: Tensor
+    labels: Tensor | None
+    solver: Solver
+    network_rows: int = 0
+    network_calls: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+
+    @property
+    def nfe(self) -> float:
+        """Network evaluations per image."""
+        return self.network_rows / max(1, self.images.shape[0])
+
+
+class _NetCounter:
+    """Counts network evaluations: the sum of the batch sizes the network sees, and calls."""
+
+    def __init__(self, net: torch.nn.Module | None):
+        self.rows = self.calls = 0
+        self.handle = None if net is None else net.register_forward_hook(self._hook)
+
+    def _hook(self, module: Any, args: tuple, output: Any) -> None:
+        self.rows += int(args[0].shape[0]) if args else 0
+        self.calls += 1
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
+def sample_images(model: Model, solver: Solver, count: int, *, seed: int = 0,
+                  batch_size: int = 256) -> Samples:
+    """``count`` samples of ``model`` with ``solver``, ``batch_size`` at a time, from ``seed``
+    (the module docstring says how a seed becomes noise). The one chunked sampling loop of the
+    commands. The labels are ``model.guided.labels(count)``."""
+    from difflab.samplers import sample
+
+    if not isinstance(count, int) or count < 1:
+        raise ParameterError(f"{param('count')} must be at least 1, got {count}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ParameterError(f"{param('batch_size')} must be at least 1, got {batch_size}")
+    device = model.device
+    noise = torch.randn((count,) + model.shape, generator=torch.Generator().manual_seed(seed))
+    labels = model.guided.labels(count)
+    counter = _NetCounter(getattr(model.denoiser, "net", None))
+    chunks = []
+    t0 = time.perf_counter()
+    try:
+        # classifier guidance takes its gradient under torch.enable_grad (difflab.guidance)
+        with torch.no_grad():
+            for i in range(0, count, batch_size):
+                j = min(count, i + batch_size)
+                cond = None if labels is None else labels[i:j].to(device)
+                x = sample(model.guided.denoiser, noise[i:j].to(device), cond=cond,
+                           generator=image_generators(seed, i, j), **solver.sample_kwargs())
+                chunks.append(x.detach().float().cpu())
+    finally:
+        counter.remove()
+    return Samples(torch.cat(chunks), labels, solver, counter.rows, counter.calls,
+                   len(chunks), time.perf_counter() - t0)

@@ -1,0 +1,92 @@
+"""``difflab sample``: samples of a checkpoint, written as a PNG grid, a .npy array or a
+directory of PNGs (:mod:`difflab.commands.images` lists the formats).
+
+    samples = generate("runs/fm", count=16, steps=10, guidance=Guidance(cfg=1.5, label=3))
+    write_samples(samples.images, "grid.png")
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+import torch
+
+from difflab.commands.common import HelpFormatter, ParameterError, param
+from difflab.commands.guidance import Guidance, add_guidance_args, guidance_from_args
+from difflab.commands.images import NPY_DTYPES, check_output, write_samples
+from difflab.commands.model import Samples, choose_solver, load_model, sample_images
+
+__all__ = ["generate", "register", "cmd_sample"]
+
+
+def generate(checkpoint: str | os.PathLike, *, count: int = 64, steps: int = 10,
+             sampler: str = "auto", spacing: str | None = None, seed: int = 0,
+             batch_size: int = 256, ema: bool = True, device: str | torch.device = "cpu",
+             guidance: Guidance | None = None) -> Samples:
+    """``count`` samples of a checkpoint (or run directory): ``sampler`` ("auto": the solver
+    fitted to the checkpoint for ``steps`` if there is one, else dpmpp_2m) for ``steps`` steps
+    on the ``spacing`` rule's grid (None: the grid stored with the checkpoint for that sampler
+    and step count, else the sampler's default; :func:`~difflab.commands.model.choose_solver`),
+    from ``seed``, guided by ``guidance``; its EMA weights unless ``ema=False``. Returns
+    :class:`~difflab.commands.model.Samples` (``.images``: (count, *shape) in about [-1, 1]).
+    """
+    if not isinstance(count, int) or count < 1:  # before loading anything
+        raise ParameterError(f"{param('count')} must be at least 1, got {count}")
+    model = load_model(checkpoint, ema=ema, device=device, guidance=guidance)
+    solver = choose_solver(model.checkpoint, sampler, steps, spacing=spacing, ema=ema)
+    return sample_images(model, solver, count, seed=seed, batch_size=batch_size)
+
+
+def register(subparsers: Any) -> None:
+    """Add ``sample`` to the ``difflab`` command line."""
+    from difflab.samplers import SPACINGS
+
+    s = subparsers.add_parser(
+        "sample", formatter_class=HelpFormatter, help="sample images from a checkpoint",
+        description="Sample from a checkpoint. --out: a .png file writes one grid, a .npy file "
+                    "one array (uint8 NHWC in [0,255] or float32 NCHW in [-1,1], see "
+                    "--npy-dtype), anything else a directory of PNGs (000000.png, ...).")
+    s.add_argument("checkpoint", help="checkpoint directory (or the run directory holding it)")
+    s.add_argument("--sampler", default="auto",
+                   help="sampler name (difflab.samplers.names()), or auto: the bespoke solver "
+                        "fitted to the checkpoint for --steps (written by `difflab train` with "
+                        "train.fit_steps or by `difflab tune-grid --sampler bespoke`) if there "
+                        "is one, else dpmpp_2m")
+    s.add_argument("--steps", type=int, default=10, help="sampler steps")
+    s.add_argument("--spacing", default=None, choices=SPACINGS,
+                   help="time grid rule (default: the grid `difflab tune-grid` fitted for this "
+                        "sampler and step count, else the sampler's default)")
+    s.add_argument("--seed", type=int, default=0,
+                   help="seed of the noise (one seed gives the same images whatever "
+                        "--batch-size, and the same as `difflab eval --save-samples`)")
+    s.add_argument("--count", type=int, default=64, help="number of samples")
+    s.add_argument("--out", default="samples.png", help="output: grid .png, .npy, or directory")
+    s.add_argument("--npy-dtype", choices=NPY_DTYPES, default="uint8",
+                   help="array type for a .npy output")
+    s.add_argument("--batch-size", type=int, default=256, help="samples per network batch")
+    s.add_argument("--no-ema", action="store_true", help="use the raw instead of the EMA weights")
+    s.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_guidance_args(s)  # --label, --cfg/--guidance, --cfg-rescale, --classifier, ...
+    s.set_defaults(func=cmd_sample)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    out = check_output(args.out, args.npy_dtype)
+    samples = generate(args.checkpoint, count=args.count, steps=args.steps,
+                       sampler=args.sampler, spacing=args.spacing, seed=args.seed,
+                       batch_size=args.batch_size, ema=not args.no_ema, device=args.device,
+                       guidance=guidance_from_args(args))
+    solver = samples.solver
+    if solver.source == "fitted":
+        print(f"using the bespoke solver fitted to {args.checkpoint} for {args.steps} steps "
+              "(--sampler NAME runs a classical one)")
+    elif solver.source == "tuned":
+        print(f"using the tuned {solver.sampler} {args.steps}-step grid of {args.checkpoint} "
+              "(--spacing chooses a fixed rule)")
+    cycling = samples.labels is not None and args.label is None
+    nrow = int(samples.labels.max()) + 1 if cycling and args.count > 1 else None
+    write_samples(samples.images, out, npy_dtype=args.npy_dtype, nrow=nrow)
+    print(f"wrote {args.count} samples ({solver.sampler}, {args.steps} steps) to {out}")
+    return 0

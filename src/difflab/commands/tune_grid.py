@@ -1,0 +1,212 @@
+"""``difflab tune-grid``: fit a sampler's grid (or a bespoke solver) to a checkpoint.
+
+``difflab tune-grid CKPT --sampler unipc --steps 10`` fits the grid of one deterministic sampler
+and step count to the checkpoint's network (:func:`difflab.fitting.tune_grid`, on calibration
+noise drawn from ``--seed``) and stores the :class:`~difflab.fitting.Fit` beside the weights
+(:func:`difflab.fitting.save_fit`: ``CKPT/fits.json``, entry ``unipc/10/ema``).
+``--sampler bespoke`` fits a bespoke solver's coefficients (:func:`difflab.fitting.tune_solver`)
+on the grid of its base solver (``--base``, default unipc: the fit already stored, else tuned
+first), stored as the ``bespoke/<steps>/<weights>`` entry.
+
+``difflab sample`` and ``difflab eval`` then run that fit for that sampler, step count and
+weights (EMA or raw) by default (:func:`difflab.commands.model.choose_solver`), and say so;
+``--spacing`` chooses a fixed rule instead. A fit belongs to the weights it was fitted to (the
+store records their SHA-256 and ignores a fit for other weights with a warning).
+
+From Python: ``tune_checkpoint("runs/fm", sampler="unipc", steps=[5, 10])``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difflab.commands.common import HelpFormatter, ParameterError, param, set_threads
+from difflab.commands.guidance import is_conditional
+from difflab.commands.model import load_model
+
+__all__ = ["tune_checkpoint", "register", "cmd_tune_grid"]
+
+
+def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
+                    steps: Sequence[int] = (10,), count: int = 64, seed: int = 1000,
+                    reference_steps: int = 100, max_evals: int | None = None,
+                    batch_size: int = 256, ema: bool = True, eval_times: bool = True,
+                    eval_times_only: bool = False, base: str = "unipc", start: str = "tuned",
+                    max_iter: int = 100, device: str | torch.device = "cpu",
+                    log: Callable[[str], None] | None = None) -> list[tuple[Any, Path]]:
+    """Fit ``sampler``'s grid for each of ``steps`` to a checkpoint's EMA (``ema=False``: raw)
+    weights on ``count`` calibration draws from ``seed``, against a ``reference_steps``
+    dpm_solver_3 solution, and store each fit with the checkpoint. ``eval_times``: also fit
+    the times the network is told; ``eval_times_only``: keep the stored grid and fit only
+    those. ``sampler="bespoke"``: fit the coefficients, on the ``base`` solver's tuned grid
+    (``start="tuned"``, tuned first if none is stored) or from unipc on another ``start``
+    grid ("auto", "adaptive" or a spacing name), with ``max_iter`` L-BFGS iterations.
+    ``log`` receives a line per fit. Returns [(fit, path of the fits file)].
+    """
+    from difflab.fitting import load_fit, reference_profile, save_fit, tune_grid
+    from difflab.samplers import SPACINGS
+    from difflab.train.checkpoint import weights_file
+
+    if count < 1:
+        raise ParameterError(f"{param('count')} must be at least 1, got {count}")
+    starts = ("tuned", "auto", "adaptive", *SPACINGS)
+    if start not in starts:
+        raise ParameterError(f"unknown {param('start')} {start!r}; valid: {', '.join(starts)}")
+    if eval_times_only and not eval_times:
+        raise ParameterError(f"{param('eval_times_only')} and {param('eval_times=False')} "
+                             "exclude each other")
+    if eval_times_only and sampler == "bespoke":
+        raise ParameterError(f"{param('eval_times_only')} refits a stored grid's times; a "
+                             "bespoke fit always fits its times with its coefficients")
+    if sampler == "bespoke" and start != "tuned" and base != "unipc":
+        raise ParameterError(f"{param('start')} {start} fits from unipc's coefficients; use "
+                             f"{param('start')} tuned with {param('base')} {base}")
+    model = load_model(checkpoint, ema=ema, device=device)
+    if is_conditional(model.config):
+        raise ParameterError(f"{param('checkpoint')} {checkpoint}: tune-grid fits unconditional "
+                             "sampling; this checkpoint is class-conditional (tune with a "
+                             "guided denoiser from Python: difflab.fitting.tune_grid(..., "
+                             "cond=labels))")
+    den, ckpt = model.denoiser, model.checkpoint
+    weights = weights_file(ckpt, ema)  # what a fit belongs to (its SHA-256 is stored)
+    say = log or (lambda line: None)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((count,) + model.shape, generator=g).to(model.device)
+    ref, profile = reference_profile(den, noise, reference_steps, batch_size=batch_size)
+    made = dict(seed=seed, reference_steps=reference_steps)
+    done: list[tuple[Any, Path]] = []
+    for k in steps:
+        if sampler == "bespoke":
+            done.append(_tune_bespoke(den, ckpt, noise, ref, profile, k, ema=ema, base=base,
+                                      start=start, max_iter=max_iter, max_evals=max_evals,
+                                      eval_times=eval_times, batch_size=batch_size, made=made,
+                                      weights=weights, say=say))
+            continue
+        keep = stored = None
+        if eval_times_only:
+            stored = load_fit(ckpt, sampler, k, ema, weights=weights)
+            if stored is None:
+                raise ParameterError(f"{param('eval_times_only')}: {checkpoint} has no "
+                                     f"{sampler} {k}-step grid for these weights; tune one "
+                                     "first")
+            keep = stored.ts
+        tuned = tune_grid(den, sampler, k, noise, reference=ref, grid=keep,
+                          max_evals=max_evals, eval_times=eval_times).with_(**made)
+        if stored is not None:  # the grid's own fit, kept beside this one's (eval times only)
+            tuned = tuned.with_(grid_from=_provenance(stored, ("calibration", "evals", "seed",
+                                                               "reference_steps", "rmse")))
+        path = save_fit(ckpt, tuned, ema=ema, weights=weights)
+        say(f"{sampler} {k} steps ({tuned.nfe} NFE): calibration RMSE {tuned.rmse:.4g} (grid "
+            f"alone {tuned.rmse_grid:.4g}, default {tuned.default_spacing} grid "
+            f"{tuned.rmse_default:.4g}), {tuned.evals} sampler runs -> {path}")
+        done.append((tuned, path))
+    return done
+
+
+def _provenance(fit: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+    """How ``fit`` (a :class:`~difflab.fitting.Fit`) was made, for a fit made on its grid."""
+    return {k: getattr(fit, k) for k in keys}
+
+
+def _tune_bespoke(den: Any, ckpt: Path, noise: Any, ref: Any, profile: dict[str, Any],
+                  steps: int, *, ema: bool, base: str, start: str, max_iter: int,
+                  max_evals: int | None, eval_times: bool, batch_size: int,
+                  made: dict[str, Any], weights: Path,
+                  say: Callable[[str], None]) -> tuple[Any, Path]:
+    """Bespoke coefficients on the base solver's tuned grid, or from unipc on ``start``."""
+    from difflab.fitting import (
+        describe_fit,
+        fit_solver,
+        load_fit,
+        save_fit,
+        tune_grid,
+        tune_solver,
+    )
+
+    if start != "tuned":  # from a fixed rule's grid (auto: each of START_GRIDS)
+        tuned = fit_solver(den, steps, noise, ref, spacing=start, profile=profile,
+                           max_iter=max_iter, batch_size=batch_size).with_(**made)
+        path = save_fit(ckpt, tuned, ema=ema, weights=weights)
+        say(f"{describe_fit(tuned)} -> {path}")
+        return tuned, path
+    grid = load_fit(ckpt, base, steps, ema, weights=weights)
+    if grid is None:
+        grid = tune_grid(den, base, steps, noise, reference=ref, max_evals=max_evals,
+                         eval_times=eval_times).with_(**made)
+        save_fit(ckpt, grid, ema=ema, weights=weights)
+        say(f"{base} {steps} steps: grid tuned first (calibration RMSE {grid.rmse:.4g})")
+    tuned = tune_solver(den, steps, noise, base=base, grid=grid, reference=ref,
+                        max_iter=max_iter, batch_size=batch_size)
+    tuned = tuned.with_(**made, grid_from=_provenance(grid, (
+        "sampler", "calibration", "evals", "seed", "reference_steps", "rmse")))
+    path = save_fit(ckpt, tuned, ema=ema, weights=weights)
+    say(f"bespoke {steps} steps ({tuned.nfe} NFE): calibration RMSE {tuned.rmse:.4g} ({base} "
+        f"on the same grid {tuned.rmse_base:.4g}), {tuned.iterations} L-BFGS iterations -> "
+        f"{path}")
+    return tuned, path
+
+
+# --- command line ---------------------------------------------------------------------------
+def register(subparsers: Any) -> None:
+    """Add ``tune-grid`` to the ``difflab`` command line."""
+    p = subparsers.add_parser(
+        "tune-grid", formatter_class=HelpFormatter,
+        help="fit a sampler's time grid to a checkpoint (used by sample/eval afterwards)",
+        description="Fit the time grid of a deterministic sampler at a step count to a "
+                    "checkpoint's network: minimise the RMSE to an accurate ODE solution from "
+                    "the same calibration noise (LD3 objective, Nelder-Mead), then the times "
+                    "the network is told at each grid point (LD3's decoupled evaluation "
+                    "times). Writes CKPT/fits.json; `difflab sample` and `difflab eval` then "
+                    "use the grid for that sampler and step count. --sampler bespoke also fits "
+                    "the solver's coefficients on the --base solver's grid (Shaul et al. 2024; "
+                    "`difflab sample --sampler bespoke` then uses them).")
+    p.add_argument("checkpoint", help="checkpoint directory (or the run directory holding it)")
+    p.add_argument("--sampler", default="unipc", help="deterministic sampler name")
+    p.add_argument("--steps", type=int, nargs="+", default=[10],
+                   help="step counts (one grid each)")
+    p.add_argument("--count", type=int, default=64, help="calibration samples")
+    p.add_argument("--seed", type=int, default=1000,
+                   help="seed of the calibration noise (keep it apart from sampling seeds)")
+    p.add_argument("--reference-steps", type=int, default=100,
+                   help="dpm_solver_3 steps of the reference solution")
+    p.add_argument("--max-evals", type=int, default=None,
+                   help="sampler runs per grid (default: 40 x steps, at least 200)")
+    p.add_argument("--batch-size", type=int, default=256, help="samples per network batch")
+    p.add_argument("--no-ema", action="store_true", help="tune for the raw weights")
+    p.add_argument("--no-eval-times", action="store_true",
+                   help="fit the grid only, not the decoupled times the network is told")
+    p.add_argument("--eval-times-only", action="store_true",
+                   help="keep the grid already stored and fit only its evaluation times "
+                        "(e.g. a grid tuned on a GPU with more calibration images)")
+    p.add_argument("--base", default="unipc",
+                   help="--sampler bespoke: the solver whose grid and coefficients it starts "
+                        "from")
+    p.add_argument("--start", default="tuned",
+                   help="--sampler bespoke: the grid the fit starts from: tuned (the --base "
+                        "solver's tuned grid, tuned first if none is stored), auto "
+                        "(fit from the adaptive and the uniform grid, keep the better: no "
+                        "grid tuning, what `difflab train` with train.fit_steps does), "
+                        "adaptive (the grid equidistributing the reference trajectories' "
+                        "local error) or a spacing name (unipc as --base)")
+    p.add_argument("--max-iter", type=int, default=100,
+                   help="--sampler bespoke: L-BFGS iterations of the coefficient fit")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.set_defaults(func=cmd_tune_grid)
+
+
+def cmd_tune_grid(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
+    tune_checkpoint(args.checkpoint, sampler=args.sampler, steps=args.steps, count=args.count,
+                    seed=args.seed, reference_steps=args.reference_steps,
+                    max_evals=args.max_evals, batch_size=args.batch_size, ema=not args.no_ema,
+                    eval_times=not args.no_eval_times, eval_times_only=args.eval_times_only,
+                    base=args.base, start=args.start, max_iter=args.max_iter,
+                    device=args.device, log=print)
+    return 0
