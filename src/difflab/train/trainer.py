@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import json
 import math
 import os
@@ -112,27 +113,46 @@ def load_training_data(data_cfg: dict[str, Any], seed: int = 0
     return images, (None if labels is None else torch.as_tensor(labels).long())
 
 
+#: objective factories by config kind: ``factory(config) -> Objective``
+OBJECTIVES: dict[str, Callable[[dict[str, Any]], Objective]] = {}
+#: modules that register the kinds not built in, imported when a config first asks for one
+OBJECTIVE_MODULES: dict[str, str] = {}
+
+
+def register_objective(kind: str, factory: Callable[[dict[str, Any]], Objective]) -> None:
+    """Make configs with ``"kind": kind`` train ``factory(config)`` (a module above the
+    objectives layer registers an objective that needs samplers, e.g. a teacher's ODE step)."""
+    OBJECTIVES[kind] = factory
+
+
 def objective_from_config(config: dict[str, Any]) -> Objective:
-    """The objective a config trains: by ``config["kind"]`` (default "diffusion") from its
-    schedule, parameterisation and ``train`` options."""
+    """The objective a config trains: by ``config["kind"]`` (default "diffusion")."""
     kind = config.get("kind", "diffusion")
+    if kind not in OBJECTIVES and kind in OBJECTIVE_MODULES:
+        importlib.import_module(OBJECTIVE_MODULES[kind])
+    if kind not in OBJECTIVES:
+        raise ValueError(f"unknown config kind {kind!r}; valid: {sorted(OBJECTIVES)}, or pass "
+                         "objective=")
+    return OBJECTIVES[kind](config)
+
+
+def _diffusion_objective(config: dict[str, Any]) -> Objective:
     tc = config["train"]
-    if kind == "diffusion":
-        schedule, parameterization = ckpt.denoiser_parts(config)
-        return DiffusionObjective(
-            schedule, parameterization, target=tc.get("target"),
-            weighting=get_weighting(tc.get("weighting", "none"),
-                                    gamma=float(tc.get("min_snr_gamma", 5.0)),
-                                    sigma_data=float(config.get("sigma_data", 0.5))),
-            t_sampler=tc.get("t_sampler", "uniform"), conditional=bool(tc.get("conditional")),
-            p_uncond=float(tc.get("p_uncond", 0.0)))
-    if kind == "classifier":
-        return ClassifierObjective(from_config(config["schedule"]),
-                                   ema=float(tc.get("ema_decay", 0.0)) > 0)
-    if kind == "feature":
-        return FeatureObjective(int(tc.get("shift", 2)), bool(tc.get("flip", False)))
-    raise ValueError(f"unknown config kind {kind!r}; valid: ['diffusion', 'classifier', "
-                     "'feature'], or pass objective=")
+    schedule, parameterization = ckpt.denoiser_parts(config)
+    return DiffusionObjective(
+        schedule, parameterization, target=tc.get("target"),
+        weighting=get_weighting(tc.get("weighting", "none"),
+                                gamma=float(tc.get("min_snr_gamma", 5.0)),
+                                sigma_data=float(config.get("sigma_data", 0.5))),
+        t_sampler=tc.get("t_sampler", "uniform"), conditional=bool(tc.get("conditional")),
+        p_uncond=float(tc.get("p_uncond", 0.0)))
+
+
+register_objective("diffusion", _diffusion_objective)
+register_objective("classifier", lambda config: ClassifierObjective(
+    from_config(config["schedule"]), ema=float(config["train"].get("ema_decay", 0.0)) > 0))
+register_objective("feature", lambda config: FeatureObjective(
+    int(config["train"].get("shift", 2)), bool(config["train"].get("flip", False))))
 
 
 def _fields(data: Any) -> dict[str, Tensor | None]:
