@@ -7,12 +7,13 @@
                         generator=torch.Generator().manual_seed(0))
 """
 
-from difflab import guidance, likelihood, objectives, process, samplers, schedules
+from difflab import fitting, guidance, likelihood, objectives, process, samplers, schedules
 from difflab.denoiser import BaseDenoiser, Condition, Denoiser, Prediction
 from difflab.samplers import sample
 
 __version__ = "0.1.0"
 
-__all__ = ["BaseDenoiser", "Condition", "Denoiser", "Prediction", "guidance", "likelihood",
+__all__ = ["BaseDenoiser", "Condition", "Denoiser", "Prediction", "fitting", "guidance",
+           "likelihood",
            "objectives",
            "process", "samplers", "sample", "schedules", "__version__"]
