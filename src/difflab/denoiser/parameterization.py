@@ -125,9 +125,13 @@ class EDM(Parameterization):
     def uses_net_time(self) -> bool:
         return False
 
+    def noise_level(self, alpha: Tensor, sigma: Tensor) -> Tensor:
+        """The VE noise level sigma~ = sigma / alpha the network is conditioned on."""
+        return sigma / alpha
+
     def net_inputs(self, x: Tensor, alpha: Tensor, sigma: Tensor,
                    net_t: Tensor | None) -> tuple[Tensor, Tensor]:
-        s_tilde = sigma / alpha
+        s_tilde = self.noise_level(alpha, sigma)
         _, _, c_in = self.coefficients(s_tilde)
         c_noise = edm_c_noise(s_tilde.flatten()).expand(x.shape[0])
         return c_in * (x / alpha), c_noise
@@ -165,8 +169,9 @@ class FlowPrediction(Parameterization):
         return Prediction.from_target("flow", out, x, alpha, sigma)
 
 
-class Consistency(Parameterization):
-    """Consistency models (Song et al. 2023, "Consistency Models", Appendix C; EDM-style): the
+class Consistency(EDM):
+    """Consistency models (Song et al. 2023, "Consistency Models", Appendix C; EDM's form with
+    other coefficients, so a subclass of :class:`EDM`): the
     network output F becomes the consistency function, in x~ = x_t / alpha and sigma~ = sigma /
     alpha (as :class:`EDM`, so VP and VE schedules alike),
 
@@ -192,9 +197,8 @@ class Consistency(Parameterization):
     BOUNDARY_RTOL = 1e-6
 
     def __init__(self, sigma_data: float = 0.5, sigma_min: float = 0.002):
-        self.sigma_data, self.sigma_min = float(sigma_data), float(sigma_min)
-        if not self.sigma_data > 0:
-            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+        super().__init__(sigma_data)
+        self.sigma_min = float(sigma_min)
         if not self.sigma_min > 0:
             raise ValueError(f"sigma_min must be > 0, got {sigma_min}")
 
@@ -208,20 +212,9 @@ class Consistency(Parameterization):
         denom = (s * s + sd * sd).sqrt()
         return sd * sd / (delta * delta + sd * sd), sd * delta / denom, 1 / denom
 
-    def uses_net_time(self) -> bool:
-        return False
-
-    def net_inputs(self, x: Tensor, alpha: Tensor, sigma: Tensor,
-                   net_t: Tensor | None) -> tuple[Tensor, Tensor]:
-        s_tilde = (sigma / alpha).clamp(min=self.sigma_min)
-        _, _, c_in = self.coefficients(s_tilde)
-        c_noise = edm_c_noise(s_tilde.flatten()).expand(x.shape[0])
-        return c_in * (x / alpha), c_noise
-
-    def prediction(self, out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) -> Prediction:
-        c_skip, c_out, _ = self.coefficients(sigma / alpha)
-        x0 = c_skip * (x / alpha) + c_out * out
-        return Prediction(x, x0, None, alpha, sigma)
+    def noise_level(self, alpha: Tensor, sigma: Tensor) -> Tensor:
+        """sigma~ = sigma / alpha, clamped to >= sigma_min (below it f is the identity)."""
+        return (sigma / alpha).clamp(min=self.sigma_min)
 
     def config(self) -> dict[str, Any]:
         return {"type": self.name, "sigma_data": self.sigma_data, "sigma_min": self.sigma_min}

@@ -183,6 +183,21 @@ SCHEDULE_TYPES: dict[str, type[NoiseSchedule]] = {}
 S = TypeVar("S", bound=type[NoiseSchedule])
 
 
+class ScaledTime:
+    """Mixin for continuous-time schedules whose network receives ``time_scale * t`` (the
+    convention of continuous-time checkpoints trained on 1000-step indices)."""
+
+    time_scale: float
+
+    def net_time(self, t: Tensor | float) -> Tensor:
+        t64, dtype = _as_tensor(t)
+        return (t64 * self.time_scale).to(dtype)
+
+    def t_from_net_time(self, net_t: Tensor | float) -> Tensor:
+        n64, dtype = _as_tensor(net_t)
+        return (n64 / self.time_scale).to(dtype)
+
+
 def register(cls: S) -> S:
     """Class decorator: make ``from_config`` rebuild ``cls`` from ``{"type": cls.type_name}``."""
     name = cls.type_name

@@ -13,13 +13,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from difflab.schedules.base import NoiseSchedule, _as_tensor, register
+from difflab.schedules.base import NoiseSchedule, ScaledTime, _as_tensor, register
 
 __all__ = ["ContinuousVPSchedule", "cosine_continuous"]
 
 
 @register
-class ContinuousVPSchedule(NoiseSchedule):
+class ContinuousVPSchedule(ScaledTime, NoiseSchedule):
     """A continuous VP schedule with alpha(t) = cos(pi/2 * t * t_end), sigma = sin(...)
     (the continuous cosine schedule; log_snr = -2 log tan(pi/2 t t_end)), where t_end is
     chosen so that log_snr(1) = ``log_snr_min``. Networks receive ``time_scale * t``.
@@ -47,14 +47,6 @@ class ContinuousVPSchedule(NoiseSchedule):
     def t_from_log_snr(self, log_snr: Tensor | float) -> Tensor:
         lam, dtype = _as_tensor(log_snr)
         return (2 / math.pi * torch.atan(torch.exp(-0.5 * lam)) / self.t_end).to(dtype)
-
-    def net_time(self, t: Tensor | float) -> Tensor:
-        t64, dtype = _as_tensor(t)
-        return (t64 * self.time_scale).to(dtype)
-
-    def t_from_net_time(self, net_t: Tensor | float) -> Tensor:
-        n64, dtype = _as_tensor(net_t)
-        return (n64 / self.time_scale).to(dtype)
 
     def config(self) -> dict[str, Any]:
         return {"type": "cosine_continuous", "log_snr_min": self.log_snr_min,

@@ -35,13 +35,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from difflab.schedules.base import NoiseSchedule, _as_tensor, register
+from difflab.schedules.base import NoiseSchedule, ScaledTime, _as_tensor, register
 
 __all__ = ["LearnedSchedule", "learned"]
 
 
 @register
-class LearnedSchedule(NoiseSchedule):
+class LearnedSchedule(ScaledTime, NoiseSchedule):
     """VDM's learned schedule gamma(t) = -log_snr(t) (see the module docstring).
 
     Args:
@@ -175,14 +175,6 @@ class LearnedSchedule(NoiseSchedule):
             t = torch.where(target <= ends[0], 0.0, torch.where(target >= ends[1], 1.0, t))
             t = torch.where(torch.isnan(target), target, t)
         return t.to(dtype)
-
-    def net_time(self, t: Tensor | float) -> Tensor:
-        t64, dtype = _as_tensor(t)
-        return (t64 * self.time_scale).to(dtype)
-
-    def t_from_net_time(self, net_t: Tensor | float) -> Tensor:
-        n64, dtype = _as_tensor(net_t)
-        return (n64 / self.time_scale).to(dtype)
 
     def prior_std(self, t: float = 1.0) -> float:
         """sqrt(alpha^2 + sigma^2) at ``t`` (1: variance preserving), as a plain number."""
