@@ -1,0 +1,209 @@
+"""Bits/dim on the Fashion-MNIST test set for four models trained with one budget:
+
+    (a) cosine   the preset (cosine chain, v-prediction, min-SNR) on the usual loss
+    (b) cosine   the same model trained on the continuous VLB (train.objective=vlb)
+    (c) learned  VDM's learned schedule on the VLB (schedule.kind=learned, train.objective=vlb)
+    (d) hybrid   the learned-variance DDPM (train.objective=hybrid: L_simple + 0.001 L_vlb)
+
+For each: the probability-flow ODE's bits/dim (difflab.likelihood.log_likelihood, 1 Hutchinson
+probe, uniform dequantisation, its standard error over the images), the VLB's bits/dim
+(difflab.objectives.variational_bound: the continuous bound and, on the chain models, the
+chain's own discrete bound; one antithetic time per image), their CPU seconds per image, and FID
+(difflab.commands.eval.evaluate, the default solver at 10 steps, against the test split).
+
+    python bench/likelihood.py --steps 300 --ode-count 32 --vlb-count 500 --fid-count 500
+
+One torch thread per process (torch.set_num_threads(1)); ``--model`` runs one of them (the
+benchmark ran two processes side by side on the shared 2-core machine). Results go to
+``--out``/<model>.json; ``--report`` prints the table from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+MODELS = {
+    "a_cosine_simple": [],
+    "b_cosine_vlb": ["train.objective=vlb"],
+    "c_learned_vlb": ["schedule.kind=learned", "train.objective=vlb"],
+    "d_hybrid_learned_variance": ["train.objective=hybrid"],
+}
+
+
+def test_images(n: int, seed: int = 0) -> torch.Tensor:
+    from difflab.train.trainer import load_training_data
+
+    data = load_training_data({"name": "fashion_mnist", "resolution": 28, "channels": 1,
+                               "num_classes": 10, "split": "test"})
+    x = data[0] if isinstance(data, tuple) else data["image"]
+    x = torch.as_tensor(x)
+    if x.dtype == torch.uint8:
+        x = x.float() / 127.5 - 1
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
+    return x[idx].float()
+
+
+def train(name: str, out: Path, steps: int) -> dict:
+    from difflab.train.config import apply_overrides, load_config
+    from difflab.train.trainer import Trainer
+
+    cfg = apply_overrides(load_config("fashion_mnist"), MODELS[name] + [
+        f"train.steps={steps}", "train.max_minutes=600", "train.fit_steps=[]",
+        "train.grid_size=0", "train.sample_every=0", "train.ckpt_every=0"])
+    trainer = Trainer(cfg, out / name)
+    t0 = time.process_time()
+    w0 = time.time()
+    trainer.run()
+    path = trainer.save()
+    return {"checkpoint": str(path), "train_cpu_s": time.process_time() - t0,
+            "train_wall_s": time.time() - w0, "steps": trainer.step,
+            "last_logs": {k: float(v) for k, v in trainer.last_logs.items()}}
+
+
+def evaluate_model(name: str, ckpt: str, x_ode: torch.Tensor, x_vlb: torch.Tensor,
+                   fid_count: int, rtol: float) -> dict:
+    from difflab.likelihood import log_likelihood
+    from difflab.objectives import variational_bound
+    from difflab.train.checkpoint import load_denoiser
+
+    den, _ = load_denoiser(ckpt)
+    res: dict = {}
+    # the ODE
+    t0 = time.process_time()
+    bpd = []
+    nfe = 0
+    for i, xb in enumerate(x_ode.split(16)):
+        r = log_likelihood(den, xb, probes=1, rtol=rtol, atol=rtol, dequantize="uniform",
+                           generator=torch.Generator().manual_seed(100 + i))
+        bpd.append(r.bits_per_dim)
+        nfe += r.nfe
+    bpd = torch.cat(bpd)
+    res["ode_bpd"] = float(bpd.mean())
+    res["ode_se"] = float(bpd.std() / math.sqrt(len(bpd)))
+    res["ode_cpu_s_per_image"] = (time.process_time() - t0) / len(x_ode)
+    res["ode_nfe_per_batch16"] = nfe / len(x_ode.split(16))
+    res["ode_count"] = len(x_ode)
+    # the VLB (continuous; the chain's own discrete bound where there is one)
+    forms = {"vlb": None}
+    if den.schedule.num_steps is not None:
+        forms["vlb_chain"] = "chain"
+    for key, steps in forms.items():
+        t0 = time.process_time()
+        vals = []
+        for i, xb in enumerate(x_vlb.split(100)):
+            r = variational_bound(den, xb, steps=steps,
+                                  generator=torch.Generator().manual_seed(200 + i))
+            vals.append(r.bits_per_dim)
+        v = torch.cat(vals)
+        res[f"{key}_bpd"] = float(v.mean())
+        res[f"{key}_se"] = float(v.std() / math.sqrt(len(v)))
+        res[f"{key}_cpu_s_per_image"] = (time.process_time() - t0) / len(x_vlb)
+    res["vlb_count"] = len(x_vlb)
+    # FID
+    if fid_count:
+        from difflab.commands.eval import evaluate
+
+        t0 = time.process_time()
+        out = evaluate(ckpt, reference="fashion_mnist", split="test", n_ref=2000,
+                       count=fid_count, steps=(10,), batch_size=100)
+        rec = out["results"][0]
+        res["fid"] = float(rec["fid"])
+        res["fid_sampler"] = f"{rec.get('sampler')} {rec.get('steps')} steps"
+        res["fid_count"] = fid_count
+        res["fid_cpu_s"] = time.process_time() - t0
+    return res
+
+
+def vlb_only(name: str, ckpt: str, x: torch.Tensor, time_samples: int) -> dict:
+    """The VLB figures again with K antithetic times per image (lower variance)."""
+    from difflab.objectives import variational_bound
+    from difflab.train.checkpoint import load_denoiser
+
+    den, _ = load_denoiser(ckpt)
+    res: dict = {"vlb_count": len(x), "vlb_time_samples": time_samples}
+    forms = {"vlb": None}
+    if den.schedule.num_steps is not None:
+        forms["vlb_chain"] = "chain"
+    for key, steps in forms.items():
+        t0 = time.process_time()
+        vals = []
+        for i, xb in enumerate(x.split(100)):
+            r = variational_bound(den, xb, steps=steps, time_samples=time_samples,
+                                  generator=torch.Generator().manual_seed(300 + i))
+            vals.append(r.bits_per_dim)
+        v = torch.cat(vals)
+        res[f"{key}_bpd"] = float(v.mean())
+        res[f"{key}_se"] = float(v.std() / math.sqrt(len(v)))
+        res[f"{key}_cpu_s_per_image"] = (time.process_time() - t0) / len(x)
+    return res
+
+
+def report(out: Path) -> None:
+    rows = []
+    for name in MODELS:
+        p = out / f"{name}.json"
+        if not p.is_file():
+            continue
+        r = json.loads(p.read_text())
+        e = r["eval"]
+        chain = (f"{e['vlb_chain_bpd']:.3f} ± {e['vlb_chain_se']:.3f}"
+                 if "vlb_chain_bpd" in e else "-")
+        rows.append(f"| {name} | {r['train']['steps']} ({r['train']['train_cpu_s'] / 60:.1f} "
+                    f"CPU min) | {e['ode_bpd']:.3f} ± {e['ode_se']:.3f} | "
+                    f"{e['vlb_bpd']:.3f} ± {e['vlb_se']:.3f} | {chain} | "
+                    f"{e['ode_cpu_s_per_image']:.2f} | {e['vlb_cpu_s_per_image']:.3f} | "
+                    f"{e.get('fid', float('nan')):.1f} |")
+    print("| model | steps (train CPU) | ODE bits/dim | VLB bits/dim (continuous) | "
+          "VLB bits/dim (chain) | ODE CPU s/image | VLB CPU s/image | FID |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", action="append", choices=list(MODELS))
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--ode-count", type=int, default=32)
+    ap.add_argument("--vlb-count", type=int, default=500)
+    ap.add_argument("--fid-count", type=int, default=500)
+    ap.add_argument("--rtol", type=float, default=1e-3)
+    ap.add_argument("--out", type=Path, default=Path("runs/likelihood_bench"))
+    ap.add_argument("--report", action="store_true")
+    ap.add_argument("--vlb-again", type=int, default=0, metavar="K",
+                    help="re-measure only the VLB of the trained models with K times per image")
+    args = ap.parse_args(argv)
+    if args.report:
+        report(args.out)
+        return
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    x = test_images(max(args.ode_count, args.vlb_count))
+    if args.vlb_again:
+        for name in args.model or list(MODELS):
+            p = args.out / f"{name}.json"
+            r = json.loads(p.read_text())
+            r["eval"].update(vlb_only(name, r["train"]["checkpoint"], x[:args.vlb_count],
+                                      args.vlb_again))
+            p.write_text(json.dumps(r, indent=1))
+            print(name, {k: v for k, v in r["eval"].items() if "vlb" in k}, file=sys.stderr)
+        return
+    for name in args.model or list(MODELS):
+        tr = train(name, args.out, args.steps)
+        print(name, "trained", tr, file=sys.stderr, flush=True)
+        ev = evaluate_model(name, tr["checkpoint"], x[:args.ode_count], x[:args.vlb_count],
+                            args.fid_count, args.rtol)
+        print(name, ev, file=sys.stderr, flush=True)
+        (args.out / f"{name}.json").write_text(json.dumps(
+            {"model": name, "overrides": MODELS[name], "train": tr, "eval": ev,
+             "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

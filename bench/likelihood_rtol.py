@@ -1,0 +1,67 @@
+"""The ODE likelihood's accuracy and cost against the solver tolerance on one checkpoint: the same
+images, dequantisation noise and Hutchinson probe at each rtol (= atol), the difference to the
+tightest, NFE and CPU seconds per image; and the extrapolated time of the full 10k test set.
+
+    python bench/likelihood_rtol.py CHECKPOINT --count 16 --rtols 1e-2 3e-3 1e-3 1e-4 1e-5
+
+One torch thread (torch.set_num_threads(1)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("checkpoint")
+    ap.add_argument("--count", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--rtols", type=float, nargs="+", default=[1e-2, 3e-3, 1e-3, 1e-4, 1e-5])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from likelihood import test_images
+
+    from difflab.likelihood import log_likelihood
+    from difflab.train.checkpoint import load_denoiser
+
+    den, _ = load_denoiser(args.checkpoint)
+    x = test_images(args.count)
+    rows = {}
+    for rtol in args.rtols:
+        t0 = time.process_time()
+        bpd, nfe = [], 0
+        for i, xb in enumerate(x.split(args.batch_size)):
+            r = log_likelihood(den, xb, probes=1, rtol=rtol, atol=rtol, dequantize="uniform",
+                               generator=torch.Generator().manual_seed(100 + i))
+            bpd.append(r.bits_per_dim)
+            nfe += r.nfe
+        cpu = (time.process_time() - t0) / len(x)
+        rows[rtol] = {"bpd": torch.cat(bpd), "nfe": nfe, "cpu_s_per_image": cpu}
+    ref = rows[min(args.rtols)]["bpd"]
+    out = []
+    for rtol, r in rows.items():
+        d = (r["bpd"] - ref).abs()
+        out.append({"rtol": rtol, "bpd_mean": float(r["bpd"].mean()),
+                    "max_abs_diff_vs_tightest": float(d.max()),
+                    "mean_abs_diff_vs_tightest": float(d.mean()),
+                    "nfe_per_batch": r["nfe"] / len(x.split(args.batch_size)),
+                    "cpu_s_per_image": r["cpu_s_per_image"],
+                    "est_10k_minutes_1_thread": r["cpu_s_per_image"] * 10000 / 60,
+                    "est_10k_minutes_2_cores": r["cpu_s_per_image"] * 10000 / 120})
+        print(json.dumps(out[-1]))
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
