@@ -1,0 +1,178 @@
+"""``difflab distill``: a few-step consistency model from a trained diffusion model (issue #20).
+
+    summary = distill("runs/fm", "runs/fm_cd", method="cd", solver="heun", max_minutes=30)
+    # then: difflab sample runs/fm_cd --steps 1   (the consistency sampler, by default)
+
+Methods (:mod:`difflab.train.distill`): ``cd`` consistency distillation (the teacher's ODE step
+by ``solver``), ``ct`` improved consistency training from scratch (the teacher's architecture,
+schedule and data only), ``ect`` easy consistency tuning (from the teacher's weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from difflab.commands.common import (
+    HelpFormatter,
+    MissingFileError,
+    ParameterError,
+    param,
+    set_threads,
+)
+
+__all__ = ["distill", "distill_run_config", "register", "cmd_distill"]
+
+
+def distill_run_config(teacher: str | os.PathLike, *, method: str = "cd",
+                       solver: str | None = None, steps: int | None = None,
+                       batch_size: int | None = None, lr: float | None = None,
+                       seed: int | None = None, threads: int | None = None,
+                       cfg: float | None = None) -> dict[str, Any]:
+    """The config of a consistency run from the diffusion checkpoint (or run directory)
+    ``teacher``; ParameterError for a teacher that is not a diffusion model, an unknown
+    method or solver, bad numbers; MissingFileError for a missing checkpoint."""
+    from difflab.commands.validate import check_number
+    from difflab.samplers import STEPS
+    from difflab.train import checkpoint as ckpt
+    from difflab.train.distill import METHODS, distill_config
+
+    if method not in METHODS:
+        raise ParameterError(f"unknown {param('method')} {method!r}; valid: "
+                             f"{', '.join(METHODS)}")
+    if solver is not None and solver not in STEPS:
+        raise ParameterError(f"unknown teacher {param('solver')} {solver!r}; valid (solvers "
+                             f"with a one-step form): {', '.join(STEPS)}")
+    check_number("steps", steps, minimum=1, integer=True)
+    check_number("batch_size", batch_size, minimum=1, integer=True)
+    check_number("lr", lr, minimum=0, strict=True)
+    check_number("seed", seed, minimum=0, integer=True)
+    check_number("threads", threads, minimum=0, integer=True)
+    check_number("cfg", cfg, minimum=0)
+    if not ckpt.is_checkpoint(ckpt.resolve(teacher)):
+        raise MissingFileError(f"{param('teacher')} {teacher}: no checkpoint there (a run "
+                               "directory of `difflab train`, or its checkpoint/)")
+    path = ckpt.resolve(teacher)
+    config = ckpt.read_config(path)
+    if config.get("kind", "diffusion") != "diffusion":
+        raise ParameterError(f"{param('teacher')} {teacher} is a {config.get('kind')!r} "
+                             "checkpoint, not a diffusion model; distill a checkpoint of "
+                             "`difflab train`")
+    train = {k: v for k, v in {"steps": steps, "batch_size": batch_size, "lr": lr,
+                               "seed": seed, "threads": threads}.items() if v is not None}
+    cons = {"cfg": float(cfg)} if cfg is not None else None
+    return distill_config(config, method=method, solver=solver,
+                          teacher_path=str(Path(path).resolve()), train=train, consistency=cons)
+
+
+def distill(teacher: str | os.PathLike | None, out: str | os.PathLike, *, method: str = "cd",
+            solver: str | None = None, max_minutes: float | None = None,
+            steps: int | None = None, batch_size: int | None = None, lr: float | None = None,
+            seed: int | None = None, threads: int | None = None, cfg: float | None = None,
+            resume: bool = False, overwrite: bool = False, device: str | None = None,
+            progress: bool = True) -> dict[str, Any] | None:
+    """Train a consistency model from ``teacher`` into ``out`` for ``max_minutes`` (or
+    ``steps``; ``steps`` also sets the schedule of N(k) / ECT's stages, see
+    :mod:`difflab.train.distill`). ``resume`` continues ``out`` (bit-identically; the teacher
+    from the path its config names unless given). Returns the trainer's summary."""
+    from difflab.commands.runs import check_run, open_run
+    from difflab.commands.train import checkpoint_config
+    from difflab.commands.validate import check_device, check_number
+    from difflab.train import checkpoint as ckpt
+    from difflab.train.distill import distill_modules
+    from difflab.train.monitor import ProgressBar
+    from difflab.train.trainer import Trainer
+
+    check_device(device)
+    check_number("max_minutes", max_minutes, minimum=0, strict=True)
+    check_run(out, resume=resume, overwrite=overwrite)
+    if resume:
+        config = checkpoint_config(out)
+        if config is None or config.get("kind") != "consistency":
+            raise ParameterError(f"{param('out')} {out} holds no consistency run to resume")
+        teacher = teacher or config["teacher"]["path"]
+        if steps is not None:
+            config["train"]["steps"] = int(steps)
+    else:
+        if teacher is None:
+            raise ParameterError(f"give the {param('teacher')} checkpoint to distill")
+        config = distill_run_config(teacher, method=method, solver=solver, steps=steps,
+                                    batch_size=batch_size, lr=lr, seed=seed, threads=threads,
+                                    cfg=cfg)
+    teacher_path = ckpt.resolve(teacher)
+    teacher_den, _ = ckpt.load_denoiser(teacher_path, ema=True)
+    modules = distill_modules(config, teacher_den.net)
+    refs = {"teacher": str(teacher_path)} if "teacher" in modules else None
+    set_threads(config["train"].get("threads"))
+    with open_run(out, resume=resume, overwrite=overwrite):
+        bar = ProgressBar(enabled=progress)
+        trainer = Trainer(config, out, modules=modules, references=refs, resume=resume,
+                          device=device, callback=bar)
+        try:
+            summary = trainer.run(max_minutes=max_minutes)
+        finally:
+            trainer.close()
+    return summary if trainer.dist.is_main else None
+
+
+def register(subparsers: Any) -> None:
+    """Add ``distill`` to the ``difflab`` command line."""
+    from difflab.samplers import STEPS
+
+    p = subparsers.add_parser(
+        "distill", formatter_class=HelpFormatter,
+        help="distil a diffusion model into a 1-4 step consistency model",
+        description="Make a consistency model from a trained diffusion model RUN: consistency "
+                    "distillation (cd; the teacher's ODE step by --solver), improved "
+                    "consistency training from scratch (ct; the teacher's architecture and "
+                    "data only) or easy consistency tuning (ect; from the teacher's weights). "
+                    "Writes OUT/checkpoint; `difflab sample OUT --steps 1` samples it with the "
+                    "consistency sampler. A class-conditional teacher is distilled with "
+                    "classifier-free guidance --cfg (sample the student without guidance).")
+    p.add_argument("teacher", nargs="?", default=None,
+                   help="the diffusion model's run directory or checkpoint (on --resume: "
+                        "default the one the run was started from)")
+    p.add_argument("--out", default=None, help="run directory (default: RUN_<method>)")
+    p.add_argument("--method", default="cd", choices=("cd", "ct", "ect"),
+                   help="cd: distillation, ct: consistency training, ect: consistency tuning")
+    p.add_argument("--solver", default=None,
+                   help=f"the teacher's one-step ODE solver for cd: {', '.join(STEPS)} "
+                        "(default heun)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance weight w of a conditional teacher (cd)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="wall-clock budget in minutes (a resumed run counts time spent)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps K (default 4000); also the length of the N(k) / ECT "
+                        "stage schedule")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default 32)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate")
+    p.add_argument("--seed", type=int, default=None, help="seed")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--resume", action="store_true", help="continue OUT exactly")
+    p.add_argument("--overwrite", action="store_true",
+                   help="move an earlier run in OUT aside and start afresh")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=cmd_distill)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    out = args.out
+    if out is None:
+        if args.teacher is None:
+            raise ParameterError(f"give the {param('teacher')} run or {param('out')}")
+        out = str(Path(args.teacher).resolve().parent / (
+            Path(args.teacher).resolve().name + f"_{args.method}"))
+    summary = distill(args.teacher, out, method=args.method, solver=args.solver,
+                      max_minutes=args.max_minutes, steps=args.steps,
+                      batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      threads=args.threads, cfg=args.cfg, resume=args.resume,
+                      overwrite=args.overwrite, device=args.device, progress=not args.quiet)
+    if summary is not None:
+        print(f"{summary['steps']} steps in {summary['seconds'] / 60:.1f} min "
+              f"({summary['stopped_by']}); checkpoint: {summary.get('checkpoint')}; sample it "
+              f"with: difflab sample {out} --steps 1")
+    return 0
