@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 import difflab
+from difflab import files
 from difflab.nets import build
 from difflab.schedules import cosine
 from difflab.train import checkpoint as ckpt
@@ -105,7 +106,7 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     save_mlp(path, seed=0)
     before = {f: (path / f).read_bytes() for f in os.listdir(path)}
     calls = {"n": 0}
-    real = ckpt._write_file
+    real = files._write_file
 
     def flaky(p, data):
         calls["n"] += 1
@@ -113,14 +114,14 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         real(p, data)
 
-    monkeypatch.setattr(ckpt, "_write_file", flaky)
+    monkeypatch.setattr(files, "_write_file", flaky)
     with pytest.raises(OSError, match="No space left on device.*previous checkpoint there is "
                                       "intact"):
         save_mlp(path, seed=1)
     after = {f: (path / f).read_bytes() for f in os.listdir(path)}
     assert after == before
     assert sorted(os.listdir(tmp_path)) == ["c"]  # no temporary directory left behind
-    monkeypatch.setattr(ckpt, "_write_file", real)
+    monkeypatch.setattr(files, "_write_file", real)
     save_mlp(path, seed=2)  # and the next save works
     assert json.loads((path / "state.json").read_text())["step"] == 2
 

@@ -417,7 +417,7 @@ def test_training_fits_solvers_stored_with_the_checkpoint(tmp_path, capsys):
     assert "bespoke solver fitted" in capsys.readouterr().out
     np.testing.assert_allclose(np.load(out), x.numpy(), rtol=1e-5, atol=1e-6)
     assert main(["sample", str(tmp_path / "run"), "--steps", "4", "--count", "5",
-                 "--out", str(out)]) == 0
+                 "--out", str(out), "--overwrite"]) == 0
     assert "(dpmpp_2m, 4 steps)" in capsys.readouterr().out
     with pytest.raises(ValueError, match="fit_steps"):
         apply_overrides(preset("toy2d"), ["train.fit_steps=[0]"])

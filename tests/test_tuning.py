@@ -279,7 +279,7 @@ def test_cli_tune_grid_then_sample_uses_it(tmp_path, capsys):
                  "--out", str(out)]) == 0
     assert "using the tuned dpmpp_2m 4-step grid" in capsys.readouterr().out
     assert main(["sample", str(ckpt), "--sampler", "dpmpp_2m", "--steps", "4", "--count", "3",
-                 "--spacing", "log_snr", "--out", str(out)]) == 0
+                 "--spacing", "log_snr", "--out", str(out), "--overwrite"]) == 0
     assert "tuned" not in capsys.readouterr().out
     # fit only the evaluation times of the stored grid (e.g. a grid tuned on a GPU)
     assert main(["tune-grid", str(ckpt), "--sampler", "dpmpp_2m", "--steps", "4",

@@ -12,15 +12,25 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
+from difflab.commands import distill as distill_command
 from difflab.commands import eval as eval_command
-from difflab.commands import sample, train, train_classifier, train_features, tune_grid
+from difflab.commands import (
+    sample,
+    train,
+    train_classifier,
+    train_controlnet,
+    train_features,
+    tune_grid,
+)
 from difflab.commands.common import HelpFormatter, render_error
 
 __all__ = ["build_parser", "main", "flag_names", "FLAGS"]
 
 # the modules that define subcommands, in the order `difflab --help` lists them
-COMMAND_MODULES = (train, sample, tune_grid, train_classifier, eval_command, train_features)
+COMMAND_MODULES = (train, sample, tune_grid, train_classifier, eval_command, train_features,
+                   train_controlnet, distill_command)
 
 # Library parameter names whose flag is not ``--`` + the name with dashes (that is derived from
 # the parsers, as are ``X=False`` -> ``--no-X``), by command ("*": every command).
@@ -30,8 +40,15 @@ FLAGS: dict[str, dict[str, str]] = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one line, ``difflab COMMAND: error: ...`` (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="difflab",
         description="Train, sample, guide and evaluate denoising diffusion models.",
         formatter_class=HelpFormatter,
@@ -69,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:  # bad input: a clear message, no traceback
-        message = render_error(e, flag_names(parser, args.command))
+    except (ValueError, OSError, FloatingPointError) as e:
+        # bad input, a full disk, a diverged run: one clear line, no traceback
+        message = " ".join(render_error(e, flag_names(parser, args.command)).split())
         print(f"difflab {args.command}: error: {message}", file=sys.stderr)
         return 2
 

@@ -25,10 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+import difflab.files as files
 from difflab.commands.common import HelpFormatter, ParameterError, param, set_threads
 from difflab.commands.guidance import Guidance, add_guidance_args, guidance_from_args
-from difflab.commands.images import load_images, write_samples
+from difflab.commands.images import check_output, load_images, write_samples
 from difflab.commands.model import Samples, choose_solver, load_model, sample_images
+from difflab.commands.t2i import add_prompt_args
 
 __all__ = ["evaluate", "measure_samples", "default_feature_net", "plot_quality_vs_nfe",
            "register", "cmd_eval"]
@@ -81,7 +83,7 @@ def evaluate(source: str | os.PathLike, *, reference: str = "fashion_mnist",
              batch_size: int = 250, seed: int = 0, ema: bool = True,
              device: str | torch.device = "cpu", kid_subsets: int = 100,
              kid_subset_size: int = 1000, cache: bool = True,
-             save_samples: str | os.PathLike | None = None,
+             save_samples: str | os.PathLike | None = None, overwrite: bool = False,
              on_record: Callable[[dict[str, Any], str], None] | None = None) -> dict[str, Any]:
     """FID / KID / precision / recall (and class metrics with a classifier feature network) of
     ``source`` against ``reference`` (a data set name, image folder or statistics file; its
@@ -111,7 +113,13 @@ def evaluate(source: str | os.PathLike, *, reference: str = "fashion_mnist",
     if checkpoint:  # fail on a typo or a bad guidance option before any work
         for name in samplers:
             choose_solver(None, name, steps[0])
+        from difflab.commands.validate import check_device, check_memory
+
+        check_device(device)
         model = load_model(src, ema=ema, device=device, guidance=g)
+        check_memory(count, model.shape)  # the samples of one setting must fit in memory
+    else:  # images read (and refused if they are not images) before any work
+        source_images = load_images(src)
     extractor = load_feature_net(default_feature_net(reference, feature_net))
     ref = resolve_reference(reference, extractor, split=split, n=n_ref or None, cache=cache)
     kid_kw = {"kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size, "seed": seed}
@@ -132,6 +140,9 @@ def evaluate(source: str | os.PathLike, *, reference: str = "fashion_mnist",
         for asked in samplers:
             for n_steps in steps:
                 solver = choose_solver(model.checkpoint, asked, n_steps, ema=ema)
+                target = None if not save_samples else check_output(
+                    Path(save_samples) / f"{solver.sampler}_{n_steps}.npy",
+                    overwrite=overwrite, name="save_samples")  # before sampling
                 samples = sample_images(model, solver, count, seed=seed,
                                         batch_size=batch_size)
                 x, cost = measure_samples(samples)
@@ -140,9 +151,9 @@ def evaluate(source: str | os.PathLike, *, reference: str = "fashion_mnist",
                                                                          "default"),
                       **cost, **measure(x, samples.labels)})
                 if save_samples:
-                    write_samples(x, Path(save_samples) / f"{solver.sampler}_{n_steps}.npy")
+                    write_samples(x, target, overwrite=overwrite)
     else:
-        images, labels = load_images(src)
+        images, labels = source_images
         emit({"sampler": None, "steps": None, **measure(images, labels)})
     options = {k: (str(v) if isinstance(v, Path) else v)
                for k, v in dataclasses.asdict(g).items()}
@@ -169,7 +180,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--reference", default="fashion_mnist",
                    help="data set name (load_dataset), image folder, or a statistics "
                         ".safetensors file")
-    p.add_argument("--split", default="train", help="reference split")
+    p.add_argument("--split", default=None,
+                   help="reference split (default train); with --nll the split whose "
+                        "likelihood is measured (default test)")
     p.add_argument("--n-ref", type=int, default=10000,
                    help="reference images (a fixed random subset; 0 = all)")
     p.add_argument("--feature-net", default=None,
@@ -193,27 +206,64 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-cache", action="store_true", help="recompute reference statistics")
     p.add_argument("--out", default=None, help="JSON file for the results")
     p.add_argument("--plot", default=None, help="PNG: FID versus NFE per sampler")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing --out / --plot / --save-samples outputs (default: "
+                        "refuse before any work)")
     p.add_argument("--save-samples", default=None,
                    help="directory: one .npy (uint8 NHWC, as `difflab sample --out x.npy`) per "
                         "sampler/steps setting")
+    nll = p.add_argument_group("likelihood (--nll; difflab.commands.nll)")
+    nll.add_argument("--nll", action="store_true",
+                     help="report bits/dim of --split by the probability-flow ODE (with its "
+                          "standard error) and by the variational bound where the model has one")
+    nll.add_argument("--count", type=int, default=1000, help="--nll: images of the split")
+    nll.add_argument("--probes", type=int, default=1, help="--nll: Hutchinson probes per image")
+    nll.add_argument("--rtol", type=float, default=1e-3,
+                     help="--nll: the ODE solver's relative (and absolute) tolerance")
     add_guidance_args(p)  # --label, --cfg/--guidance, --cfg-rescale, --classifier, ...
+    add_prompt_args(p, eval_command=True)  # --prompts FILE: prompt adherence (text-to-image)
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.nll:
+        from difflab.commands.nll import nll, print_nll
+
+        set_threads(args.threads)
+        result = nll(args.source, split=args.split or "test", count=args.count,
+                     probes=args.probes, rtol=args.rtol, batch_size=args.batch_size,
+                     seed=args.seed, ema=not args.no_ema, device=args.device)
+        print_nll(result)
+        if args.out:
+            print(f"wrote {files.write_json(args.out, result, what='likelihood results')}")
+        return 0
+    if args.prompts:
+        from difflab.commands.t2i import cmd_eval_t2i
+
+        return cmd_eval_t2i(args)
+    from difflab.commands.images import check_file_output
+    from difflab.commands.runs import check_writable_dir
+    from difflab.commands.validate import check_device
+
     set_threads(args.threads)
-    result = evaluate(args.source, reference=args.reference, split=args.split,
+    check_device(args.device)
+    for name in ("out", "plot"):  # outputs are checked before an hour of sampling
+        if getattr(args, name):
+            check_file_output(getattr(args, name), overwrite=args.overwrite, name=name,
+                              suffixes=(".json",) if name == "out" else (".png",))
+    if args.save_samples:
+        check_writable_dir(args.save_samples, "save_samples")
+    result = evaluate(args.source, reference=args.reference, split=args.split or "train",
                       n_ref=args.n_ref or None, feature_net=args.feature_net, count=args.num,
                       samplers=_csv(args.sampler), steps=_csv(args.steps, int),
                       guidance=guidance_from_args(args), batch_size=args.batch_size,
                       seed=args.seed, ema=not args.no_ema, device=args.device,
                       kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
                       cache=not args.no_cache, save_samples=args.save_samples,
+                      overwrite=args.overwrite,
                       on_record=_print_record)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        out = files.write_json(args.out, result, what="evaluation results")
         print(f"wrote {out}")
     if args.plot:
         plot_quality_vs_nfe(result["results"], args.plot, result["label"],
@@ -271,5 +321,9 @@ def plot_quality_vs_nfe(records: list[dict[str, Any]], path: str | Path, label: 
     ax.legend(fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=120, format="png")
+    files.write_bytes(path, buf.getvalue(), what="plot")
     plt.close(fig)

@@ -135,7 +135,26 @@ def choose_solver(checkpoint: str | os.PathLike | None, sampler: str = "auto", s
     fit = None if checkpoint is None else choose_fit(
         checkpoint, sampler, steps, spacing=spacing, ema=ema,
         weights=weights_file(checkpoint, ema))  # the fit belongs to these weights
-    return Solver(choose(sampler, fit), steps, spacing, fit)
+    prediction = None if checkpoint is None else _consistency_steps(checkpoint, steps)
+    return Solver(choose(sampler, fit, prediction), steps, spacing, fit)
+
+
+def _consistency_steps(checkpoint: str | os.PathLike, steps: int) -> Any:
+    """A consistency checkpoint's parameterisation (its default sampler is ``consistency``),
+    after checking ``steps`` against its trained sigma grid; None for other checkpoints."""
+    from difflab.train.checkpoint import denoiser_parts, read_config
+
+    config = read_config(checkpoint)
+    if config.get("kind") != "consistency":
+        return None
+    from difflab.train.distill import max_sampling_steps
+
+    limit = max_sampling_steps(config)
+    if limit is not None and steps > limit:
+        raise ParameterError(f"{param('steps')} = {steps} is more than this consistency "
+                             f"model's sigma grid allows ({limit}: it was trained on "
+                             f"{limit + 1} noise levels); use 1-4 steps")
+    return denoiser_parts(config)[1]
 
 
 # --- sampling -------------------------------------------------------------------------------

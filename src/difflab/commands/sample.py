@@ -14,9 +14,11 @@ from typing import Any
 import torch
 
 from difflab.commands.common import HelpFormatter, ParameterError, param
+from difflab.commands.controlnet import add_control_args, cmd_sample_controlled, is_controlnet
 from difflab.commands.guidance import Guidance, add_guidance_args, guidance_from_args
 from difflab.commands.images import NPY_DTYPES, check_output, write_samples
 from difflab.commands.model import Samples, choose_solver, load_model, sample_images
+from difflab.commands.t2i import add_prompt_args, cmd_sample_t2i, is_text_to_image
 
 __all__ = ["generate", "register", "cmd_sample"]
 
@@ -32,9 +34,13 @@ def generate(checkpoint: str | os.PathLike, *, count: int = 64, steps: int = 10,
     from ``seed``, guided by ``guidance``; its EMA weights unless ``ema=False``. Returns
     :class:`~difflab.commands.model.Samples` (``.images``: (count, *shape) in about [-1, 1]).
     """
-    if not isinstance(count, int) or count < 1:  # before loading anything
+    from difflab.commands.validate import check_device, check_memory
+
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:  # before loading
         raise ParameterError(f"{param('count')} must be at least 1, got {count}")
+    check_device(device)
     model = load_model(checkpoint, ema=ema, device=device, guidance=guidance)
+    check_memory(count, model.shape)  # before sampling: the samples must fit in memory
     solver = choose_solver(model.checkpoint, sampler, steps, spacing=spacing, ema=ema)
     return sample_images(model, solver, count, seed=seed, batch_size=batch_size)
 
@@ -65,15 +71,26 @@ def register(subparsers: Any) -> None:
     s.add_argument("--out", default="samples.png", help="output: grid .png, .npy, or directory")
     s.add_argument("--npy-dtype", choices=NPY_DTYPES, default="uint8",
                    help="array type for a .npy output")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (default: refuse)")
     s.add_argument("--batch-size", type=int, default=256, help="samples per network batch")
     s.add_argument("--no-ema", action="store_true", help="use the raw instead of the EMA weights")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     add_guidance_args(s)  # --label, --cfg/--guidance, --cfg-rescale, --classifier, ...
+    add_prompt_args(s)  # --prompt, --prompts-file, --negative-prompt, --guidance-interval
+    add_control_args(s)  # --control-image, --controlnet, --control-scale, --control-interval
     s.set_defaults(func=cmd_sample)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    out = check_output(args.out, args.npy_dtype)
+    if args.prompt or args.prompts_file or is_text_to_image(args.checkpoint):
+        return cmd_sample_t2i(args)
+    if getattr(args, "control_image", None) or is_controlnet(args.checkpoint):
+        if not args.control_image:
+            raise ParameterError(f"{args.checkpoint} is a ControlNet run: give its control "
+                                 f"image with {param('control_image')}")
+        return cmd_sample_controlled(args)
+    out = check_output(args.out, args.npy_dtype, overwrite=args.overwrite)  # before any work
     samples = generate(args.checkpoint, count=args.count, steps=args.steps,
                        sampler=args.sampler, spacing=args.spacing, seed=args.seed,
                        batch_size=args.batch_size, ema=not args.no_ema, device=args.device,
@@ -87,6 +104,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
               "(--spacing chooses a fixed rule)")
     cycling = samples.labels is not None and args.label is None
     nrow = int(samples.labels.max()) + 1 if cycling and args.count > 1 else None
-    write_samples(samples.images, out, npy_dtype=args.npy_dtype, nrow=nrow)
+    write_samples(samples.images, out, npy_dtype=args.npy_dtype, nrow=nrow,
+                  overwrite=args.overwrite)
     print(f"wrote {args.count} samples ({solver.sampler}, {args.steps} steps) to {out}")
     return 0

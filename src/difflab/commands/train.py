@@ -66,34 +66,63 @@ def training_config(config: str | dict[str, Any], *, overrides: Sequence[str] = 
                     options: TrainOptions | None = None) -> dict[str, Any]:
     """A complete training config: ``config`` (a preset name, a JSON file, or a config dict),
     then ``overrides`` (``"section.key=JSON"``), then ``options`` (they win)."""
+    from difflab.commands.validate import check_config, check_overrides
     from difflab.train.config import apply_overrides, complete, load_config
 
-    base = load_config(config) if isinstance(config, str) else config
-    cfg = apply_overrides(base, list(overrides))
-    updates = (options or TrainOptions()).train_updates()
-    if updates:
-        cfg = copy.deepcopy(cfg)
-        cfg["train"].update(updates)
-        cfg = complete(cfg)
-    return cfg
+    options = check_options(options or TrainOptions())
+    try:
+        base = load_config(config) if isinstance(config, str) else config
+        check_config(base, build=False)
+        check_overrides(base, list(overrides))
+        cfg = apply_overrides(base, list(overrides))
+        updates = options.train_updates()
+        if updates:
+            cfg = copy.deepcopy(cfg)
+            cfg["train"].update(updates)
+            cfg = complete(cfg)
+    except (TypeError, KeyError, AttributeError, IndexError) as e:  # a config of wrong types
+        where = config if isinstance(config, str) else "the config"
+        raise ParameterError(f"{where}: an entry has the wrong type ({type(e).__name__}: {e})"
+                             ) from None
+    return check_config(cfg)
+
+
+def check_options(options: TrainOptions) -> TrainOptions:
+    """The options' types and ranges (ParameterError naming the option)."""
+    from difflab.commands.validate import check_number
+
+    check_number("steps", options.steps, minimum=1, integer=True)
+    check_number("max_minutes", options.max_minutes, minimum=0, strict=True)
+    check_number("batch_size", options.batch_size, minimum=1, integer=True)
+    check_number("lr", options.lr, minimum=0, strict=True)
+    check_number("seed", options.seed, minimum=0, integer=True)
+    check_number("threads", options.threads, minimum=0, integer=True)
+    return options
 
 
 def train(config: dict[str, Any], out: str | os.PathLike, *, resume: bool = False,
-          device: str | None = None, progress: bool = True) -> dict[str, Any] | None:
+          overwrite: bool = False, device: str | None = None,
+          progress: bool = True) -> dict[str, Any] | None:
     """Train a diffusion model with ``config`` into run directory ``out`` (``resume``: from
     ``out/checkpoint``), with ``train.threads`` torch threads and a progress bar on stderr
-    unless ``progress=False``. Returns the trainer's summary (steps, seconds, stopped_by,
-    loss, checkpoint, samples, ...); None on the ranks other than 0 under torchrun."""
+    unless ``progress=False``. An existing run in ``out`` is refused unless ``resume`` or
+    ``overwrite`` (it is moved aside; :func:`difflab.commands.runs.open_run`). Returns the
+    trainer's summary (steps, seconds, stopped_by, loss, checkpoint, samples, ...); None on
+    the ranks other than 0 under torchrun."""
+    from difflab.commands.runs import open_run
+    from difflab.commands.validate import check_device
     from difflab.train.monitor import ProgressBar
     from difflab.train.trainer import Trainer
 
+    check_device(device)
     set_threads(config.get("train", {}).get("threads"))
-    bar = ProgressBar(enabled=progress)  # the trainer's callback (records: train.monitor)
-    trainer = Trainer(config, out, resume=resume, device=device, callback=bar)
-    try:
-        summary = trainer.run()
-    finally:
-        trainer.close()
+    with open_run(out, resume=resume, overwrite=overwrite):
+        bar = ProgressBar(enabled=progress)  # the trainer's callback (records: train.monitor)
+        trainer = Trainer(config, out, resume=resume, device=device, callback=bar)
+        try:
+            summary = trainer.run()
+        finally:
+            trainer.close()
     return summary if trainer.dist.is_main else None
 
 
@@ -178,6 +207,9 @@ def register(subparsers: Any) -> None:
                         "(default 0.1) to the null label, for classifier-free guidance")
     p.add_argument("--resume", action="store_true",
                    help="continue exactly from OUT/checkpoint (its config, plus overrides)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an OUT that holds a run: the old run is moved aside "
+                        "to OUT.old-<time> (never deleted)")
     _add_train_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -201,24 +233,33 @@ def register(subparsers: Any) -> None:
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     d.add_argument("--seed", type=int, default=0, help="seed")
     d.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+    d.add_argument("--overwrite", action="store_true",
+                   help="move an earlier demo run in OUT aside (to OUT.old-<time>) and start "
+                        "afresh")
     d.set_defaults(func=cmd_demo)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from difflab.commands.runs import check_run
+    from difflab.commands.validate import check_device
+    from difflab.train.t2i import is_t2i_config
+
+    if is_t2i_config(args.config):  # text-to-image: two stages (difflab.commands.t2i)
+        from difflab.commands.t2i import cmd_train_t2i
+
+        return cmd_train_t2i(args)
     out = run_directory(args.config, args.out)
+    options = check_options(TrainOptions(
+        steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr,
+        seed=args.seed, threads=args.threads, conditional=args.conditional or None))
+    check_device(args.device)
+    check_run(out, resume=args.resume, overwrite=args.overwrite)  # before any work
     base: str | dict[str, Any] = args.config
     if args.resume:
-        saved = checkpoint_config(out)
-        if saved is None:
-            print(f"difflab train: no checkpoint in {out}, starting fresh", file=sys.stderr)
-        else:
-            base = saved
-    options = TrainOptions(steps=args.steps, max_minutes=args.max_minutes,
-                           batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                           threads=args.threads, conditional=args.conditional or None)
+        base = checkpoint_config(out)  # check_run made sure it reads whole
     config = training_config(base, overrides=args.overrides, options=options)
-    summary = train(config, out, resume=args.resume, device=args.device,
-                    progress=not args.quiet)
+    summary = train(config, out, resume=args.resume, overwrite=args.overwrite,
+                    device=args.device, progress=not args.quiet)
     if summary is not None:
         _print_summary(summary)
     return 0
@@ -237,13 +278,19 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from difflab.commands.runs import check_run
+    from difflab.commands.validate import check_device
+
+    out = Path(args.out)
+    check_device(args.device)
+    check_run(out, overwrite=args.overwrite)
     config = demo_config(args.data, max_minutes=args.max_minutes, seed=args.seed,
                          threads=args.threads, overrides=args.overrides)
-    out = Path(args.out)
     print(f"difflab demo: training on {config['data']['name']} for up to "
           f"{args.max_minutes:g} min; writing to {out}/", file=sys.stderr)
     t0 = time.perf_counter()
-    summary = train(config, out, device=args.device, progress=not args.quiet)
+    summary = train(config, out, overwrite=args.overwrite, device=args.device,
+                    progress=not args.quiet)
     if summary is None:
         return 0
     _print_summary(summary)

@@ -83,16 +83,22 @@ def classifier_training_config(*, like: str | os.PathLike | None = None,
 
 
 def train_noise_classifier(config: dict[str, Any], out: str | os.PathLike, *,
-                           device: str | None = None, progress: bool = True) -> dict[str, Any]:
+                           device: str | None = None, progress: bool = True,
+                           overwrite: bool = False) -> dict[str, Any]:
     """Train the classifier of ``config`` into ``out`` with ``train.threads`` torch threads
     and a progress bar on stderr unless ``progress=False``
     (:func:`difflab.train.classifier.train_classifier`); returns its summary."""
+    from difflab.commands.runs import open_run
+    from difflab.commands.validate import check_config, check_device
     from difflab.train.classifier import train_classifier
     from difflab.train.monitor import ProgressBar
 
+    check_device(device)
+    check_config(config)
     set_threads(config["train"].get("threads"))
-    return train_classifier(config, out, device=device,
-                            callback=ProgressBar(enabled=progress))
+    with open_run(out, overwrite=overwrite):  # an earlier run there: refused or moved aside
+        return train_classifier(config, out, device=device,
+                                callback=ProgressBar(enabled=progress))
 
 
 def register(subparsers: Any) -> None:
@@ -123,10 +129,22 @@ def register(subparsers: Any) -> None:
                    help="override a config entry, e.g. --set net.model_channels=64 "
                         "(sections: net, schedule, data, train)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--overwrite", action="store_true",
+                   help="move an earlier run in OUT aside (to OUT.old-<time>) and start afresh")
     p.set_defaults(func=cmd_train_classifier)
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
+    from difflab.commands.runs import check_run
+    from difflab.commands.train import TrainOptions, check_options
+    from difflab.commands.validate import check_device, check_number
+
+    check_options(TrainOptions(steps=args.steps, max_minutes=args.max_minutes,
+                               batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                               threads=args.threads))
+    check_number("ema_decay", args.ema_decay, minimum=0, maximum=0.9999)
+    check_device(args.device)
+    check_run(args.out, overwrite=args.overwrite)  # before any work
     config = classifier_training_config(
         like=args.like, data=args.data, overrides=args.overrides, steps=args.steps,
         max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr,
@@ -136,7 +154,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
           f"{d.get('resolution')}px), schedule {config['schedule'].get('type')}; writing to "
           f"{args.out}/", file=sys.stderr)
     summary = train_noise_classifier(config, args.out, device=args.device,
-                                     progress=not args.quiet)
+                                     progress=not args.quiet, overwrite=args.overwrite)
     print(f"trained {summary['steps']} steps in {summary['seconds'] / 60:.1f} min "
           f"(stopped by {summary['stopped_by']}), final loss {summary['loss']:.4f}")
     if summary["accuracy"]:

@@ -67,6 +67,9 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
     if sampler == "bespoke" and start != "tuned" and base != "unipc":
         raise ParameterError(f"{param('start')} {start} fits from unipc's coefficients; use "
                              f"{param('start')} tuned with {param('base')} {base}")
+    from difflab.commands.validate import check_device
+
+    check_device(device)
     model = load_model(checkpoint, ema=ema, device=device)
     if is_conditional(model.config):
         raise ParameterError(f"{param('checkpoint')} {checkpoint}: tune-grid fits unconditional "

@@ -76,6 +76,9 @@ def take(fields: Mapping[str, Tensor | None], index: Tensor) -> dict[str, Tensor
     for name, value in fields.items():
         if value is None:
             continue
+        if isinstance(value, (list, tuple)):  # e.g. captions: a list of strings
+            out[name] = [value[i] for i in torch.as_tensor(index).tolist()]
+            continue
         rows = value[index]
         out[name] = to_float(rows) if rows.dtype == torch.uint8 else rows
     return out

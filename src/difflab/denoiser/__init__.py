@@ -15,11 +15,13 @@ from difflab.denoiser.prediction import (
     TimePoint,
     broadcast_time,
     eps_to_x0,
+    interpolated_log_variance,
     v_to_x0_eps,
     x0_eps_to_v,
     x0_to_eps,
 )
 
 __all__ = ["PREDICTIONS", "TARGETS", "BaseDenoiser", "Condition", "Denoiser", "Parameterization",
-           "Prediction", "TimePoint", "broadcast_time", "eps_to_x0", "v_to_x0_eps", "x0_eps_to_v",
+           "Prediction", "TimePoint", "broadcast_time", "eps_to_x0",
+           "interpolated_log_variance", "v_to_x0_eps", "x0_eps_to_v",
            "x0_to_eps"]

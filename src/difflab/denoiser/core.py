@@ -72,11 +72,17 @@ class Denoiser(BaseDenoiser):
         prediction: a :class:`~difflab.denoiser.parameterization.Parameterization` or its name
             (``eps``, ``x0``, ``v``, ``score``, ``edm``).
         sigma_data: sd of EDM preconditioning when ``prediction="edm"`` is given by name.
+        learned_variance: the network outputs 2C channels: the parameterisation's C and C
+            more, r, whose (r + 1) / 2 is the learned-variance interpolation v of Nichol &
+            Dhariwal 2021 (Eq. 15; improved-diffusion's ``frac``), returned as
+            ``Prediction.variance_v`` (the ``ddpm`` sampler's ``variance="learned"``).
     """
 
     def __init__(self, net: nn.Module | Callable, schedule: NoiseSchedule,
-                 prediction: str | Parameterization = "eps", sigma_data: float = 0.5):
+                 prediction: str | Parameterization = "eps", sigma_data: float = 0.5,
+                 learned_variance: bool = False):
         super().__init__()
+        self.learned_variance = bool(learned_variance)
         self.parameterization = get(prediction, sigma_data=sigma_data)
         with torch.no_grad():  # a number, also for a schedule with parameters (learned)
             terminal_alpha = float(schedule.alpha(1.0))
@@ -127,4 +133,12 @@ class Denoiser(BaseDenoiser):
             out = self.net(x_in, time_in, **Condition.of(cond).kwargs())
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
-        return p.prediction(out, x, alpha, sigma)
+        if not self.learned_variance:
+            return p.prediction(out, x, alpha, sigma)
+        if out.shape[1] != 2 * x.shape[1]:
+            raise ValueError(f"learned_variance=True needs a network with 2 * {x.shape[1]} "
+                             f"output channels (the prediction and v), got {out.shape[1]}")
+        out, r = out.chunk(2, dim=1)
+        pred = p.prediction(out, x, alpha, sigma)
+        pred.variance_v = (r + 1) / 2
+        return pred

@@ -189,6 +189,16 @@ class Consistency(EDM):
     sigma_min, sigma~ is clamped to sigma_min (f is the identity there, and t = 0 stays
     finite). A consistency model is a Denoiser with this parameterisation: its
     ``predict(x, t).x0`` is f. Native target x0 (trained as a denoiser, it fits E[x0 | x_t]).
+
+    ``inner`` (a parameterisation name or config, e.g. a teacher's "v"): F is read through that
+    parameterisation instead (its network inputs, its x0 estimate x0_F), and
+
+        f = c_skip x~ + (1 - c_skip) x0_F
+
+    with c_skip as above (LCM's form, Luo et al. 2023, c_out = 1 - c_skip): a network trained
+    as a diffusion model keeps its input conventions, so a student initialised from the
+    teacher's weights starts as the teacher's denoiser away from sigma_min (distillation and
+    easy consistency tuning use it with a small ``sigma_data``, LCM's timestep scaling).
     """
 
     name, target = "consistency", "x0"
@@ -196,11 +206,32 @@ class Consistency(EDM):
     #: sigma~ <= sigma_min (1 + rtol) is the boundary, rtol = max(this, 8 eps of the dtype)
     BOUNDARY_RTOL = 1e-6
 
-    def __init__(self, sigma_data: float = 0.5, sigma_min: float = 0.002):
+    def __init__(self, sigma_data: float = 0.5, sigma_min: float = 0.002,
+                 inner: str | dict[str, Any] | None = None):
         super().__init__(sigma_data)
         self.sigma_min = float(sigma_min)
         if not self.sigma_min > 0:
             raise ValueError(f"sigma_min must be > 0, got {sigma_min}")
+        self.inner = None if inner is None else (
+            from_config(inner) if isinstance(inner, dict) else get(inner))
+        if isinstance(self.inner, Consistency):
+            raise ValueError("inner must be a diffusion parameterisation, not consistency")
+
+    def uses_net_time(self) -> bool:
+        return False if self.inner is None else self.inner.uses_net_time()
+
+    def net_inputs(self, x: Tensor, alpha: Tensor, sigma: Tensor,
+                   net_t: Tensor | None) -> tuple[Tensor, Tensor]:
+        if self.inner is None:
+            return super().net_inputs(x, alpha, sigma, net_t)
+        return self.inner.net_inputs(x, alpha, sigma, net_t)
+
+    def prediction(self, out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) -> Prediction:
+        if self.inner is None:
+            return super().prediction(out, x, alpha, sigma)
+        c_skip, _, _ = self.coefficients(sigma / alpha)
+        x0_inner = self.inner.prediction(out, x, alpha, sigma).x0
+        return Prediction(x, c_skip * (x / alpha) + (1 - c_skip) * x0_inner, None, alpha, sigma)
 
     def coefficients(self, sigma_tilde: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(c_skip, c_out, c_in) at the VE noise level sigma~ (clamped to >= sigma_min)."""
@@ -217,7 +248,10 @@ class Consistency(EDM):
         return (sigma / alpha).clamp(min=self.sigma_min)
 
     def config(self) -> dict[str, Any]:
-        return {"type": self.name, "sigma_data": self.sigma_data, "sigma_min": self.sigma_min}
+        cfg = {"type": self.name, "sigma_data": self.sigma_data, "sigma_min": self.sigma_min}
+        if self.inner is not None:
+            cfg["inner"] = self.inner.config()
+        return cfg
 
 
 PARAMETERIZATIONS: dict[str, type[Parameterization]] = {

@@ -21,7 +21,7 @@ from torch import Tensor
 from difflab.schedules import NoiseSchedule
 
 __all__ = ["Prediction", "TimePoint", "broadcast_time", "eps_to_x0", "x0_to_eps", "v_to_x0_eps",
-           "flow_to_x0_eps",
+           "flow_to_x0_eps", "interpolated_log_variance",
            "x0_eps_to_v", "TARGETS"]
 
 #: the spaces a network output / training target can live in ("flow": u = eps - x0)
@@ -61,6 +61,11 @@ def x0_eps_to_v(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor
     return alpha * eps - sigma * x0
 
 
+def interpolated_log_variance(v: Tensor, log_beta: Tensor, log_beta_tilde: Tensor) -> Tensor:
+    """log Sigma = v log beta + (1 - v) log beta~ (Nichol & Dhariwal 2021, Eq. 15)."""
+    return v * log_beta + (1 - v) * log_beta_tilde
+
+
 def broadcast_time(t: Tensor | float, x: Tensor) -> Tensor:
     """t as a (B,) tensor for a batch x of shape (B, ...)."""
     if not isinstance(t, Tensor):  # Python numbers: keep float64 (as_tensor gives float32)
@@ -86,13 +91,18 @@ class Prediction:
     against x.
     """
 
-    __slots__ = ("x", "_x0", "_eps", "alpha", "sigma")
+    __slots__ = ("x", "_x0", "_eps", "alpha", "sigma", "variance_v")
 
     def __init__(self, x: Tensor, x0: Tensor | None, eps: Tensor | None, alpha: Tensor,
                  sigma: Tensor):
         if x0 is None and eps is None:
             raise ValueError("a Prediction needs x0 or eps")
         self.x, self._x0, self._eps, self.alpha, self.sigma = x, x0, eps, alpha, sigma
+        #: a learned variance (Nichol & Dhariwal 2021, Eq. 15), else None: the interpolation
+        #: v of the reverse step's log-variance, v log beta + (1 - v) log beta~, per element
+        #: (v = 1: beta = sigma_{t|s}^2, v = 0: beta~ = the posterior variance), set by a
+        #: ``Denoiser(..., learned_variance=True)``; see :func:`interpolated_log_variance`
+        self.variance_v: Tensor | None = None
 
     @property
     def holds_x0(self) -> bool:

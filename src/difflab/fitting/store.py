@@ -28,11 +28,11 @@ import functools
 import hashlib
 import json
 import os
-import threading
 import warnings
 from pathlib import Path
 from typing import Any
 
+import difflab.files as files
 from difflab.fitting.fit import Fit
 from difflab.samplers import AUTO, DEFAULT
 
@@ -116,27 +116,25 @@ def save_fit(ckpt_dir: PathLike, fit: Fit, *, ema: bool = True,
     entries[fit_key(fit.sampler, fit.steps, ema)] = fit.with_(weights_sha256=sha).to_json()
     data = {"format": FORMAT, "fits": entries}
     path = ckpt / FITS
-    tmp = ckpt / f".{FITS}.tmp-{os.getpid()}-{threading.get_ident()}"
-    try:
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, f"could not write {path}: {e.strerror or e}; the previous fits "
-                               "file (if any) is intact") from e
-    return path
+    return files.write_json(path, data, indent=1, what="fits file")
 
 
 def load_fit(ckpt_dir: PathLike, sampler: str, steps: int, ema: bool = True, *,
-             weights: PathLike | None = None) -> Fit | None:
+             weights: PathLike | None = None, strict: bool = False) -> Fit | None:
     """The fit of ``sampler`` at ``steps`` stored in ``ckpt_dir`` for these weights (EMA or
-    raw), or None: none stored, or one fitted to other weights (then with a warning)."""
+    raw), or None: none stored, or one fitted to other weights (then with a warning; with
+    ``strict``, where the caller asked for this very fit, a ValueError)."""
     ckpt = Path(ckpt_dir)
     entry = _entries(ckpt).get(fit_key(sampler, steps, ema))
     if entry is None:
         return None
     sha = weights_sha256(weights if weights is not None else weights_file(ckpt, ema))
     if entry.get("weights_sha256") != sha:
+        if strict:
+            raise ValueError(f"{ckpt}: the {sampler} {steps}-step fit was made for other "
+                             "weights (sha256 differs: the checkpoint changed since); refusing "
+                             "to run it. Fit it again (difflab tune-grid) or choose another "
+                             "sampler")
         warnings.warn(f"{ckpt}: the {sampler} {steps}-step fit was tuned for other weights "
                       "(the checkpoint changed since); ignoring it. Fit it again.",
                       stacklevel=2)
@@ -175,4 +173,6 @@ def choose_fit(ckpt_dir: PathLike, sampler: str | None, steps: int, *,
         if fit is not None:
             return fit
         sampler = DEFAULT
-    return load_fit(ckpt_dir, sampler, steps, ema, weights=weights)
+    # "bespoke" runs only with its fit: asked for by name, a stale fit is an error
+    return load_fit(ckpt_dir, sampler, steps, ema, weights=weights,
+                    strict=sampler == "bespoke")

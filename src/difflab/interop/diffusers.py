@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from difflab.denoiser import Denoiser
@@ -313,9 +312,9 @@ class DiffusersExport:
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    from difflab.files import write_json
+
+    write_json(path, obj, what="exported config")
 
 
 def to_diffusers(denoiser: Denoiser, path: str | os.PathLike, *,
@@ -344,10 +343,10 @@ def to_diffusers(denoiser: Denoiser, path: str | os.PathLike, *,
         except NotImplementedError as e:
             reason = str(e)
         else:
-            tmp = out / f"{WEIGHTS_NAME}.safetensors.tmp"
-            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp),
-                      metadata={"format": "pt"})
-            os.replace(tmp, out / f"{WEIGHTS_NAME}.safetensors")
+            from difflab.files import safetensors_bytes, write_bytes
+
+            write_bytes(out / f"{WEIGHTS_NAME}.safetensors",
+                        safetensors_bytes(state, {"format": "pt"}), what="exported weights")
             _write_json(out / "config.json", model_config)
             files += ["config.json", f"{WEIGHTS_NAME}.safetensors"]
     else:

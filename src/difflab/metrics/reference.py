@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from difflab.metrics.distances import gaussian_stats
@@ -66,13 +66,11 @@ def save_reference(ref: Reference, stem: str | Path) -> Path:
     if ref.features is not None:
         tensors["features"] = ref.features.float().contiguous()
     path = stem.with_suffix(".safetensors")
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    from difflab.files import safetensors_bytes, write_bytes, write_json
+
+    write_bytes(path, safetensors_bytes(tensors), what="reference statistics")
     meta = {**ref.meta, "n": ref.n, "has_features": ref.features is not None}
-    tmp = stem.with_name(stem.name + ".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, stem.with_suffix(".json"))
+    write_json(stem.with_suffix(".json"), meta, what="reference statistics")
     return path
 
 

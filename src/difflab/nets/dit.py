@@ -8,6 +8,9 @@ Transformers"), the adaLN-Zero variant.
             h = h + gate2 * MLP(LN(h) * (1 + scale2) + shift2)
     final:  (shift, scale) = Linear(SiLU(c));  out = Linear(LN(h) * (1 + scale) + shift)
             (both zero-initialised), then unpatchify to (B, C, H, W).
+    cross:  with ``context_dim``, each block also attends to a context sequence (text states)
+            after its self-attention, as PixArt-alpha (Chen et al. 2023, Sec. 2.3):
+            h = h + CrossAttn(LN(h), context, context_mask)   (output projection zero-init)
 
 At init every block is the identity (gates are 0) and the output is exactly 0.
 """
@@ -57,10 +60,15 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning (see the module docstring)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0,
+                 context_dim: int | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
+        self.context_dim = context_dim
+        if context_dim is not None:
+            self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
+            self.cross = Attention(hidden_size, num_heads, context_dim=context_dim)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         mlp_hidden = int(hidden_size * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(hidden_size, mlp_hidden), nn.GELU(approximate="tanh"),
@@ -69,9 +77,12 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation[1].weight)
         nn.init.zeros_(self.adaLN_modulation[1].bias)
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, context: Tensor | None = None,
+                context_mask: Tensor | None = None) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
+        if self.context_dim is not None and context is not None:
+            x = x + self.cross(self.norm_cross(x), context.to(x.dtype), context_mask)
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
@@ -84,12 +95,13 @@ class DiT(nn.Module):
         hidden_size, depth, num_heads, mlp_ratio: transformer size (DiT-S: 384, 12, 6, 4).
         num_classes: class-conditional with a learned null label ``num_classes``.
         time_scale: multiplies the time input before the sinusoidal embedding.
+        context_dim: cross-attention to ``context`` (B, L, context_dim) in every block.
     """
 
     def __init__(self, input_size: int = 28, patch_size: int = 2, in_channels: int = 1,
                  out_channels: int | None = None, hidden_size: int = 256, depth: int = 6,
                  num_heads: int = 4, mlp_ratio: float = 4.0, num_classes: int | None = None,
-                 time_scale: float = 1.0, freq_dim: int = 256):
+                 time_scale: float = 1.0, freq_dim: int = 256, context_dim: int | None = None):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size "
@@ -101,6 +113,9 @@ class DiT(nn.Module):
             "hidden_size": hidden_size, "depth": depth, "num_heads": num_heads,
             "mlp_ratio": mlp_ratio, "num_classes": num_classes, "time_scale": float(time_scale),
             "freq_dim": freq_dim}
+        if context_dim is not None:  # only then: earlier configs stay as they were
+            self.config["context_dim"] = int(context_dim)
+        self.context_dim = context_dim
         self.patch_size, self.out_channels = patch_size, out_channels
         self.grid = input_size // patch_size
         self.num_classes = num_classes
@@ -109,7 +124,7 @@ class DiT(nn.Module):
         self.y_embedder = label_embedding(num_classes, hidden_size)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid)[None],
                              persistent=False)
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, context_dim)
                                     for _ in range(depth))
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.adaLN_final = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
@@ -133,6 +148,9 @@ class DiT(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[1].weight)
             nn.init.zeros_(block.adaLN_modulation[1].bias)
+            if block.context_dim is not None:
+                nn.init.zeros_(block.cross.proj.weight)
+                nn.init.zeros_(block.cross.proj.bias)
         for layer in (self.adaLN_final[1], self.linear_final):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -144,12 +162,16 @@ class DiT(nn.Module):
         return torch.einsum("bhwpqc->bchpwq", x).reshape(B, C, g * p, g * p)
 
     def forward(self, x: Tensor, t: Tensor | float, labels: Tensor | None = None,
+                context: Tensor | None = None, context_mask: Tensor | None = None,
                 **unused: Any) -> Tensor:
         unused_condition("DiT", unused)
+        if context is not None and self.context_dim is None:
+            raise ValueError("this DiT has no cross-attention (context_dim=None) but got "
+                             "context; build it with context_dim=D for text conditioning")
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)
         c = embed_labels(self.t_embedder(as_batch_time(t, x)), self.y_embedder, labels, "DiT")
         for block in self.blocks:
-            h = block(h, c)
+            h = block(h, c, context, context_mask)
         shift, scale = self.adaLN_final(c).chunk(2, dim=1)
         h = self.linear_final(modulate(self.norm_final(h), shift, scale))
         return self.unpatchify(h)

@@ -30,6 +30,7 @@ z_0 = alpha_0 x + sigma_0 eps, the variable VDM decodes.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -108,7 +109,21 @@ class LearnedSchedule(ScaledTime, NoiseSchedule):
         dg = 1 + (4 * s * (1 - s)) @ (a3 * a2) / H
         return g, dg
 
-    def _gamma_and_rate(self, t64: Tensor) -> tuple[Tensor, Tensor]:
+    def gamma_and_rate(self, t: Tensor | float, interior: Callable[[Tensor], Tensor] | None = None
+                       ) -> tuple[Tensor, Tensor]:
+        """(gamma(t), gamma'(t)) in float64, differentiable in the parameters.
+
+        ``interior`` (optional) is applied to the two quantities that carry the interior
+        weights w2, b2, w3 alone: u(t) = (g(t) - g(0)) / (g(1) - g(0)) and g'(t) / (g(1) -
+        g(0)) (gamma = gamma_0 + span u, gamma' = span g' / (g(1) - g(0))). The VLB objective
+        passes a gradient hook there, so that the interior is trained on another loss than the
+        endpoints (VDM's variance minimisation, :mod:`difflab.objectives.vlb`).
+        """
+        t64, _ = _as_tensor(t)
+        return self._gamma_and_rate(t64, interior)
+
+    def _gamma_and_rate(self, t64: Tensor, interior: Callable[[Tensor], Tensor] | None = None
+                        ) -> tuple[Tensor, Tensor]:
         """(gamma(t), d gamma / dt) for a float64 tensor t of any shape."""
         gamma_0, log_span, w2, b2, w3 = self._params(t64.device)
         flat = t64.reshape(-1)
@@ -120,9 +135,12 @@ class LearnedSchedule(ScaledTime, NoiseSchedule):
         # against any reduction-order difference without changing a gradient
         target = torch.where(flat == 0, 0.0, torch.where(flat == 1, 1.0, u.detach()))
         u = u + (target - u.detach())
+        du = dg[:-2] / (g1 - g0)
+        if interior is not None:
+            u, du = interior(u), interior(du)
         span = torch.exp(log_span)
         gamma = torch.lerp(gamma_0, gamma_0 + span, u)  # exact at u = 0 and u = 1
-        rate = span * dg[:-2] / (g1 - g0)
+        rate = span * du
         return gamma.reshape(t64.shape), rate.reshape(t64.shape)
 
     def gamma(self, t: Tensor | float) -> Tensor:

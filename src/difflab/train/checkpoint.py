@@ -37,7 +37,6 @@ import base64
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+import difflab.files as files
 
 __all__ = ["save", "save_checkpoint", "read", "load", "load_denoiser", "build_net",
            "build_denoiser", "denoiser_parts", "load_weights", "resolve", "is_checkpoint",
@@ -66,33 +67,9 @@ def weights_name(component: str, ema: bool = False) -> str:
     return f"{component}.ema.safetensors" if ema else f"{component}.safetensors"
 
 
-# --- low-level, atomic writing ------------------------------------------------------------
-def _write_file(path: Path, data: bytes) -> None:
-    """Write bytes and fsync them (the one place that touches the disk; tests patch it)."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
+# --- low-level, atomic writing (difflab.files: the one writer) ----------------------------
 def _tensors_bytes(tensors: dict[str, Tensor], kind: str) -> bytes:
-    from safetensors.torch import save as st_save
-
-    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    return st_save(flat, metadata={"format": "pt", "difflab": kind})
+    return files.safetensors_bytes(tensors, {"format": "pt", "difflab": kind})
 
 
 def _json_bytes(obj: Any, indent: int = 2) -> bytes:
@@ -112,7 +89,7 @@ def module_sha256(module: nn.Module) -> str:
 
 
 def _old_path(path: Path) -> Path:
-    return path.parent / f".{path.name}.old"
+    return files.old_path(path)
 
 
 def _layout(p: Path) -> int | None:
@@ -167,49 +144,25 @@ def save(path: str | os.PathLike, *, kind: str, config: dict[str, Any],
     final = Path(path)
     head = {"format": FORMAT, "kind": kind, "components": list(components), "config": config,
             "references": references or {}}
-    files: list[tuple[str, bytes]] = [(CHECKPOINT, _json_bytes(head))]
+    entries: list[tuple[str, bytes]] = [(CHECKPOINT, _json_bytes(head))]
     for name, comp in components.items():
         if not name or "/" in name or name.startswith(".") or name in ("checkpoint",
                                                                         "optimizer", "state"):
             raise ValueError(f"invalid component name {name!r}")
-        files.append((f"{name}.json", _json_bytes(comp.config)))
+        entries.append((f"{name}.json", _json_bytes(comp.config)))
         if comp.weights is not None:
-            files.append((weights_name(name), _tensors_bytes(comp.weights, name)))
+            entries.append((weights_name(name), _tensors_bytes(comp.weights, name)))
         if comp.ema is not None:
-            files.append((weights_name(name, ema=True), _tensors_bytes(comp.ema, f"{name}.ema")))
+            entries.append((weights_name(name, ema=True), _tensors_bytes(comp.ema, f"{name}.ema")))
     if optimizer is not None:
-        files.append((OPTIMIZER, _tensors_bytes(optimizer, "optimizer")))
+        entries.append((OPTIMIZER, _tensors_bytes(optimizer, "optimizer")))
     if state is not None:
-        files.append((STATE, _json_bytes(state, indent=1)))
-    return _write_dir(final, files)
+        entries.append((STATE, _json_bytes(state, indent=1)))
+    return _write_dir(final, entries)
 
 
-def _write_dir(final: Path, files: list[tuple[str, bytes]]) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        tmp.mkdir()
-        for name, data in files:
-            _write_file(tmp / name, data)
-        _fsync_dir(tmp)
-        old = _old_path(final)
-        if old.exists():
-            shutil.rmtree(old)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        if old.exists():
-            shutil.rmtree(old)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        prev = "the previous checkpoint there is intact" if final.exists() else \
-            "no previous checkpoint existed"
-        raise OSError(e.errno, f"could not save checkpoint {final}: {e.strerror or e}; "
-                               f"{prev}. Free disk space or choose another directory") from e
-    return final
+def _write_dir(final: Path, entries: list[tuple[str, bytes]]) -> Path:
+    return files.write_dir(final, entries, what="checkpoint")
 
 
 def save_checkpoint(path: str | os.PathLike, *, config: dict[str, Any],
@@ -258,8 +211,8 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from e
 
 
@@ -280,7 +233,11 @@ class Checkpoint:
             raise KeyError(f"{self.path} has no component {name!r}; it has {self.components}")
         if self.layout == 1:
             return dict(self.config[name])
-        return dict(_read_json(self.path / f"{name}.json"))
+        cfg = _read_json(self.path / f"{name}.json")
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{self.path / f'{name}.json'} is not a JSON object; the checkpoint "
+                             "is corrupt")
+        return cfg
 
     def weights_file(self, name: str = "net", ema: bool = False) -> Path:
         if self.layout == 1:
@@ -322,10 +279,14 @@ def read(path: str | os.PathLike) -> Checkpoint:
             fmt = head.get("format") if isinstance(head, dict) else None
             raise ValueError(f"{p / CHECKPOINT} has format {fmt!r}; this difflab reads "
                              f"{FORMAT!r} (and the earlier config.json layout)")
-        for key in ("kind", "components", "config"):
+        for key, kind in (("kind", str), ("components", list), ("config", dict)):
             if key not in head:
                 raise ValueError(f"{p / CHECKPOINT} lacks the {key!r} entry; the checkpoint "
                                  "is corrupt")
+            if not isinstance(head[key], kind) or (key == "components" and not all(
+                    isinstance(c, str) for c in head[key])):
+                raise ValueError(f"{p / CHECKPOINT}: its {key!r} entry has the wrong type "
+                                 f"({type(head[key]).__name__}); the checkpoint is corrupt")
         return Checkpoint(p, str(head["kind"]), head["config"], list(head["components"]),
                           dict(head.get("references") or {}), 2)
     cfg_path = p / LEGACY_CONFIG
@@ -334,6 +295,9 @@ def read(path: str | os.PathLike) -> Checkpoint:
                                 f"holds {CHECKPOINT} (or, from earlier versions, "
                                 f"{LEGACY_CONFIG} and {LEGACY_MODEL})")
     config = _read_json(cfg_path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg_path} is not a JSON object; it is not a difflab checkpoint "
+                         "config")
     kind = str(config.get("kind", "diffusion"))
     required = ("net", "schedule", "prediction") if kind == "diffusion" else ("net",)
     for key in required:
@@ -367,10 +331,13 @@ def denoiser_parts(config: dict[str, Any]) -> tuple[Any, Any]:
     """(schedule, parameterisation) a diffusion config names: ``config["schedule"]``,
     ``config["prediction"]`` (with ``config["sigma_data"]`` for EDM). The one place these
     config entries become objects (:func:`build_denoiser`, the trainer's objective)."""
+    from difflab.denoiser.parameterization import from_config as parameterization_from_config
     from difflab.denoiser.parameterization import get as get_parameterization
     from difflab.schedules import from_config
 
     prediction = config.get("prediction", "eps")
+    if isinstance(prediction, dict):  # a parameterisation's config (a consistency model's)
+        return from_config(config["schedule"]), parameterization_from_config(prediction)
     kw = {"sigma_data": float(config.get("sigma_data", 0.5))} if prediction == "edm" else {}
     return from_config(config["schedule"]), get_parameterization(prediction, **kw)
 
@@ -383,7 +350,7 @@ def build_denoiser(config: dict[str, Any], net: nn.Module | None = None) -> Any:
 
     schedule, parameterization = denoiser_parts(config)
     return Denoiser(build_net(config["net"]) if net is None else net, schedule,
-                    parameterization)
+                    parameterization, learned_variance=bool(config.get("learned_variance")))
 
 
 def load_weights(net: nn.Module, weights: dict[str, Tensor], *, source: str,
@@ -429,7 +396,13 @@ def _load_diffusion(ck: Checkpoint, ema: bool, device: str | torch.device) -> tu
     net = _load_component(ck, "net", ema, build_net, strict_ema=True)
     config = {**ck.config, "net": ck.component_config("net"),
               "schedule": ck.component_config("schedule")}
-    return build_denoiser(config, net).to(device), {"kind": ck.kind, **ck.config}
+    denoiser = build_denoiser(config, net)
+    if ck.has_weights("schedule"):  # a trained schedule (learned): its parameters
+        load_weights(denoiser.schedule, ck.weights("schedule"),
+                     source=str(ck.weights_file("schedule")),
+                     net_type=str(config["schedule"].get("type")))
+        denoiser.schedule.requires_grad_(False)
+    return denoiser.to(device), {"kind": ck.kind, **ck.config}
 
 
 def _load_net(build: Callable[[dict], nn.Module]) -> Callable:
@@ -443,7 +416,16 @@ def _load_net(build: Callable[[dict], nn.Module]) -> Callable:
 _KINDS: dict[str, Callable[[Checkpoint, bool, Any], tuple[Any, dict]]] = {
     "diffusion": _load_diffusion,
     "classifier": _load_net(build_net),
+    "consistency": _load_diffusion,  # a consistency model (difflab.train.distill) is a denoiser
 }
+#: the kinds whose checkpoint is a denoiser (net + schedule + prediction): load_denoiser reads them
+DENOISER_KINDS = ("diffusion", "consistency")
+
+
+#: modules that register a kind not built in, imported when a checkpoint of it is loaded
+KIND_MODULES: dict[str, str] = {"controlnet": "difflab.train.controlnet",
+                                "autoencoder": "difflab.train.t2i",
+                                "text_to_image": "difflab.train.t2i"}
 
 
 def register_kind(kind: str, loader: Callable[[Checkpoint, bool, Any], tuple[Any, dict]] | None
@@ -463,12 +445,28 @@ def load(path: str | os.PathLike, *, ema: bool = True,
     :mod:`difflab.metrics.train_features`). ``ema=True`` loads the averaged weights (for a
     network trained without an EMA: its weights). The config includes ``"kind"``."""
     ck = read(path)
+    if ck.kind not in _KINDS and ck.kind in KIND_MODULES:
+        import importlib
+
+        importlib.import_module(KIND_MODULES[ck.kind])
     if ck.kind not in _KINDS:
         hint = " (import difflab.metrics.train_features to read feature networks)" \
             if ck.kind == "feature" else ""
         raise ValueError(f"{ck.path} is a checkpoint of kind {ck.kind!r}, which this difflab "
                          f"cannot build{hint}; known kinds: {sorted(_KINDS)}")
-    return _KINDS[ck.kind](ck, ema, device)
+    return _build(_KINDS[ck.kind], ck, ema, device)
+
+
+def _build(loader: Callable, ck: Checkpoint, ema: bool, device: Any) -> tuple[Any, dict]:
+    """``loader(ck, ema, device)``, a config of the wrong shape reported as a ValueError that
+    names the checkpoint (never a TypeError from deep inside a constructor)."""
+    try:
+        return loader(ck, ema, device)
+    except (TypeError, KeyError, AttributeError, IndexError, AssertionError,
+            ZeroDivisionError, OverflowError) as e:
+        raise ValueError(f"{ck.path}: cannot build the model from its config files "
+                         f"({type(e).__name__}: {e}); the checkpoint is corrupt or not a difflab "
+                         "checkpoint") from e
 
 
 def load_denoiser(path: str | os.PathLike, ema: bool = True,
@@ -480,10 +478,10 @@ def load_denoiser(path: str | os.PathLike, ema: bool = True,
     ``difflab.sample`` explicitly.
     """
     ck = read(path)
-    if ck.kind != "diffusion":
+    if ck.kind not in DENOISER_KINDS:
         raise ValueError(f"{ck.path} is a {ck.kind} checkpoint, not a diffusion model; load it "
                          "with difflab.train.checkpoint.load")
-    return _load_diffusion(ck, ema, device)
+    return _build(_load_diffusion, ck, ema, device)
 
 
 # --- optimizer and RNG state as named tensors / JSON --------------------------------------

@@ -23,7 +23,6 @@ Command line: ``difflab train-classifier`` (:mod:`difflab.commands.train_classif
 from __future__ import annotations
 
 import copy
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+import difflab.files as files
 from difflab.train.config import LOOP_DEFAULTS, check_loop
 
 __all__ = ["KIND", "CLASSIFIER_TRAIN_DEFAULTS", "classifier_config", "train_classifier",
@@ -165,7 +165,7 @@ def train_classifier(config: dict[str, Any], out_dir: str | os.PathLike, *,
             ev_x, ev_y = eval_data[0][:n], torch.as_tensor(eval_data[1][:n]).long()
             summary["accuracy"] = {str(t): classifier_accuracy_at(net, schedule, ev_x, ev_y, t)
                                    for t in tc["eval_times"]}
-            (Path(out_dir) / "eval.json").write_text(json.dumps(summary["accuracy"], indent=1))
+            files.write_json(Path(out_dir) / "eval.json", summary["accuracy"], indent=1)
     finally:
         trainer.close()
     return summary

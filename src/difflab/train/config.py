@@ -56,6 +56,10 @@ LOOP_DEFAULTS: dict[str, Any] = {
 TRAIN_DEFAULTS: dict[str, Any] = {
     **LOOP_DEFAULTS,
     "target": None,             # eps | x0 | v; None: the parameterisation's native target
+    "objective": "simple",      # simple (the denoising loss) | vlb (the variational bound;
+                                # trains a learned schedule) | hybrid (learned variances)
+    "vlb_steps": None,          # vlb: None (continuous time), N steps, or "chain"
+    "lambda_vlb": 0.001,        # hybrid: L_simple + lambda_vlb L_vlb
     "weighting": "none",        # none | min_snr | edm
     "min_snr_gamma": 5.0,
     "t_sampler": "uniform",     # uniform | lognormal
@@ -69,6 +73,10 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "fit_iters": 40,            # its L-BFGS iterations
     "grid_size": 64,            # images in a sample grid (0: no grids)
 }
+
+#: train.objective: the diffusion kind's losses (difflab.objectives: DiffusionObjective,
+#: VLBObjective, HybridObjective)
+OBJECTIVES = ("simple", "vlb", "hybrid")
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -119,8 +127,54 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# value checks of "train" keys, by key: (type, minimum, minimum excluded, maximum excluded)
+_NUMBERS: dict[str, tuple[type, float | None, bool, float | None]] = {
+    "seed": (int, 0, False, None), "steps": (int, 1, False, None),
+    "max_minutes": (float, 0, True, None), "batch_size": (int, 1, False, None),
+    "grad_accum": (int, 1, False, None), "lr": (float, 0, True, None),
+    "warmup": (int, 0, False, None), "lr_min": (float, 0, False, None),
+    "weight_decay": (float, 0, False, None), "grad_clip": (float, 0, False, None),
+    "ema_decay": (float, 0, False, 1), "log_every": (int, 1, False, None),
+    "ckpt_every": (int, 0, False, None), "threads": (int, 0, False, None),
+    "min_snr_gamma": (float, 0, True, None), "p_uncond": (float, 0, False, 1),
+    "sample_every": (int, 0, False, None), "sample_steps": (int, 1, False, None),
+    "fit_count": (int, 1, False, None), "fit_iters": (int, 1, False, None),
+    "grid_size": (int, 0, False, None),
+}
+_OPTIONAL = ("max_minutes", "threads")  # None: no limit / torch's choice
+
+
+def check_values(train: dict[str, Any]) -> None:
+    """Types and ranges of the numbers in a "train" section, each error naming the key as a
+    config file or ``--set`` writes it (``train.lr must be a number > 0, got 'x'``)."""
+    import math
+
+    if not isinstance(train, dict):
+        raise ValueError(f"the config's train section must be a JSON object, got {train!r}")
+    for key, (kind, lo, strict, hi) in _NUMBERS.items():
+        if key not in train or (train[key] is None and key in _OPTIONAL):
+            continue
+        v = train[key]
+        ok = isinstance(v, int) if kind is int else isinstance(v, (int, float))
+        if isinstance(v, bool) or not ok or not math.isfinite(v) or (
+                lo is not None and (v <= lo if strict else v < lo)) or (
+                hi is not None and v >= hi):
+            what = "an integer" if kind is int else "a number"
+            rng = (f" {'>' if strict else '>='} {lo:g}" if lo is not None else "") + \
+                (f" and < {hi:g}" if hi is not None else "")
+            if kind is int and lo == 1 and hi is None:
+                what, rng = "a positive integer", ""
+            raise ValueError(f"train.{key} must be {what}{rng}, got {v!r}")
+    betas = train.get("betas", [0.9, 0.999])
+    if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+            for b in betas)):
+        raise ValueError(f"train.betas must be two numbers in [0, 1), got {betas!r}")
+
+
 def check_loop(train: dict[str, Any]) -> None:
     """Check the loop options of a "train" section (``LOOP_DEFAULTS``), naming the key."""
+    check_values(train)
     for key, valid in (("precision", ("auto", "fp32", "bf16")), ("lr_decay", ("none", "cosine"))):
         if train[key] not in valid:
             raise ValueError(f"unknown train.{key} {train[key]!r}; valid: {list(valid)}")
@@ -153,10 +207,20 @@ def complete(config: dict[str, Any]) -> dict[str, Any]:
                              f"{sorted(PRESETS)} for examples")
     cfg.setdefault("prediction", "eps")
     cfg.setdefault("sigma_data", 0.5)
+    if "kind" in cfg["schedule"]:  # --set schedule.kind=NAME: NAME's schedule, its defaults
+        cfg["schedule"] = {"type": cfg["schedule"]["kind"]}
     train = dict(TRAIN_DEFAULTS)
+    if not isinstance(cfg.get("train", {}), dict):
+        raise ValueError(f"the config's train section must be a JSON object, got "
+                         f"{cfg['train']!r}")
     unknown = sorted(set(cfg.get("train", {})) - set(TRAIN_DEFAULTS))
     if unknown:
-        raise ValueError(f"unknown train option(s) {unknown}; valid: {sorted(TRAIN_DEFAULTS)}")
+        import difflib
+
+        near = difflib.get_close_matches(unknown[0], list(TRAIN_DEFAULTS), n=1)
+        hint = f"; did you mean train.{near[0]}?" if near else ""
+        raise ValueError(f"unknown train option(s) {unknown}{hint} (valid: "
+                         f"{sorted(TRAIN_DEFAULTS)})")
     train.update(cfg.get("train", {}))
     cfg["train"] = train
     from difflab.denoiser.parameterization import get as get_parameterization
@@ -178,6 +242,14 @@ def complete(config: dict[str, Any]) -> dict[str, Any]:
     for key in ("fit_count", "fit_iters"):
         if not isinstance(train[key], int) or train[key] < 1:
             raise ValueError(f"train.{key} must be a positive integer, got {train[key]!r}")
+    if train["objective"] not in OBJECTIVES:
+        raise ValueError(f"unknown train.objective {train['objective']!r}; valid: "
+                         f"{list(OBJECTIVES)}")
+    if train["objective"] == "hybrid":  # learned variances: the net's second C channels
+        cfg["learned_variance"] = True
+        net = cfg["net"]
+        if "out_channels" in net and net["out_channels"] == net.get("in_channels"):
+            net["out_channels"] = 2 * net["in_channels"]
     if not isinstance(train["conditional"], bool):
         raise ValueError(f"train.conditional must be true or false, got "
                          f"{train['conditional']!r}")
@@ -200,6 +272,8 @@ def model_identity(config: dict[str, Any]) -> dict[str, Any]:
     if kind == "diffusion":
         out["prediction"] = config.get("prediction", "eps")
         out["sigma_data"] = float(config.get("sigma_data", 0.5))
+        if config.get("learned_variance"):
+            out["learned_variance"] = True
     return out
 
 

@@ -17,6 +17,7 @@ The trainer's records (:class:`difflab.train.trainer.Trainer`), each a dict with
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import sys
@@ -26,6 +27,8 @@ from typing import Any, TextIO
 
 import numpy as np
 from torch import Tensor
+
+import difflab.files as files
 
 __all__ = ["ProgressBar", "MetricsLog", "to_uint8", "save_grid", "save_points",
            "plot_loss", "read_metrics"]
@@ -107,7 +110,8 @@ class MetricsLog:
         if not self.path.is_file():
             return
         keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        files.write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode(),
+                          what="metrics log")
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -147,10 +151,7 @@ def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, pad: in
     img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    return files.write_bytes(path, files.png_bytes(img), what="sample grid")
 
 
 def save_points(points: Tensor, path: str | Path, size: int = 256, extent: float = 2.0
@@ -164,10 +165,7 @@ def save_points(points: Tensor, path: str | Path, size: int = 256, extent: float
     xy = (p / extent * 0.5 + 0.5) * (size - 1)
     for x, y in xy:
         draw.point((float(x), float(size - 1 - y)), fill=0)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    return files.write_bytes(path, files.png_bytes(img), what="sample plot")
 
 
 def plot_loss(records: list[dict[str, Any]], path: str | Path) -> Path:
@@ -193,9 +191,10 @@ def plot_loss(records: list[dict[str, Any]], path: str | Path) -> Path:
         ax.set_ylabel("training loss")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(path)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
         plt.close(fig)
-        return path
+        return files.write_bytes(path, buf.getvalue(), what="loss plot")
     except ImportError:
         pass
     from PIL import Image, ImageDraw
@@ -216,5 +215,4 @@ def plot_loss(records: list[dict[str, Any]], path: str | Path) -> Path:
         d.line([pt(s, v) for s, v in zip(steps, ly)], fill=(120, 160, 220))
         d.text((m, H - m + 5), f"step {int(x0)} .. {int(x1)}; log10 loss {lo:.2f} .. {hi:.2f}",
                fill="black")
-    img.save(path)
-    return path
+    return files.write_bytes(path, files.png_bytes(img), what="loss plot")

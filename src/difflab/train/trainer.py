@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
-import json
 import math
 import os
 import time
@@ -48,6 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+import difflab.files as files
 import difflab.train.checkpoint as ckpt
 import difflab.train.ddp as ddp
 from difflab.data.dataset import EpochOrder, take
@@ -56,7 +56,9 @@ from difflab.objectives import (
     ClassifierObjective,
     DiffusionObjective,
     FeatureObjective,
+    HybridObjective,
     Objective,
+    VLBObjective,
     get_weighting,
 )
 from difflab.schedules import from_config
@@ -116,7 +118,10 @@ def load_training_data(data_cfg: dict[str, Any], seed: int = 0
 #: objective factories by config kind: ``factory(config) -> Objective``
 OBJECTIVES: dict[str, Callable[[dict[str, Any]], Objective]] = {}
 #: modules that register the kinds not built in, imported when a config first asks for one
-OBJECTIVE_MODULES: dict[str, str] = {}
+OBJECTIVE_MODULES: dict[str, str] = {"controlnet": "difflab.train.controlnet",
+                                     "autoencoder": "difflab.train.t2i",
+                                     "text_to_image": "difflab.train.t2i",
+                                     "consistency": "difflab.train.distill"}
 
 
 def register_objective(kind: str, factory: Callable[[dict[str, Any]], Objective]) -> None:
@@ -139,11 +144,16 @@ def objective_from_config(config: dict[str, Any]) -> Objective:
 def _diffusion_objective(config: dict[str, Any]) -> Objective:
     tc = config["train"]
     schedule, parameterization = ckpt.denoiser_parts(config)
+    weighting = get_weighting(tc.get("weighting", "none"),
+                              gamma=float(tc.get("min_snr_gamma", 5.0)),
+                              sigma_data=float(config.get("sigma_data", 0.5)))
+    if tc.get("objective", "simple") == "vlb":
+        return VLBObjective(schedule, parameterization, steps=tc.get("vlb_steps"))
+    if tc.get("objective", "simple") == "hybrid":
+        return HybridObjective(schedule, parameterization, target=tc.get("target"),
+                               weighting=weighting, lambda_vlb=float(tc.get("lambda_vlb", 0.001)))
     return DiffusionObjective(
-        schedule, parameterization, target=tc.get("target"),
-        weighting=get_weighting(tc.get("weighting", "none"),
-                                gamma=float(tc.get("min_snr_gamma", 5.0)),
-                                sigma_data=float(config.get("sigma_data", 0.5))),
+        schedule, parameterization, target=tc.get("target"), weighting=weighting,
         t_sampler=tc.get("t_sampler", "uniform"), conditional=bool(tc.get("conditional")),
         p_uncond=float(tc.get("p_uncond", 0.0)))
 
@@ -231,6 +241,9 @@ class Trainer:
         if unknown:
             raise ValueError(f"modules {unknown} are not used by the {obj.kind} objective; it "
                              f"trains {list(obj.trainable)} and reads {list(obj.frozen)}")
+        owned = getattr(obj, "owned_modules", None)  # e.g. a learned schedule (VLB)
+        for name, m in (owned() if owned is not None else {}).items():
+            given.setdefault(name, m)
         for name in obj.frozen:
             if name not in given:
                 raise ValueError(f"the {obj.kind} objective reads a frozen module {name!r}; "
@@ -372,8 +385,13 @@ class Trainer:
 
     def draw(self, B: int) -> dict[str, Any]:
         """Everything about the global batch of this step: its fields (examples ``step * B``
-        .. of the epoch stream) and the objective's randomness from ``self.rng``."""
+        .. of the epoch stream) and the objective's randomness from ``self.rng``. An objective
+        whose randomness depends on the iteration (``uses_step = True``: a consistency model's
+        discretisation N(k), ECT's stage) gets ``step=`` the 0-based optimizer step, the
+        counter a checkpoint restores, so a resumed run draws the same."""
         batch = take(self.fields, self.batch_indices(self.step * B, B))
+        if getattr(self.objective, "uses_step", False):
+            return self.objective.prepare(batch, self.rng, step=self.step)
         return self.objective.prepare(batch, self.rng)
 
     def train_step(self) -> float:
@@ -473,6 +491,9 @@ class Trainer:
                                                None if ema is None else ema.state_dict())
         if isinstance(self.config.get("schedule"), dict) and "schedule" not in components:
             components["schedule"] = ckpt.Component(dict(self.config["schedule"]))
+        extra = getattr(self.objective, "checkpoint_components", None)  # config-only parts
+        for name, cfg in (extra() if extra is not None else {}).items():
+            components.setdefault(name, ckpt.Component(dict(cfg)))
         path = ckpt.save(self.out / "checkpoint", kind=self.kind, config=self.config,
                          components=components, optimizer=opt_tensors, state=state,
                          references=self.references)
@@ -615,7 +636,7 @@ class Trainer:
         budget_s = float(budget) * 60 if budget else math.inf
         if self.dist.is_main and self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(self.config, indent=2))
+            files.write_json(self.out / "config.json", self.config, what="run config")
             self.log.truncate_after(self.step)  # a fresh run starts a fresh log
         self._emit({"event": "start", "step": self.step, "total": total,
                     "budget_s": None if math.isinf(budget_s) else budget_s - self.train_seconds})
@@ -632,11 +653,8 @@ class Trainer:
             logs = self.last_logs
             logged = self.step % log_every == 0 or self.step == total
             if logged or self.device.type == "cpu":
-                loss = float(loss_t)  # waits for the device: only when it is shown or free
-                if not math.isfinite(loss):
-                    raise FloatingPointError(
-                        f"loss became {loss} by step {self.step} (on a GPU it is read every "
-                        "train.log_every steps); lower train.lr or enable train.grad_clip")
+                loss = _check_finite(loss_t, self.step)  # waits for the device: only when
+                # the loss is shown or the device is the CPU
             self.train_seconds = start_seconds + time.perf_counter() - t_start
             if logged:
                 now = time.perf_counter()
@@ -654,12 +672,13 @@ class Trainer:
                     and self.step % sample_every == 0):
                 self.save_samples(self.out / "samples" / f"step_{self.step:07d}.png")
             if tc["ckpt_every"] and self.step % tc["ckpt_every"] == 0:
+                _check_finite(loss_t, self.step)  # never save a diverged state
                 self.save()
             if self._out_of_time(budget_s):
                 stopped_by = "time"
                 break
         if loss_t is not None:
-            loss = float(loss_t)
+            loss = _check_finite(loss_t, self.step)
         summary = {"steps": self.step, "loss": loss, "seconds": self.train_seconds,
                    "stopped_by": stopped_by, "out": None if self.out is None else str(self.out)}
         if self.dist.is_main and self.out is not None:
@@ -686,6 +705,18 @@ class Trainer:
 
     def close(self) -> None:
         ddp.cleanup(self.dist)
+
+
+def _check_finite(loss_t: Tensor, step: int) -> float:
+    """The loss as a float; FloatingPointError when it is NaN or infinite (the run stops, the
+    last checkpoint saved before stays as it was)."""
+    loss = float(loss_t)
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"training stopped: the loss became {loss} by step {step} (on a GPU it is read "
+            "every train.log_every steps and before each checkpoint); the last checkpoint is "
+            "intact. Lower train.lr or enable train.grad_clip, then resume")
+    return loss
 
 
 def train(config: dict[str, Any], out_dir: str | os.PathLike | None = None,
