@@ -24,6 +24,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from toyconfig import toy_config
 
 from difflab.cli import main
 
@@ -34,15 +35,7 @@ FAST = settings(deadline=None, derandomize=False, database=None,
                 suppress_health_check=list(HealthCheck),
                 phases=[Phase.explicit, Phase.generate])  # a failure is reported unshrunk
 
-TOY = {
-    "net": {"type": "mlp", "dim": 2, "hidden": 16, "depth": 2, "num_classes": None},
-    "schedule": {"type": "cosine", "timesteps": 1000, "s": 0.008, "max_beta": 0.999},
-    "prediction": "eps",
-    "data": {"name": "ring", "resolution": None, "channels": 2, "num_classes": None,
-             "split": "train", "n": 256},
-    "train": {"steps": 2, "batch_size": 16, "warmup": 1, "ema_decay": 0.9, "log_every": 1,
-              "grid_size": 0, "fit_steps": [], "sample_every": 0},
-}
+TOY = toy_config()
 
 
 def snapshot(root: Path) -> dict[str, str]:

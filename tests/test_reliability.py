@@ -18,21 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from toyconfig import toy_config
 
 from difflab import files
 from difflab.cli import main
 from difflab.commands.common import ParameterError
 
 ROOT = Path(__file__).resolve().parents[1]
-TOY = {
-    "net": {"type": "mlp", "dim": 2, "hidden": 16, "depth": 2, "num_classes": None},
-    "schedule": {"type": "cosine", "timesteps": 1000, "s": 0.008, "max_beta": 0.999},
-    "prediction": "eps",
-    "data": {"name": "ring", "resolution": None, "channels": 2, "num_classes": None,
-             "split": "train", "n": 256},
-    "train": {"steps": 2, "batch_size": 16, "warmup": 1, "ema_decay": 0.9, "log_every": 1,
-              "grid_size": 0, "fit_steps": [], "sample_every": 0},
-}
+TOY = toy_config()
 
 
 def cli(argv: list[str]) -> tuple[int, str]:
