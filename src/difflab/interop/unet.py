@@ -41,6 +41,20 @@ def _groups(net: nn.Module) -> set[int]:
     return {m.num_groups for m in net.modules() if isinstance(m, nn.GroupNorm)}
 
 
+def _levels(block: str, sampler: str, levels: Any, resamplers: Any, out: dict[str, Tensor],
+            source: str) -> None:
+    """The weights of the U-Net's resolution levels (ResBlocks, attention, the resampling conv)
+    under diffusers' ``{down,up}_blocks.i`` names."""
+    for i, level in enumerate(levels):
+        for j, (rb, ab) in enumerate(zip(level.res, level.attn)):
+            _resnet(f"{block}.{i}.resnets.{j}", rb, out, f"{source}.{i}.res.{j}")
+            if isinstance(ab, AttentionBlock):
+                _attention(f"{block}.{i}.attentions.{j}", ab, out)
+        if i < len(resamplers):
+            out[f"{block}.{i}.{sampler}.0.conv.weight"] = resamplers[i].conv.weight
+            out[f"{block}.{i}.{sampler}.0.conv.bias"] = resamplers[i].conv.bias
+
+
 def _resnet(prefix: str, block: nn.Module, out: dict[str, Tensor], src: str) -> None:
     sd = block.state_dict()
     names = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
@@ -131,25 +145,11 @@ def unet_to_diffusers(net: nn.Module, schedule: NoiseSchedule | None = None
         out[f"time_embedding.{name}.bias"] = enc.time_embed.mlp[i].bias
     if enc.class_embed is not None:
         out["class_embedding.weight"] = enc.class_embed.embedding.weight
-    for i, level in enumerate(enc.levels):
-        for j, (rb, ab) in enumerate(zip(level.res, level.attn)):
-            _resnet(f"down_blocks.{i}.resnets.{j}", rb, out, f"encoder.levels.{i}.res.{j}")
-            if isinstance(ab, AttentionBlock):
-                _attention(f"down_blocks.{i}.attentions.{j}", ab, out)
-        if i < len(enc.downs):
-            out[f"down_blocks.{i}.downsamplers.0.conv.weight"] = enc.downs[i].conv.weight
-            out[f"down_blocks.{i}.downsamplers.0.conv.bias"] = enc.downs[i].conv.bias
+    _levels("down_blocks", "downsamplers", enc.levels, enc.downs, out, "encoder.levels")
     _resnet("mid_block.resnets.0", enc.mid_res1, out, "encoder.mid_res1")
     _attention("mid_block.attentions.0", enc.mid_attn, out)
     _resnet("mid_block.resnets.1", enc.mid_res2, out, "encoder.mid_res2")
-    for j, level in enumerate(net.levels):
-        for k, (rb, ab) in enumerate(zip(level.res, level.attn)):
-            _resnet(f"up_blocks.{j}.resnets.{k}", rb, out, f"levels.{j}.res.{k}")
-            if isinstance(ab, AttentionBlock):
-                _attention(f"up_blocks.{j}.attentions.{k}", ab, out)
-        if j < len(net.ups):
-            out[f"up_blocks.{j}.upsamplers.0.conv.weight"] = net.ups[j].conv.weight
-            out[f"up_blocks.{j}.upsamplers.0.conv.bias"] = net.ups[j].conv.bias
+    _levels("up_blocks", "upsamplers", net.levels, net.ups, out, "levels")
     out["conv_norm_out.weight"], out["conv_norm_out.bias"] = net.out[0].weight, net.out[0].bias
     out["conv_out.weight"], out["conv_out.bias"] = net.out[2].weight, net.out[2].bias
     n_params = sum(1 for _ in net.state_dict())
