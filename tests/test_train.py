@@ -178,6 +178,25 @@ def test_wall_clock_budget_stops_and_saves(tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
 
 
+def test_cpu_budget_stops_counts_and_resumes(tmp_path):
+    """train.max_cpu_minutes: the process's CPU time (time.process_time) spent in the loop,
+    saved with the run and counted on by a resumed run."""
+    import time
+
+    c0 = time.process_time()
+    tr = make_trainer(tmp_path, steps=10**6, max_cpu_minutes=0.01)  # 0.6 CPU s
+    s = tr.run()
+    spent = time.process_time() - c0
+    assert s["stopped_by"] == "time" and 0 < s["steps"] < 10**6
+    assert 0.6 <= s["cpu_seconds"] <= spent
+    again = Trainer(tiny_config("eps", steps=10**6, max_cpu_minutes=0.02), tmp_path / "run",
+                    data=tiny_data(), net=tiny_net(), resume=True)
+    assert again.train_cpu_seconds == pytest.approx(s["cpu_seconds"])
+    s2 = again.run()
+    assert s2["steps"] > s["steps"] and s2["cpu_seconds"] >= 1.2
+    assert s2["cpu_seconds"] - s["cpu_seconds"] < 1.2  # the rest of the budget, not all of it
+
+
 # --- configs and bad input -----------------------------------------------------------------
 def test_presets_and_overrides_round_trip():
     for name in ("fashion_mnist", "digits", "toy2d"):

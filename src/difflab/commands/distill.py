@@ -69,12 +69,14 @@ def distill_run_config(teacher: str | os.PathLike, *, method: str = "cd",
 
 def distill(teacher: str | os.PathLike | None, out: str | os.PathLike, *, method: str = "cd",
             solver: str | None = None, max_minutes: float | None = None,
-            steps: int | None = None, batch_size: int | None = None, lr: float | None = None,
+            max_cpu_minutes: float | None = None, steps: int | None = None,
+            batch_size: int | None = None, lr: float | None = None,
             seed: int | None = None, threads: int | None = None, cfg: float | None = None,
             resume: bool = False, overwrite: bool = False, device: str | None = None,
             progress: bool = True) -> dict[str, Any] | None:
-    """Train a consistency model from ``teacher`` into ``out`` for ``max_minutes`` (or
-    ``steps``; ``steps`` also sets the schedule of N(k) / ECT's stages, see
+    """Train a consistency model from ``teacher`` into ``out`` for ``max_minutes`` of wall
+    clock, ``max_cpu_minutes`` of this process's CPU time (the first spent ends it), or
+    ``steps`` (``steps`` ``steps`` also sets the schedule of N(k) / ECT's stages, see
     :mod:`difflab.train.distill`). ``resume`` continues ``out`` (bit-identically; the teacher
     from the path its config names unless given). Returns the trainer's summary."""
     from difflab.commands.runs import check_run, open_run
@@ -87,6 +89,7 @@ def distill(teacher: str | os.PathLike | None, out: str | os.PathLike, *, method
 
     check_device(device)
     check_number("max_minutes", max_minutes, minimum=0, strict=True)
+    check_number("max_cpu_minutes", max_cpu_minutes, minimum=0, strict=True)
     check_run(out, resume=resume, overwrite=overwrite)
     if resume:
         config = checkpoint_config(out)
@@ -105,6 +108,8 @@ def distill(teacher: str | os.PathLike | None, out: str | os.PathLike, *, method
     teacher_den, _ = ckpt.load_denoiser(teacher_path, ema=True)
     modules = distill_modules(config, teacher_den.net)
     refs = {"teacher": str(teacher_path)} if "teacher" in modules else None
+    if max_cpu_minutes is not None:
+        config["train"]["max_cpu_minutes"] = float(max_cpu_minutes)
     set_threads(config["train"].get("threads"))
     with open_run(out, resume=resume, overwrite=overwrite):
         bar = ProgressBar(enabled=progress)
@@ -144,6 +149,9 @@ def register(subparsers: Any) -> None:
                    help="classifier-free guidance weight w of a conditional teacher (cd)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="wall-clock budget in minutes (a resumed run counts time spent)")
+    p.add_argument("--max-cpu-minutes", type=float, default=None,
+                   help="CPU-time budget in minutes (this process, all threads; a resumed run "
+                        "counts what was spent)")
     p.add_argument("--steps", type=int, default=None,
                    help="optimizer steps K (default 4000); also the length of the N(k) / ECT "
                         "stage schedule")
@@ -167,12 +175,14 @@ def cmd_distill(args: argparse.Namespace) -> int:
         out = str(Path(args.teacher).resolve().parent / (
             Path(args.teacher).resolve().name + f"_{args.method}"))
     summary = distill(args.teacher, out, method=args.method, solver=args.solver,
-                      max_minutes=args.max_minutes, steps=args.steps,
+                      max_minutes=args.max_minutes, max_cpu_minutes=args.max_cpu_minutes,
+                      steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       threads=args.threads, cfg=args.cfg, resume=args.resume,
                       overwrite=args.overwrite, device=args.device, progress=not args.quiet)
     if summary is not None:
-        print(f"{summary['steps']} steps in {summary['seconds'] / 60:.1f} min "
-              f"({summary['stopped_by']}); checkpoint: {summary.get('checkpoint')}; sample it "
+        print(f"{summary['steps']} steps in {summary['seconds'] / 60:.1f} min, "
+              f"{summary['cpu_seconds'] / 60:.1f} CPU min ({summary['stopped_by']}); "
+              f"checkpoint: {summary.get('checkpoint')}; sample it "
               f"with: difflab sample {out} --steps 1")
     return 0

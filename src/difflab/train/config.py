@@ -33,6 +33,7 @@ LOOP_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "steps": 1000,              # optimizer steps (stop earlier at max_minutes)
     "max_minutes": None,        # wall-clock budget; None = no limit
+    "max_cpu_minutes": None,    # CPU-time budget of the process (all threads); None = no limit
     "batch_size": 128,          # global batch per optimizer step (all ranks, all micro-batches)
     "grad_accum": 1,            # micro-batches per optimizer step
     "lr": 1e-3,
@@ -130,7 +131,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # value checks of "train" keys, by key: (type, minimum, minimum excluded, maximum excluded)
 _NUMBERS: dict[str, tuple[type, float | None, bool, float | None]] = {
     "seed": (int, 0, False, None), "steps": (int, 1, False, None),
-    "max_minutes": (float, 0, True, None), "batch_size": (int, 1, False, None),
+    "max_minutes": (float, 0, True, None), "max_cpu_minutes": (float, 0, True, None),
+    "batch_size": (int, 1, False, None),
     "grad_accum": (int, 1, False, None), "lr": (float, 0, True, None),
     "warmup": (int, 0, False, None), "lr_min": (float, 0, False, None),
     "weight_decay": (float, 0, False, None), "grad_clip": (float, 0, False, None),
@@ -141,7 +143,7 @@ _NUMBERS: dict[str, tuple[type, float | None, bool, float | None]] = {
     "fit_count": (int, 1, False, None), "fit_iters": (int, 1, False, None),
     "grid_size": (int, 0, False, None),
 }
-_OPTIONAL = ("max_minutes", "threads")  # None: no limit / torch's choice
+_OPTIONAL = ("max_minutes", "max_cpu_minutes", "threads")  # None: no limit / torch's choice
 
 
 def check_values(train: dict[str, Any]) -> None:

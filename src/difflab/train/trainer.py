@@ -300,6 +300,7 @@ class Trainer:
         self.step = 0
         self.log = MetricsLog(self.out / "metrics.jsonl") if self.out is not None else None
         self.train_seconds = 0.0
+        self.train_cpu_seconds = 0.0  # CPU time of this process spent training (all threads)
         self.fits: dict[int, Any] = {}  # difflab.fitting.Fit by steps, fitted to the EMA weights
         self.last_logs: dict[str, Any] = {}  # the objective's logs of the last step
         if resume:
@@ -473,6 +474,7 @@ class Trainer:
             "modules": {"trainable": list(self.objective.trainable),
                         "frozen": list(self.objective.frozen)},
             "train_seconds": self.train_seconds,
+            "train_cpu_seconds": self.train_cpu_seconds,
             "world_size": self.dist.world_size,
         }, opt_tensors
 
@@ -541,6 +543,7 @@ class Trainer:
         ckpt.generator_state_from_json(self.rng, state["rng"])
         self.step = int(state["step"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.train_cpu_seconds = float(state.get("train_cpu_seconds", 0.0))
         for target, source in self.objective.ema_targets.items():
             self.emas[source].copy_to(self.modules[target])
         if self.dist.is_main and self.log is not None:
@@ -625,8 +628,10 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------
     def run(self, steps: int | None = None, max_minutes: float | None = None) -> dict[str, Any]:
-        """Train until ``steps`` (default train.steps) or the wall-clock budget (default
-        train.max_minutes; resumed runs count time already spent); rank 0 saves the final
+        """Train until ``steps`` (default train.steps), the wall-clock budget (default
+        train.max_minutes) or the CPU budget (train.max_cpu_minutes: this process's CPU time,
+        all threads; on rank 0 under torchrun) is spent; resumed runs count the time already
+        spent. Rank 0 saves the final
         checkpoint (and for a diffusion model fits the solvers, saves a sample grid and the
         loss plot). Returns a summary dict."""
         tc = self.tc
@@ -634,6 +639,8 @@ class Trainer:
         total = int(steps if steps is not None else tc["steps"])
         budget = max_minutes if max_minutes is not None else tc.get("max_minutes")
         budget_s = float(budget) * 60 if budget else math.inf
+        cpu_budget = tc.get("max_cpu_minutes")
+        cpu_budget_s = float(cpu_budget) * 60 if cpu_budget else math.inf
         if self.dist.is_main and self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
             files.write_json(self.out / "config.json", self.config, what="run config")
@@ -642,8 +649,8 @@ class Trainer:
                     "budget_s": None if math.isinf(budget_s) else budget_s - self.train_seconds})
         B = int(tc["batch_size"])
         t_last, n_last, loss = time.perf_counter(), self.step, float("nan")
-        start_seconds = self.train_seconds
-        t_start = time.perf_counter()
+        start_seconds, start_cpu = self.train_seconds, self.train_cpu_seconds
+        t_start, c_start = time.perf_counter(), time.process_time()
         stopped_by = "steps"
         log_every = int(tc["log_every"])
         sample_every = int(tc.get("sample_every") or 0) if diffusion else 0
@@ -656,12 +663,14 @@ class Trainer:
                 loss = _check_finite(loss_t, self.step)  # waits for the device: only when
                 # the loss is shown or the device is the CPU
             self.train_seconds = start_seconds + time.perf_counter() - t_start
+            self.train_cpu_seconds = start_cpu + time.process_time() - c_start
             if logged:
                 now = time.perf_counter()
                 ips = (self.step - n_last) * B / max(now - t_last, 1e-9)
                 t_last, n_last = now, self.step
                 record = {"step": self.step, "loss": loss, "lr": lr_at(self.step - 1, tc),
                           "images_per_s": ips, "seconds": self.train_seconds,
+                          "cpu_seconds": self.train_cpu_seconds,
                           **{k: float(v) for k, v in logs.items()}}
                 if self.dist.is_main and self.log is not None:
                     self.log.write(record)
@@ -674,12 +683,13 @@ class Trainer:
             if tc["ckpt_every"] and self.step % tc["ckpt_every"] == 0:
                 _check_finite(loss_t, self.step)  # never save a diverged state
                 self.save()
-            if self._out_of_time(budget_s):
+            if self._out_of_time(budget_s, cpu_budget_s):
                 stopped_by = "time"
                 break
         if loss_t is not None:
             loss = _check_finite(loss_t, self.step)
         summary = {"steps": self.step, "loss": loss, "seconds": self.train_seconds,
+                   "cpu_seconds": self.train_cpu_seconds,
                    "stopped_by": stopped_by, "out": None if self.out is None else str(self.out)}
         if self.dist.is_main and self.out is not None:
             summary["checkpoint"] = str(self.save())
@@ -693,13 +703,14 @@ class Trainer:
         self._emit({"event": "end", "summary": summary})
         return summary
 
-    def _out_of_time(self, budget_s: float) -> bool:
-        if math.isinf(budget_s):
+    def _out_of_time(self, budget_s: float, cpu_budget_s: float = math.inf) -> bool:
+        if math.isinf(budget_s) and math.isinf(cpu_budget_s):
             return False
+        spent = self.train_seconds >= budget_s or self.train_cpu_seconds >= cpu_budget_s
         if not self.dist.enabled:
-            return self.train_seconds >= budget_s
+            return spent
         # rank 0 decides, so that every rank stops at the same step
-        flag = torch.tensor([float(self.train_seconds >= budget_s)], device=self.device)
+        flag = torch.tensor([float(spent)], device=self.device)
         torch.distributed.broadcast(flag, 0)
         return bool(flag.item())
 
