@@ -10,9 +10,11 @@ import torch
 
 from difflab.conditioning.text import (
     CLIPTextEncoder,
+    PrecomputedTextEncoder,
     TextEncoding,
     VocabTextEncoder,
     build_text_encoder,
+    precompute_text,
 )
 from difflab.denoiser.condition import Condition
 from difflab.nets.blocks import Attention
@@ -100,6 +102,35 @@ def test_trainable_encoder_config_round_trip_and_freeze():
     assert torch.allclose(c.states, a.states, atol=1e-6) and rebuilt.cache_info()["size"] == 3
     with pytest.raises(ValueError, match="unknown text encoder type 'nope'"):
         build_text_encoder({"type": "nope"})
+
+
+def test_precomputed_encodings_equal_the_source_encoder(tmp_path):
+    """precompute_text + PrecomputedTextEncoder: the source encoder's exact tensors for its
+    prompts and the empty one (the CFG null), rebuilt from the config; a prompt not in the
+    file and a file that is not one are refused by name."""
+    enc = vocab_encoder(max_length=10).freeze()
+    path = precompute_text(enc, CAPTIONS[:2], tmp_path / "enc.safetensors")
+    pre = build_text_encoder(json.loads(json.dumps(
+        {"type": "precomputed", "path": str(path)})))
+    assert isinstance(pre, PrecomputedTextEncoder) and pre.source == enc.config
+    assert (pre.dim, pre.max_length) == (enc.dim, enc.max_length)
+    prompts = [CAPTIONS[1], "", CAPTIONS[0], CAPTIONS[1]]
+    a, b = enc.encode(prompts), pre.encode(prompts)
+    assert torch.equal(a.states, b.states) and torch.equal(a.mask, b.mask)
+    assert torch.equal(a.pooled, b.pooled) and torch.equal(pre.null().states, enc.null().states)
+    cond = pre.condition(CAPTIONS[:1])
+    assert torch.equal(cond.null_context, enc.null().states)
+    with pytest.raises(ValueError, match=r"'a large t-shirt in the bottom right' is not among "
+                                         r"the 3 precomputed prompts"):
+        pre.encode([CAPTIONS[2]])
+    with pytest.raises(FileNotFoundError, match="precompute_text"):
+        PrecomputedTextEncoder(tmp_path / "missing.safetensors")
+    from difflab import files
+
+    files.write_bytes(tmp_path / "other.safetensors",
+                      files.safetensors_bytes({"x": torch.zeros(1)}))
+    with pytest.raises(ValueError, match="no precomputed text encodings"):
+        PrecomputedTextEncoder(tmp_path / "other.safetensors")
 
 
 def test_cache_is_lru_per_prompt_and_batch_independent():

