@@ -16,6 +16,12 @@ chain's own discrete bound; one antithetic time per image), their CPU seconds pe
 One torch thread per process (torch.set_num_threads(1)); ``--model`` runs one of them (the
 benchmark ran two processes side by side on the shared 2-core machine). Results go to
 ``--out``/<model>.json; ``--report`` prints the table from them.
+
+On a GPU (``--device cuda``, ``--batch-size``, ``--ode-batch``): the same four models and
+measurements, wall-clock seconds instead of CPU seconds, and ``--preset RUN --preset-count N``
+measures the ODE bits/dim of a trained preset run on N test images (the full test set: 10,000)
+with its standard error. ``--ode-seconds S`` stops each ODE measurement from starting a new
+batch S seconds after it began (its image count is reported).
 """
 
 from __future__ import annotations
@@ -50,14 +56,24 @@ def test_images(n: int, seed: int = 0) -> torch.Tensor:
     return x[idx].float()
 
 
-def train(name: str, out: Path, steps: int) -> dict:
+def _clock(device: str) -> float:
+    """CPU seconds of the process on the CPU; wall seconds (after a sync) on a GPU."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.process_time()
+
+
+def train(name: str, out: Path, steps: int, device: str = "cpu",
+          batch_size: int | None = None) -> dict:
     from difflab.train.config import apply_overrides, load_config
     from difflab.train.trainer import Trainer
 
-    cfg = apply_overrides(load_config("fashion_mnist"), MODELS[name] + [
+    extra = [] if batch_size is None else [f"train.batch_size={batch_size}"]
+    cfg = apply_overrides(load_config("fashion_mnist"), MODELS[name] + extra + [
         f"train.steps={steps}", "train.max_minutes=600", "train.fit_steps=[]",
         "train.grid_size=0", "train.sample_every=0", "train.ckpt_every=0"])
-    trainer = Trainer(cfg, out / name)
+    trainer = Trainer(cfg, out / name, device=device)
     t0 = time.process_time()
     w0 = time.time()
     trainer.run()
@@ -67,47 +83,62 @@ def train(name: str, out: Path, steps: int) -> dict:
             "last_logs": {k: float(v) for k, v in trainer.last_logs.items()}}
 
 
-def evaluate_model(name: str, ckpt: str, x_ode: torch.Tensor, x_vlb: torch.Tensor,
-                   fid_count: int, rtol: float) -> dict:
+def ode_figures(den, x: torch.Tensor, *, rtol: float, batch: int = 16, device: str = "cpu",
+                deadline: float | None = None) -> dict:
+    """ODE bits/dim of test images ``x`` (1 Rademacher probe, uniform dequantisation; batch i
+    draws from generator seed 100 + i): mean, standard error over the images, seconds per
+    image (CPU, or wall on a GPU) and NFE per batch. Stops early at ``deadline``
+    (time.monotonic()); the count says how many were measured."""
     from difflab.likelihood import log_likelihood
-    from difflab.train.checkpoint import load_denoiser
 
-    den, _ = load_denoiser(ckpt)
-    res: dict = {}
-    # the ODE
-    t0 = time.process_time()
-    bpd = []
-    nfe = 0
-    for i, xb in enumerate(x_ode.split(16)):
-        r = log_likelihood(den, xb, probes=1, rtol=rtol, atol=rtol, dequantize="uniform",
+    t0 = _clock(device)
+    bpd, nfe = [], 0
+    for i, xb in enumerate(x.split(batch)):
+        if deadline is not None and time.monotonic() > deadline and bpd:
+            break
+        r = log_likelihood(den, xb.to(device), probes=1, rtol=rtol, atol=rtol,
+                           dequantize="uniform",
                            generator=torch.Generator().manual_seed(100 + i))
-        bpd.append(r.bits_per_dim)
+        bpd.append(r.bits_per_dim.cpu())
         nfe += r.nfe
     bpd = torch.cat(bpd)
-    res["ode_bpd"] = float(bpd.mean())
-    res["ode_se"] = float(bpd.std() / math.sqrt(len(bpd)))
-    res["ode_cpu_s_per_image"] = (time.process_time() - t0) / len(x_ode)
-    res["ode_nfe_per_batch16"] = nfe / len(x_ode.split(16))
-    res["ode_count"] = len(x_ode)
+    return {"ode_bpd": float(bpd.mean()), "ode_se": float(bpd.std() / math.sqrt(len(bpd))),
+            "ode_cpu_s_per_image": (_clock(device) - t0) / len(bpd),
+            f"ode_nfe_per_batch{batch}": nfe / len(bpd.split(batch)), "ode_count": len(bpd),
+            "ode_batch": batch, "rtol": rtol}
+
+
+def evaluate_model(name: str, ckpt: str, x_ode: torch.Tensor, x_vlb: torch.Tensor,
+                   fid_count: int, rtol: float, device: str = "cpu", ode_batch: int = 16,
+                   ode_seconds: float | None = None) -> dict:
+    from difflab.train.checkpoint import load_denoiser
+
+    den, _ = load_denoiser(ckpt, device=device)
+    res: dict = {}
     # the VLB (continuous; the chain's own discrete bound where there is one)
-    res.update(vlb_figures(den, x_vlb, seed=200))
+    res.update(vlb_figures(den, x_vlb, seed=200, device=device))
     res["vlb_count"] = len(x_vlb)
+    # the ODE
+    res.update(ode_figures(den, x_ode, rtol=rtol, batch=ode_batch, device=device,
+                           deadline=None if ode_seconds is None
+                           else time.monotonic() + ode_seconds))
     # FID
     if fid_count:
         from difflab.commands.eval import evaluate
 
-        t0 = time.process_time()
+        t0 = _clock(device)
         out = evaluate(ckpt, reference="fashion_mnist", split="test", n_ref=2000,
-                       count=fid_count, steps=(10,), batch_size=100)
+                       count=fid_count, steps=(10,), batch_size=100, device=device)
         rec = out["results"][0]
         res["fid"] = float(rec["fid"])
         res["fid_sampler"] = f"{rec.get('sampler')} {rec.get('steps')} steps"
         res["fid_count"] = fid_count
-        res["fid_cpu_s"] = time.process_time() - t0
+        res["fid_cpu_s"] = _clock(device) - t0
     return res
 
 
-def vlb_figures(den, x: torch.Tensor, *, seed: int, time_samples: int | None = None) -> dict:
+def vlb_figures(den, x: torch.Tensor, *, seed: int, time_samples: int | None = None,
+                device: str = "cpu") -> dict:
     """Bits/dim by the continuous VLB and, on a DDPM chain, by the chain's own bound: mean,
     standard error and CPU seconds per image (batches of 100, generator seed + batch index)."""
     from difflab.objectives import variational_bound
@@ -118,14 +149,15 @@ def vlb_figures(den, x: torch.Tensor, *, seed: int, time_samples: int | None = N
         forms["vlb_chain"] = "chain"
     res: dict = {}
     for key, steps in forms.items():
-        t0 = time.process_time()
-        vals = [variational_bound(den, xb, steps=steps, **kw,
-                                  generator=torch.Generator().manual_seed(seed + i)).bits_per_dim
+        t0 = _clock(device)
+        vals = [variational_bound(den, xb.to(device), steps=steps, **kw,
+                                  generator=torch.Generator().manual_seed(seed + i)
+                                  ).bits_per_dim.cpu()
                 for i, xb in enumerate(x.split(100))]
         v = torch.cat(vals)
         res[f"{key}_bpd"] = float(v.mean())
         res[f"{key}_se"] = float(v.std() / math.sqrt(len(v)))
-        res[f"{key}_cpu_s_per_image"] = (time.process_time() - t0) / len(x)
+        res[f"{key}_cpu_s_per_image"] = (_clock(device) - t0) / len(x)
     return res
 
 
@@ -172,11 +204,35 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--vlb-again", type=int, default=0, metavar="K",
                     help="re-measure only the VLB of the trained models with K times per image")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-size", type=int, default=None, help="training batch (default: "
+                    "the preset's)")
+    ap.add_argument("--ode-batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--preset", default=None, metavar="RUN",
+                    help="measure the ODE bits/dim of this trained run only")
+    ap.add_argument("--preset-count", type=int, default=10000)
+    ap.add_argument("--ode-seconds", type=float, default=None, metavar="S",
+                    help="each ODE measurement starts no new batch after S seconds")
     args = ap.parse_args(argv)
     if args.report:
         report(args.out)
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    if args.preset:
+        from difflab.train.checkpoint import load_denoiser
+
+        den, _ = load_denoiser(args.preset, device=args.device)
+        res = {"run": args.preset, "device": args.device, **ode_figures(
+            den, test_images(args.preset_count), rtol=args.rtol, batch=args.ode_batch,
+            device=args.device, deadline=None if args.ode_seconds is None
+            else time.monotonic() + args.ode_seconds)}
+        if args.device.startswith("cuda"):
+            res["card"] = torch.cuda.get_device_name(0)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "preset_ode.json").write_text(json.dumps(res, indent=1))
+        print("preset", res, file=sys.stderr, flush=True)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     x = test_images(max(args.ode_count, args.vlb_count))
     if args.vlb_again:
@@ -189,10 +245,11 @@ def main(argv: list[str] | None = None) -> None:
             print(name, {k: v for k, v in r["eval"].items() if "vlb" in k}, file=sys.stderr)
         return
     for name in args.model or list(MODELS):
-        tr = train(name, args.out, args.steps)
+        tr = train(name, args.out, args.steps, args.device, args.batch_size)
         print(name, "trained", tr, file=sys.stderr, flush=True)
         ev = evaluate_model(name, tr["checkpoint"], x[:args.ode_count], x[:args.vlb_count],
-                            args.fid_count, args.rtol)
+                            args.fid_count, args.rtol, args.device, args.ode_batch,
+                            args.ode_seconds)
         print(name, ev, file=sys.stderr, flush=True)
         (args.out / f"{name}.json").write_text(json.dumps(
             {"model": name, "overrides": MODELS[name], "train": tr, "eval": ev,
