@@ -104,10 +104,11 @@ def evaluate(source: str | os.PathLike, *, reference: str = "fashion_mnist",
     if not samplers or not steps or min(steps) < 1:
         raise ParameterError(f"{param('samplers')} and {param('steps')} need at least one "
                              "value; steps >= 1")
+    from difflab.interop import is_diffusers_folder
     from difflab.train.checkpoint import is_checkpoint
 
     src = Path(source)
-    checkpoint = is_checkpoint(src)
+    checkpoint = is_checkpoint(src) or is_diffusers_folder(src)  # a diffusers folder: #17
     g = guidance or Guidance()
     model = None
     if checkpoint:  # fail on a typo or a bad guidance option before any work
@@ -176,7 +177,8 @@ def register(subparsers: Any) -> None:
         "--steps pair, with its sampling cost) or of saved images (.npy array or image "
         "folder), against a reference data set or statistics file. The shipped feature "
         "networks give FID-FMNIST / FID-MNIST, which are not Inception FID.")
-    p.add_argument("source", help="checkpoint directory, .npy file or image folder")
+    p.add_argument("source", help="checkpoint directory, local diffusers model / pipeline "
+                                  "folder, .npy file or image folder")
     p.add_argument("--reference", default="fashion_mnist",
                    help="data set name (load_dataset), image folder, or a statistics "
                         ".safetensors file")

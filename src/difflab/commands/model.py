@@ -12,6 +12,12 @@ compose these::
     solver = choose_solver(model.checkpoint, "auto", 10)
     samples = sample_images(model, solver, 64, seed=0)       # samples.images: (64, C, H, W)
 
+A local diffusers model or pipeline folder (issue #17, :mod:`difflab.interop`) loads through
+the same functions: :func:`load_model` reads it with :func:`~difflab.interop.load_diffusers`
+(its sample shape from the network's config, a latent pipeline's VAE decoding the samples,
+prompts through its text encoder), and its fits live beside it, never in it
+(:func:`fit_store`: ``<folder>.difflab/fits.json``).
+
 Seeding: the initial noise of all ``count`` images is drawn up front from one generator
 seeded with ``seed`` (image i's noise does not depend on the batch size), and a stochastic
 sampler draws image i's noise during sampling from its own generator, seeded with
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +40,9 @@ from torch import Tensor
 from difflab.commands.common import ParameterError, param
 from difflab.commands.guidance import Guidance, Guided, guide
 
-__all__ = ["Model", "load_model", "sample_shape", "Solver", "choose_solver",
-           "Samples", "sample_images", "image_generators"]
+__all__ = ["Model", "load_model", "load_diffusers_model", "PromptGuided", "fit_store",
+           "sample_shape", "Solver", "choose_solver", "Samples", "sample_images",
+           "image_generators"]
 
 
 def sample_shape(config: dict[str, Any]) -> tuple[int, ...]:
@@ -52,13 +60,16 @@ def sample_shape(config: dict[str, Any]) -> tuple[int, ...]:
 @dataclass(frozen=True, eq=False)
 class Model:
     """A loaded checkpoint: ``denoiser`` (its EMA or raw weights, unguided) and ``guided``
-    (the denoiser to sample, guided as asked, and the labels to sample it with)."""
+    (the denoiser to sample, guided as asked, and the labels to sample it with). ``decode``
+    (a latent diffusers pipeline's VAE): the samples' latents -> images; None: the samples are
+    the images."""
 
     checkpoint: Path
     config: dict[str, Any]
     denoiser: Any
     guided: Guided
     ema: bool = True
+    decode: Any = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -75,12 +86,137 @@ def load_model(checkpoint: str | os.PathLike, *, ema: bool = True,
                guidance: Guidance | None = None) -> Model:
     """The checkpoint (or run directory) ``checkpoint`` as a :class:`Model`: its EMA weights
     (``ema=False``: the raw ones) on ``device``, guided by ``guidance``
-    (:func:`~difflab.commands.guidance.guide`). Raises FileNotFoundError for a missing
-    checkpoint and the errors of :func:`~difflab.commands.guidance.guide`."""
+    (:func:`~difflab.commands.guidance.guide`). A diffusers model or pipeline folder loads
+    through :func:`load_diffusers_model` (it has no EMA copy: ``ema`` only names its fits).
+    Raises FileNotFoundError for a missing checkpoint and the errors of
+    :func:`~difflab.commands.guidance.guide`."""
+    from difflab.interop import is_diffusers_folder
     from difflab.train.checkpoint import load_denoiser, resolve
 
+    if is_diffusers_folder(checkpoint):
+        return load_diffusers_model(checkpoint, ema=ema, device=device, guidance=guidance)
     den, config = load_denoiser(checkpoint, ema=ema, device=device)
     return Model(resolve(checkpoint), config, den, guide(den, config, guidance), ema)
+
+
+@dataclass(frozen=True, eq=False)
+class PromptGuided:
+    """A text-conditioned diffusers model's :class:`~difflab.commands.guidance.Guided`:
+    ``labels(count)`` is the :class:`~difflab.denoiser.condition.Condition` of ``count``
+    samples (prompt i mod P, control image i mod N), encoded by the pipeline's text encoder
+    with the empty prompt (or ``negative_prompt``) as the null of classifier-free guidance."""
+
+    denoiser: Any
+    encoder: Any
+    prompts: tuple[str, ...]
+    negative_prompt: str | None = None
+    control: Tensor | None = None
+    num_classes: None = None
+    label: None = None
+
+    def labels(self, count: int) -> Any:
+        rows = torch.arange(count)
+        prompts = [self.prompts[int(i) % len(self.prompts)] for i in rows]
+        fields = {} if self.control is None else {"control": self.control[rows % len(
+            self.control)]}
+        with torch.no_grad():
+            return self.encoder.condition(prompts, self.negative_prompt, **fields)
+
+
+def _diffusers_config(m: Any) -> dict[str, Any]:
+    """The difflab-style config of a loaded diffusers model: what :func:`sample_shape` and
+    :func:`~difflab.commands.guidance.guide` read (shape, classes), and where it came from."""
+    C, H, W = m.sample_shape
+    data: dict[str, Any] = {"channels": C, "resolution": [H, W]}
+    net: dict[str, Any] = {"type": "diffusers", "class": m.model_class}
+    if m.num_classes:
+        data["num_classes"] = net["num_classes"] = m.num_classes
+    return {"data": data, "net": net, "diffusers": {
+        "path": str(m.path), "scheduler": m.scheduler_config,
+        "scaling_factor": m.scaling_factor, "shift_factor": m.shift_factor}}
+
+
+def load_diffusers_model(path: str | os.PathLike, *, ema: bool = True,
+                         device: str | torch.device = "cpu", guidance: Guidance | None = None,
+                         prompts: Sequence[str] | None = None,
+                         negative_prompt: str | None = None,
+                         control: Tensor | Callable[[tuple[int, int, int]], Tensor] | None
+                         = None) -> Model:
+    """A local diffusers model or pipeline folder as a :class:`Model`
+    (:func:`~difflab.interop.load_diffusers`; weights from safetensors only, every component
+    checked before anything is opened). Its sample shape comes from the network's config
+    (``sample_size``, ``in_channels``), a latent pipeline's VAE decodes the samples
+    (``latents / scaling_factor + shift_factor``, from ``vae/config.json``). A class-conditional
+    ``UNet2DModel`` is guided as a difflab one (``guidance``); a text-conditioned one
+    (``UNet2DConditionModel``) needs ``prompts`` and the pipeline's text encoder, a ControlNet
+    pipeline its ``control`` images ((N, C, H, W) in [0, 1], or a function of the (C, H, W)
+    the ControlNet takes returning them); ``guidance.cfg`` is classifier-free
+    guidance towards the prompt and away from the empty (or ``negative_prompt``).
+    Raises ParameterError for a missing or unusable condition,
+    :class:`~difflab.interop.PickleRefused` for pickle-only weights."""
+    from difflab.interop import check_safetensors, load_diffusers
+
+    g = guidance or Guidance()
+    check_safetensors(path)  # before any weights are read, in every component
+    m = load_diffusers(path, device=device, text_encoder=prompts is not None)
+    config = _diffusers_config(m)
+    den, decode = m.denoiser, (m.decode if m.vae is not None else None)
+    if not m.needs_context:
+        if prompts is not None or control is not None:
+            given = param("prompt") if prompts is not None else param("control_image")
+            raise ParameterError(f"{given}: {path} holds a {m.model_class}, which takes no "
+                                 "text or control condition")
+        if m.num_classes and (g.cfg or g.cfg_rescale) and m.net.null_label is None:
+            raise ParameterError(f"{param('cfg')}: {path} is class-conditional with no null "
+                                 "class to guide away from (from Python: load_diffusers(path, "
+                                 "null_label=K) if class K means 'no class')")
+        return Model(Path(path), config, den, guide(den, config, g), ema, decode)
+    if prompts is None:
+        raise ParameterError(f"{path} holds a text-conditioned {m.model_class}: give "
+                             f"{param('prompt')} \"...\" (difflab sample); tune-grid and eval "
+                             "run unconditional models only")
+    if m.text_encoder is None:
+        raise ParameterError(f"{param('prompt')}: {path} has no text_encoder/ + tokenizer/ to "
+                             "encode prompts with (a pipeline folder with a CLIPTextModel is "
+                             "needed; from Python, pass cond=Condition(context=...))")
+    if m.controlnet is not None and control is None:
+        raise ParameterError(f"{path} runs with a ControlNet: give its control image with "
+                             f"{param('control_image')}")
+    if control is not None and m.controlnet is None:
+        raise ParameterError(f"{param('control_image')}: {path} has no controlnet/")
+    if callable(control):  # a reader, given the shape the ControlNet takes: its
+        c = m.controlnet.config  # conditioning embedding's strided convs reach the latent size
+        f = 2 ** (len(c.conditioning_embedding_out_channels) - 1)
+        _, h, w = m.sample_shape
+        control = control((int(c.conditioning_channels), h * f, w * f))
+    if g.label is not None or g.classifier is not None:
+        raise ParameterError(f"{param('label')} / {param('classifier')} guide class labels; "
+                             f"{path} is conditioned on text")
+    w, phi = float(g.cfg or 0.0), float(g.cfg_rescale or 0.0)
+    if w < 0 or not 0.0 <= phi <= 1.0:
+        raise ParameterError(f"{param('cfg')} must be >= 0 and {param('cfg_rescale')} in "
+                             f"[0, 1], got {w}, {phi}")
+    guided = den
+    if w or phi:
+        from difflab.guidance import classifier_free
+
+        guided = classifier_free(den, w, rescale=phi)  # the null half: the empty prompt
+    return Model(Path(path), config, den, PromptGuided(
+        guided, m.text_encoder, tuple(prompts), negative_prompt, control), ema, decode)
+
+
+def fit_store(checkpoint: str | os.PathLike, ema: bool = True) -> tuple[Path, Path]:
+    """(the folder whose ``fits.json`` holds a checkpoint's fits, the weights file they
+    belong to). A difflab checkpoint directory: itself and its (EMA) network weights
+    (:func:`difflab.fitting.weights_file`). A diffusers folder: ``<folder>.difflab`` beside
+    it (:func:`difflab.interop.fits_folder`; the model's folder is never written) and its
+    network's safetensors file."""
+    from difflab.interop import fits_folder, is_diffusers_folder, network_weights
+    from difflab.train.checkpoint import weights_file
+
+    if is_diffusers_folder(checkpoint):
+        return fits_folder(checkpoint), network_weights(checkpoint)
+    return Path(checkpoint), weights_file(checkpoint, ema)
 
 
 # --- the solver ---------------------------------------------------------------------------
@@ -121,8 +257,8 @@ def choose_solver(checkpoint: str | os.PathLike | None, sampler: str = "auto", s
     spacing, or steps < 1.
     """
     from difflab.fitting import choose_fit
+    from difflab.interop import is_diffusers_folder
     from difflab.samplers import AUTO, SPACINGS, choose, names
-    from difflab.train.checkpoint import weights_file
 
     if sampler != AUTO and sampler not in names():
         raise ParameterError(f"unknown {param('sampler')} {sampler!r}; valid: {AUTO}, "
@@ -132,10 +268,12 @@ def choose_solver(checkpoint: str | os.PathLike | None, sampler: str = "auto", s
     if spacing is not None and spacing not in SPACINGS:
         raise ParameterError(f"unknown {param('spacing')} {spacing!r}; valid: "
                              f"{', '.join(SPACINGS)}")
-    fit = None if checkpoint is None else choose_fit(
-        checkpoint, sampler, steps, spacing=spacing, ema=ema,
-        weights=weights_file(checkpoint, ema))  # the fit belongs to these weights
-    prediction = None if checkpoint is None else _consistency_steps(checkpoint, steps)
+    fit = None
+    if checkpoint is not None:
+        store, weights = fit_store(checkpoint, ema)  # the fit belongs to these weights
+        fit = choose_fit(store, sampler, steps, spacing=spacing, ema=ema, weights=weights)
+    prediction = None if checkpoint is None or is_diffusers_folder(checkpoint) else \
+        _consistency_steps(checkpoint, steps)
     return Solver(choose(sampler, fit, prediction), steps, spacing, fit)
 
 
@@ -208,7 +346,8 @@ def sample_images(model: Model, solver: Solver, count: int, *, seed: int = 0,
                   batch_size: int = 256) -> Samples:
     """``count`` samples of ``model`` with ``solver``, ``batch_size`` at a time, from ``seed``
     (the module docstring says how a seed becomes noise). The one chunked sampling loop of the
-    commands. The labels are ``model.guided.labels(count)``."""
+    commands. The labels are ``model.guided.labels(count)`` (a Condition for a prompted
+    diffusers model). A latent model's samples are decoded (``model.decode``)."""
     from difflab.samplers import sample
 
     if not isinstance(count, int) or count < 1:
@@ -229,6 +368,8 @@ def sample_images(model: Model, solver: Solver, count: int, *, seed: int = 0,
                 cond = None if labels is None else labels[i:j].to(device)
                 x = sample(model.guided.denoiser, noise[i:j].to(device), cond=cond,
                            generator=image_generators(seed, i, j), **solver.sample_kwargs())
+                if model.decode is not None:  # a latent diffusers pipeline's VAE
+                    x = model.decode(x)
                 chunks.append(x.detach().float().cpu())
     finally:
         counter.remove()

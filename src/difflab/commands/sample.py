@@ -3,6 +3,12 @@ directory of PNGs (:mod:`difflab.commands.images` lists the formats).
 
     samples = generate("runs/fm", count=16, steps=10, guidance=Guidance(cfg=1.5, label=3))
     write_samples(samples.images, "grid.png")
+
+A local diffusers model or pipeline folder samples the same way (``difflab sample FOLDER``;
+:func:`~difflab.commands.model.load_diffusers_model`): a text pipeline with ``--prompt`` (its
+CLIP text encoder; ``--cfg`` w = diffusers' guidance_scale - 1), a ControlNet pipeline with
+``--control-image``, a latent one decoded by its VAE; the fits ``difflab tune-grid FOLDER``
+stored in ``FOLDER.difflab/`` run as a difflab checkpoint's do.
 """
 
 from __future__ import annotations
@@ -17,29 +23,44 @@ from difflab.commands.common import HelpFormatter, ParameterError, param
 from difflab.commands.controlnet import add_control_args, cmd_sample_controlled, is_controlnet
 from difflab.commands.guidance import Guidance, add_guidance_args, guidance_from_args
 from difflab.commands.images import NPY_DTYPES, check_output, write_samples
-from difflab.commands.model import Samples, choose_solver, load_model, sample_images
+from difflab.commands.model import (
+    Samples,
+    choose_solver,
+    load_diffusers_model,
+    load_model,
+    sample_images,
+)
 from difflab.commands.t2i import add_prompt_args, cmd_sample_t2i, is_text_to_image
 
-__all__ = ["generate", "register", "cmd_sample"]
+__all__ = ["generate", "register", "cmd_sample", "cmd_sample_diffusers"]
 
 
 def generate(checkpoint: str | os.PathLike, *, count: int = 64, steps: int = 10,
              sampler: str = "auto", spacing: str | None = None, seed: int = 0,
              batch_size: int = 256, ema: bool = True, device: str | torch.device = "cpu",
-             guidance: Guidance | None = None) -> Samples:
+             guidance: Guidance | None = None, prompts: list[str] | None = None,
+             negative_prompt: str | None = None, control: Any = None) -> Samples:
     """``count`` samples of a checkpoint (or run directory): ``sampler`` ("auto": the solver
     fitted to the checkpoint for ``steps`` if there is one, else dpmpp_2m) for ``steps`` steps
     on the ``spacing`` rule's grid (None: the grid stored with the checkpoint for that sampler
     and step count, else the sampler's default; :func:`~difflab.commands.model.choose_solver`),
     from ``seed``, guided by ``guidance``; its EMA weights unless ``ema=False``. Returns
     :class:`~difflab.commands.model.Samples` (``.images``: (count, *shape) in about [-1, 1]).
+    ``prompts`` (sample i takes prompt i mod P), ``negative_prompt`` and ``control`` (a
+    ControlNet's control images, or a function of its input shape giving them) condition a
+    diffusers pipeline folder (:func:`~difflab.commands.model.load_diffusers_model`).
     """
     from difflab.commands.validate import check_device, check_memory
 
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:  # before loading
         raise ParameterError(f"{param('count')} must be at least 1, got {count}")
     check_device(device)
-    model = load_model(checkpoint, ema=ema, device=device, guidance=guidance)
+    if prompts is not None or control is not None:
+        model = load_diffusers_model(checkpoint, ema=ema, device=device, guidance=guidance,
+                                     prompts=prompts, negative_prompt=negative_prompt,
+                                     control=control)
+    else:
+        model = load_model(checkpoint, ema=ema, device=device, guidance=guidance)
     check_memory(count, model.shape)  # before sampling: the samples must fit in memory
     solver = choose_solver(model.checkpoint, sampler, steps, spacing=spacing, ema=ema)
     return sample_images(model, solver, count, seed=seed, batch_size=batch_size)
@@ -54,7 +75,8 @@ def register(subparsers: Any) -> None:
         description="Sample from a checkpoint. --out: a .png file writes one grid, a .npy file "
                     "one array (uint8 NHWC in [0,255] or float32 NCHW in [-1,1], see "
                     "--npy-dtype), anything else a directory of PNGs (000000.png, ...).")
-    s.add_argument("checkpoint", help="checkpoint directory (or the run directory holding it)")
+    s.add_argument("checkpoint", help="checkpoint directory (or the run directory holding it), "
+                                      "or a local diffusers model / pipeline folder")
     s.add_argument("--sampler", default="auto",
                    help="sampler name (difflab.samplers.names()), or auto: the bespoke solver "
                         "fitted to the checkpoint for --steps (written by `difflab train` with "
@@ -83,6 +105,10 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from difflab.interop import is_diffusers_folder
+
+    if is_diffusers_folder(args.checkpoint):
+        return cmd_sample_diffusers(args)
     if args.prompt or args.prompts_file or is_text_to_image(args.checkpoint):
         return cmd_sample_t2i(args)
     if getattr(args, "control_image", None) or is_controlnet(args.checkpoint):
@@ -108,3 +134,44 @@ def cmd_sample(args: argparse.Namespace) -> int:
                   overwrite=args.overwrite)
     print(f"wrote {args.count} samples ({solver.sampler}, {args.steps} steps) to {out}")
     return 0
+
+
+def cmd_sample_diffusers(args: argparse.Namespace) -> int:
+    """``difflab sample FOLDER`` for a local diffusers model or pipeline folder: ``--count``
+    samples (with ``--prompt`` / ``--prompts-file``: sample i takes prompt i mod P, or each
+    prompt ``--per-prompt`` times), guided and solved as a difflab checkpoint (its stored
+    fits in ``FOLDER.difflab/``)."""
+    from difflab.commands.t2i import read_prompts
+    from difflab.interop import check_safetensors
+
+    check_safetensors(args.checkpoint)  # pickle refused before any work, nothing opened
+    out = check_output(args.out, args.npy_dtype, overwrite=args.overwrite)  # before any work
+    prompts = read_prompts(args.prompts_file) if args.prompts_file else args.prompt
+    count = args.count
+    if prompts and args.per_prompt:
+        prompts, count = [p for p in prompts for _ in range(args.per_prompt)], \
+            len(prompts) * args.per_prompt
+    if len(args.control_image) > 1:
+        raise ParameterError(f"{param('control_image')}: a diffusers pipeline takes one "
+                             "(a .npy of several: sample i takes image i mod N)")
+    samples = generate(args.checkpoint, count=count, steps=args.steps, sampler=args.sampler,
+                       spacing=args.spacing, seed=args.seed, batch_size=args.batch_size,
+                       ema=not args.no_ema, device=args.device,
+                       guidance=guidance_from_args(args), prompts=prompts or None,
+                       negative_prompt=args.negative_prompt,
+                       control=_control_reader(args.control_image[0]) if args.control_image
+                       else None)
+    solver = samples.solver
+    if solver.source in ("fitted", "tuned"):
+        print(f"using the {solver.source} {solver.sampler} {args.steps}-step solver stored "
+              f"for {args.checkpoint}")
+    write_samples(samples.images, out, npy_dtype=args.npy_dtype, overwrite=args.overwrite)
+    print(f"wrote {count} samples ({solver.sampler}, {args.steps} steps) to {out}")
+    return 0
+
+
+def _control_reader(source: str) -> Any:
+    """The control image file ``source`` read at the (C, H, W) a ControlNet takes."""
+    from difflab.commands.controlnet import read_control_image
+
+    return lambda shape: read_control_image(source, shape, binary=False, notice=print)

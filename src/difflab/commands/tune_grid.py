@@ -13,6 +13,11 @@ weights (EMA or raw) by default (:func:`difflab.commands.model.choose_solver`), 
 ``--spacing`` chooses a fixed rule instead. A fit belongs to the weights it was fitted to (the
 store records their SHA-256 and ignores a fit for other weights with a warning).
 
+A local diffusers model or pipeline folder is tuned the same way, its fits stored beside the
+folder and never in it (:func:`difflab.commands.model.fit_store`: ``FOLDER.difflab/fits.json``,
+where ``difflab sample FOLDER`` finds them); a fit already stored there for the sampler and
+step count is replaced only with ``--overwrite``.
+
 From Python: ``tune_checkpoint("runs/fm", sampler="unipc", steps=[5, 10])``.
 """
 
@@ -28,7 +33,7 @@ import torch
 
 from difflab.commands.common import HelpFormatter, ParameterError, param, set_threads
 from difflab.commands.guidance import is_conditional
-from difflab.commands.model import load_model
+from difflab.commands.model import fit_store, load_model
 
 __all__ = ["tune_checkpoint", "register", "cmd_tune_grid"]
 
@@ -39,7 +44,8 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
                     batch_size: int = 256, ema: bool = True, eval_times: bool = True,
                     eval_times_only: bool = False, base: str = "unipc", start: str = "tuned",
                     max_iter: int = 100, device: str | torch.device = "cpu",
-                    log: Callable[[str], None] | None = None) -> list[tuple[Any, Path]]:
+                    log: Callable[[str], None] | None = None,
+                    overwrite: bool = False) -> list[tuple[Any, Path]]:
     """Fit ``sampler``'s grid for each of ``steps`` to a checkpoint's EMA (``ema=False``: raw)
     weights on ``count`` calibration draws from ``seed``, against a ``reference_steps``
     dpm_solver_3 solution, and store each fit with the checkpoint. ``eval_times``: also fit
@@ -47,11 +53,13 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
     those. ``sampler="bespoke"``: fit the coefficients, on the ``base`` solver's tuned grid
     (``start="tuned"``, tuned first if none is stored) or from unipc on another ``start``
     grid ("auto", "adaptive" or a spacing name), with ``max_iter`` L-BFGS iterations.
-    ``log`` receives a line per fit. Returns [(fit, path of the fits file)].
+    ``log`` receives a line per fit. Returns [(fit, path of the fits file)]. A diffusers
+    folder's fits go to ``FOLDER.difflab/fits.json`` (:func:`~difflab.commands.model.
+    fit_store`), where a stored fit is replaced only with ``overwrite``.
     """
     from difflab.fitting import load_fit, reference_profile, save_fit, tune_grid
+    from difflab.interop import check_safetensors, is_diffusers_folder
     from difflab.samplers import SPACINGS
-    from difflab.train.checkpoint import weights_file
 
     if count < 1:
         raise ParameterError(f"{param('count')} must be at least 1, got {count}")
@@ -70,14 +78,17 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
     from difflab.commands.validate import check_device
 
     check_device(device)
+    if is_diffusers_folder(checkpoint):  # refused unopened; an output replaced only if asked
+        check_safetensors(checkpoint)
+        _check_store(checkpoint, sampler, steps, ema, overwrite)
     model = load_model(checkpoint, ema=ema, device=device)
     if is_conditional(model.config):
         raise ParameterError(f"{param('checkpoint')} {checkpoint}: tune-grid fits unconditional "
                              "sampling; this checkpoint is class-conditional (tune with a "
                              "guided denoiser from Python: difflab.fitting.tune_grid(..., "
                              "cond=labels))")
-    den, ckpt = model.denoiser, model.checkpoint
-    weights = weights_file(ckpt, ema)  # what a fit belongs to (its SHA-256 is stored)
+    den = model.denoiser
+    ckpt, weights = fit_store(model.checkpoint, ema)  # a fit belongs to weights (SHA-256)
     say = log or (lambda line: None)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((count,) + model.shape, generator=g).to(model.device)
@@ -110,6 +121,24 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
             f"{tuned.rmse_default:.4g}), {tuned.evals} sampler runs -> {path}")
         done.append((tuned, path))
     return done
+
+
+def _check_store(checkpoint: str | os.PathLike, sampler: str, steps: Sequence[int], ema: bool,
+                 overwrite: bool) -> None:
+    """Refuse, before any work, to replace a fit stored beside a diffusers folder (or to
+    write where a non-folder stands) without ``overwrite``."""
+    from difflab.fitting.store import FITS, _entries, fit_key
+
+    store, _ = fit_store(checkpoint, ema)
+    if store.exists() and not store.is_dir():
+        raise ParameterError(f"{param('checkpoint')}: its fits go to {store}, which is a file")
+    if overwrite or not (store / FITS).is_file():
+        return
+    taken = [fit_key(sampler, k, ema) for k in steps
+             if fit_key(sampler, k, ema) in _entries(store)]
+    if taken:
+        raise ParameterError(f"{store / FITS} already holds {', '.join(taken)}; pass "
+                             f"{param('overwrite')} to replace it")
 
 
 def _provenance(fit: Any, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -169,7 +198,9 @@ def register(subparsers: Any) -> None:
                     "use the grid for that sampler and step count. --sampler bespoke also fits "
                     "the solver's coefficients on the --base solver's grid (Shaul et al. 2024; "
                     "`difflab sample --sampler bespoke` then uses them).")
-    p.add_argument("checkpoint", help="checkpoint directory (or the run directory holding it)")
+    p.add_argument("checkpoint", help="checkpoint directory (or the run directory holding it), "
+                                      "or a local diffusers model / pipeline folder (fits go "
+                                      "to FOLDER.difflab/, beside it)")
     p.add_argument("--sampler", default="unipc", help="deterministic sampler name")
     p.add_argument("--steps", type=int, nargs="+", default=[10],
                    help="step counts (one grid each)")
@@ -199,6 +230,9 @@ def register(subparsers: Any) -> None:
                         "local error) or a spacing name (unipc as --base)")
     p.add_argument("--max-iter", type=int, default=100,
                    help="--sampler bespoke: L-BFGS iterations of the coefficient fit")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a fit already stored beside a diffusers folder (default: "
+                        "refuse)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(func=cmd_tune_grid)
@@ -211,5 +245,5 @@ def cmd_tune_grid(args: argparse.Namespace) -> int:
                     max_evals=args.max_evals, batch_size=args.batch_size, ema=not args.no_ema,
                     eval_times=not args.no_eval_times, eval_times_only=args.eval_times_only,
                     base=args.base, start=args.start, max_iter=args.max_iter,
-                    device=args.device, log=print)
+                    device=args.device, log=print, overwrite=args.overwrite)
     return 0
