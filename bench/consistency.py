@@ -50,6 +50,48 @@ def cpu_minutes(run: Path) -> tuple[float | None, str]:
     return None, "unknown"
 
 
+MID_CANDIDATES = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)  # t of the 2-step grid [1, t_mid, 0]
+
+
+def tune_mid(run: Path, count: int, candidates=MID_CANDIDATES, seed: int = 1) -> dict:
+    """The intermediate time of 2-step consistency sampling, chosen as Song et al. (2023,
+    Sec. 6) choose it: by FID, here FID-FMNIST of ``count`` samples drawn from ``seed`` (1:
+    disjoint from the seed-0 samples the table reports) for each grid [1, t_mid, 0]. The best
+    is stored as the checkpoint's tuned grid for ``consistency`` at 2 steps
+    (``difflab.fitting.store.save_fit``), which ``difflab sample RUN --steps 2`` and the
+    table's seed-0 measurement then use. Returns {t_mid: FID} and the choice."""
+    from difflab.commands.eval import default_feature_net
+    from difflab.fitting import Fit
+    from difflab.fitting.store import save_fit
+    from difflab.metrics.evaluate import evaluate_features, resolve_reference
+    from difflab.metrics.features import load_feature_net
+    from difflab.samplers import sample
+    from difflab.train import checkpoint as ckpt
+
+    den, cfg = ckpt.load_denoiser(run / "checkpoint")
+    shape = (int(cfg["data"]["channels"]), int(cfg["data"]["resolution"]),
+             int(cfg["data"]["resolution"]))
+    extractor = load_feature_net(default_feature_net("fashion_mnist"))
+    ref = resolve_reference("fashion_mnist", extractor, split="train", n=10000)
+    noise = torch.randn((count, *shape), generator=torch.Generator().manual_seed(seed))
+    fids = {}
+    with torch.no_grad():
+        for t_mid in candidates:
+            x = torch.cat([sample(den, z, sampler="consistency", grid=[1.0, t_mid, 0.0])
+                           for z in noise.split(250)]).clamp(-1, 1)
+            fids[t_mid] = evaluate_features(extractor(x), ref, kid_subsets=2,
+                                            kid_subset_size=min(500, count))["fid"]
+            print(f"{run.name} 2 steps, t_mid {t_mid}: FID {fids[t_mid]:.2f} (seed {seed})",
+                  file=sys.stderr)
+    best = min(fids, key=fids.get)
+    save_fit(run / "checkpoint", Fit(sampler="consistency", ts=(1.0, best, 0.0),
+                                     calibration=count, seed=seed,
+                                     extra={"chosen_by": f"FID-FMNIST of {count} samples, "
+                                            f"seed {seed}", "fids": {str(k): v for k, v in
+                                                                     fids.items()}}))
+    return {"fids": fids, "t_mid": best}
+
+
 def run_info(run: Path) -> dict:
     from difflab.train import checkpoint as ckpt
 
@@ -65,6 +107,11 @@ def main() -> int:
     ap.add_argument("--teacher", required=True, help="the diffusion model's run directory")
     ap.add_argument("--run", action="append", default=[], metavar="NAME=DIR",
                     help="a consistency run (repeatable), e.g. cd=runs/cm_cd")
+    ap.add_argument("--diffusion", action="append", default=[], metavar="NAME=DIR",
+                    help="a diffusion run trained with a CPU budget, measured at 10 steps "
+                         "beside the consistency runs (repeatable)")
+    ap.add_argument("--machine", default="2 cores",
+                    help="how the machine was loaded during the runs (for the page)")
     ap.add_argument("--count", type=int, default=1000, help="samples per FID")
     ap.add_argument("--work", default="runs/cm_bench", help="cache of results")
     ap.add_argument("--out", default=str(ROOT / "docs/results/consistency.md"))
@@ -72,6 +119,9 @@ def main() -> int:
     ap.add_argument("--notes", default=None,
                     help="a markdown file appended to the page (the reading of the numbers)")
     ap.add_argument("--only-teacher", action="store_true", help="measure the teacher only")
+    ap.add_argument("--tune-mid", action="store_true",
+                    help="choose each run's 2-step intermediate time by FID of seed-1 samples "
+                         "(stored with its checkpoint) before measuring")
     ap.add_argument("--teacher-solvers", default=",".join(TEACHER_SOLVERS),
                     help="the teacher's solvers (comma-separated; the best at 20 steps is "
                          "the reference)")
@@ -117,10 +167,21 @@ def main() -> int:
     infos = {}
     if not args.only_teacher:
         for name, d in runs.items():
+            if args.tune_mid and f"{name}:mid" not in results:
+                results.pop(f"{name}:consistency:2", None)  # measured on the old grid
+                results[f"{name}:mid"] = tune_mid(Path(d), args.count)
+                cache.write_text(json.dumps(results, indent=1))
+                (ROOT / "docs" / f"consistency_{name}_2.png").unlink(missing_ok=True)
             measure(name, Path(d), ["consistency"], CM_STEPS)
             infos[name] = run_info(Path(d))
             for k in CM_STEPS:
                 grids[f"{name}_{k}"] = grid(name, Path(d), "consistency", k)
+
+    diffusion = dict(r.split("=", 1) for r in args.diffusion)
+    dinfos = {}
+    for name, d in diffusion.items():
+        measure(name, Path(d), ["dpmpp_2m"], (10,))
+        dinfos[name] = run_info(Path(d))
 
     # --- the page ------------------------------------------------------------------------
     t_fid20 = results[f"teacher:{best}:20"]["fid"]
@@ -129,8 +190,8 @@ def main() -> int:
     lines = [
         "# Consistency models on Fashion-MNIST (issue #20)", "",
         f"Command: `{cmd}`", "",
-        f"Machine: {platform.machine()} CPU, 2 cores shared with other engineers' jobs (load "
-        "average 6-11 during the runs), python " + platform.python_version() +
+        f"Machine: {platform.machine()} CPU, {args.machine}, python " +
+        platform.python_version() +
         f" / torch {torch.__version__}, {datetime.date.today()}.", "",
         f"FID-FMNIST of {args.count} samples (seed 0) against 10,000 train images (biased "
         "upwards at this sample size: compare rows, not papers).", "",
@@ -158,6 +219,23 @@ def main() -> int:
         lines.append(f"| {name} | {info['steps']} | {cpu} ({info['cpu_how']}) | "
                      f"{info['wall_minutes']:.1f} | {f[0]:.2f} | {f[1]:.2f} | {f[2]:.2f} | "
                      f"{f[0] / t_fid20:.2f}x | {f[1] / t_fid20:.2f}x |")
+    if dinfos:
+        lines += ["", "## Diffusion training with the same CPU budgets", "",
+                  "| run | steps trained | CPU min | wall min | dpmpp_2m 10 steps |",
+                  "|---|---|---|---|---|"]
+        for name, info in dinfos.items():
+            cpu = "n/a" if info["cpu_minutes"] is None else f"{info['cpu_minutes']:.1f}"
+            lines.append(f"| {name} | {info['steps']} | {cpu} ({info['cpu_how']}) | "
+                         f"{info['wall_minutes']:.1f} | "
+                         f"{results[f'{name}:dpmpp_2m:10']['fid']:.2f} |")
+    mids = {name: results[f"{name}:mid"] for name in infos if f"{name}:mid" in results}
+    if mids:
+        lines += ["", "2-step grids [1, t_mid, 0]: t_mid chosen by FID-FMNIST of 1000 samples "
+                  "from seed 1 (the table's samples are seed 0), stored with each checkpoint "
+                  "(`fits.json`, used by `difflab sample RUN --steps 2`):", ""]
+        for name, m in mids.items():
+            cells = ", ".join(f"{float(t):g}: {f:.2f}" for t, f in m["fids"].items())
+            lines.append(f"- {name}: t_mid = {m['t_mid']} ({cells})")
     lines += ["", "Settings per run (the `consistency` and `train` sections of its config):", ""]
     for name, info in infos.items():
         c = info["config"]
