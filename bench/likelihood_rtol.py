@@ -3,6 +3,10 @@ images, dequantisation noise and Hutchinson probe at each rtol (= atol), the dif
 tightest, NFE and CPU seconds per image; and the extrapolated time of the full 10k test set.
 
     python bench/likelihood_rtol.py CHECKPOINT --count 16 --rtols 1e-2 3e-3 1e-3 1e-4 1e-5
+    python bench/likelihood_rtol.py CHECKPOINT --solver bosh3 --rtols 3e-2 1e-2 --reference 1e-4
+
+``--reference R``: the differences are taken to a Dormand-Prince solve at rtol R (else to the
+tightest rtol of the list, with ``--solver``).
 
 One torch thread (torch.set_num_threads(1)).
 """
@@ -23,6 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--rtols", type=float, nargs="+", default=[1e-2, 3e-3, 1e-3, 1e-4, 1e-5])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--solver", default="dopri5", help="dopri5 | bosh3")
+    ap.add_argument("--reference", type=float, default=None, metavar="R",
+                    help="compare to a dopri5 solve at rtol R")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     import sys
@@ -36,22 +43,24 @@ def main(argv: list[str] | None = None) -> None:
 
     den, _ = load_denoiser(args.checkpoint)
     x = test_images(args.count)
-    rows = {}
-    for rtol in args.rtols:
+    def solve(rtol: float, solver: str) -> dict:
         t0 = time.process_time()
         bpd, nfe = [], 0
         for i, xb in enumerate(x.split(args.batch_size)):
             r = log_likelihood(den, xb, probes=1, rtol=rtol, atol=rtol, dequantize="uniform",
-                               generator=torch.Generator().manual_seed(100 + i))
+                               generator=torch.Generator().manual_seed(100 + i), solver=solver)
             bpd.append(r.bits_per_dim)
             nfe += r.nfe
         cpu = (time.process_time() - t0) / len(x)
-        rows[rtol] = {"bpd": torch.cat(bpd), "nfe": nfe, "cpu_s_per_image": cpu}
-    ref = rows[min(args.rtols)]["bpd"]
+        return {"bpd": torch.cat(bpd), "nfe": nfe, "cpu_s_per_image": cpu}
+
+    rows = {rtol: solve(rtol, args.solver) for rtol in args.rtols}
+    ref = (solve(args.reference, "dopri5") if args.reference is not None
+           else rows[min(args.rtols)])["bpd"]
     out = []
     for rtol, r in rows.items():
         d = (r["bpd"] - ref).abs()
-        out.append({"rtol": rtol, "bpd_mean": float(r["bpd"].mean()),
+        out.append({"solver": args.solver, "rtol": rtol, "bpd_mean": float(r["bpd"].mean()),
                     "mean_diff_vs_tightest": float((r["bpd"] - ref).mean()),  # the bias
                     "max_abs_diff_vs_tightest": float(d.max()),
                     "mean_abs_diff_vs_tightest": float(d.mean()),

@@ -291,6 +291,28 @@ def test_dequantize_uniform_checks_the_grid():
 
 
 # --- bad input ------------------------------------------------------------------------------------
+def test_bogacki_shampine_pair():
+    """bosh3: the tableau's consistency (row sums = nodes, weights sum to 1, the embedded
+    weights too) and, on the exact ring in 2-D, the closed form to the ODE tolerance with 3
+    calls a step (FSAL) against dopri5's 6."""
+    from difflab.likelihood import TABLEAUS
+
+    for tab in TABLEAUS.values():
+        for c, row in zip(tab.C[1:], tab.A[1:]):
+            assert sum(row) == pytest.approx(c, abs=1e-15)
+        assert sum(tab.A[-1]) == pytest.approx(1.0, abs=1e-15)
+        assert sum(tab.E) == pytest.approx(0.0, abs=1e-15)  # both orders integrate constants
+    schedule = SCHEDULES["cosine_continuous"]()
+    x, _ = RING.sample(8, torch.Generator().manual_seed(0))
+    den = RING.denoiser(schedule, "x0")
+    r = log_likelihood(den, x, exact_divergence=True, solver="bosh3", rtol=1e-6, atol=1e-6)
+    ode_error = exact_p1(RING, schedule, r) - smoothed_log_prob(RING, schedule, x, r.t_min)
+    assert float(ode_error.abs().max()) / 2 < 5e-5
+    assert r.nfe == 3 * (r.steps + r.rejected) + 2
+    with pytest.raises(ValueError, match="unknown solver='rk4'"):
+        log_likelihood(den, x, solver="rk4")
+
+
 def test_bad_input_names_the_parameter():
     den = RING.denoiser(schedules.edm(), "x0")
     x, _ = RING.sample(2, torch.Generator().manual_seed(0))

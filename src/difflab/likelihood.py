@@ -203,11 +203,27 @@ def _draw_probes(kind: str, k: int, x: Tensor, generator: torch.Generator | None
 
 
 # ------------------------------------------------------------------------------------------
-# Dormand-Prince 5(4)
+# Embedded Runge-Kutta pairs with FSAL: Dormand-Prince 5(4), Bogacki-Shampine 3(2)
 # ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Tableau:
+    """An explicit embedded pair whose last stage is evaluated at the new point (FSAL): ``A``'s
+    last row is the solution's weights, ``E`` = solution minus embedded weights over every
+    stage, ``low`` the embedded order (the step factor is err^(-1 / (low + 1)))."""
+
+    C: tuple[float, ...]
+    A: tuple[tuple[float, ...], ...]
+    E: tuple[float, ...]
+    low: int
+
+
+def _pair(A: tuple[tuple[float, ...], ...], B_low: tuple[float, ...]) -> tuple[float, ...]:
+    """E: the solution's weights (A's last row, 0 for the FSAL stage) minus the embedded."""
+    return tuple(b - b_low for b, b_low in zip((*A[-1], 0.0), B_low))
+
+
 # Dormand & Prince (1980), RK5(4)7FM; Hairer, Norsett & Wanner, Solving ODEs I, Table II.5.2
-_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
-_A = (
+_DP_A = (
     (),
     (1 / 5,),
     (3 / 40, 9 / 40),
@@ -216,8 +232,16 @@ _A = (
     (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
     (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),  # = the 5th-order weights
 )
-_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
-_E = tuple(b5 - b4 for b5, b4 in zip((*_A[6], 0.0), _B4))  # 5th minus embedded 4th order
+_DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+_DP_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
+# Bogacki & Shampine (1989), "A 3(2) pair of Runge-Kutta formulas" (MATLAB's ode23)
+_BS_A = ((), (1 / 2,), (0.0, 3 / 4), (2 / 9, 1 / 3, 4 / 9))
+_BS_C = (0.0, 1 / 2, 3 / 4, 1.0)
+_BS_B2 = (7 / 24, 1 / 4, 1 / 3, 1 / 8)
+TABLEAUS = {"dopri5": _Tableau(_DP_C, _DP_A, _pair(_DP_A, _DP_B4), 4),
+            "bosh3": _Tableau(_BS_C, _BS_A, _pair(_BS_A, _BS_B2), 2)}
+#: the adaptive solvers of :func:`log_likelihood` (``solver=``)
+SOLVERS = tuple(TABLEAUS)
 
 State = tuple[Tensor, ...]
 
@@ -250,10 +274,14 @@ class _Stats:
     rejected: int
 
 
-def _dopri5(fun: Callable[[float, State], State], t0: float, t1: float, y0: State, rtol: float,
-            atol: float, max_steps: int) -> tuple[State, _Stats]:
-    """Integrate dy/dt = fun(t, y) from t0 to t1 (either direction) with Dormand-Prince 5(4);
-    y is a tuple of tensors with the batch first (module docstring)."""
+def _embedded_rk(fun: Callable[[float, State], State], t0: float, t1: float, y0: State,
+                 rtol: float, atol: float, max_steps: int, solver: str = "dopri5"
+                 ) -> tuple[State, _Stats]:
+    """Integrate dy/dt = fun(t, y) from t0 to t1 (either direction) with an embedded pair of
+    :data:`TABLEAUS` (Dormand-Prince 5(4) by default); y is a tuple of tensors with the batch
+    first (module docstring)."""
+    tab = TABLEAUS[solver]
+    q = 1.0 / (tab.low + 1)
     nfe = 0
 
     def f(t: float, y: State) -> State:
@@ -273,7 +301,7 @@ def _dopri5(fun: Callable[[float, State], State], t0: float, t1: float, y0: Stat
     h0 = min(h0, span)
     k2 = f(t0 + direction * h0, _axpy(y0, direction * h0, (1.0,), (k1,)))
     d2 = _rms(tuple(b - a for a, b in zip(k1, k2)), sc) / h0
-    h1 = max(1e-6 * span, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** 0.2
+    h1 = max(1e-6 * span, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** q
     h = min(100 * h0, h1, span)
     t, y, steps, rejected = t0, y0, 0, 0
     while direction * (t1 - t) > 0:
@@ -286,22 +314,22 @@ def _dopri5(fun: Callable[[float, State], State], t0: float, t1: float, y0: Stat
         h = min(h, remaining)
         hs = direction * h
         ks = [k1]
-        for i in range(1, 7):
-            ks.append(f(t + _C[i] * hs, _axpy(y, hs, _A[i], ks)))
-        y5 = _axpy(y, hs, _A[6], ks[:6])
-        err = _axpy(tuple(torch.zeros_like(a) for a in y), hs, _E, ks)
+        for i in range(1, len(tab.C)):
+            ks.append(f(t + tab.C[i] * hs, _axpy(y, hs, tab.A[i], ks)))
+        y5 = _axpy(y, hs, tab.A[-1], ks[:-1])
+        err = _axpy(tuple(torch.zeros_like(a) for a in y), hs, tab.E, ks)
         scale = tuple(atol + rtol * torch.maximum(a.abs(), b.abs()) for a, b in zip(y, y5))
         ratio = _rms(err, scale)
         if not math.isfinite(ratio):
             ratio = math.inf
         if ratio <= 1.0:
             t = t1 if last else t + hs
-            y, k1 = y5, ks[6]
+            y, k1 = y5, ks[-1]
             steps += 1
-            factor = 10.0 if ratio == 0 else min(10.0, max(0.2, 0.9 * ratio ** -0.2))
+            factor = 10.0 if ratio == 0 else min(10.0, max(0.2, 0.9 * ratio ** -q))
         else:
             rejected += 1
-            factor = 0.2 if ratio == math.inf else min(1.0, max(0.2, 0.9 * ratio ** -0.2))
+            factor = 0.2 if ratio == math.inf else min(1.0, max(0.2, 0.9 * ratio ** -q))
             if h * factor < 1e-14 * max(1.0, abs(t)):
                 raise RuntimeError(f"the ODE solver's step size underflowed at t = {t:.6g} "
                                    "(the drift is not finite or not smooth there)")
@@ -427,7 +455,8 @@ def log_likelihood(denoiser: BaseDenoiser, x: Tensor, *, cond: Any = None,
                    exact_divergence: bool = False, probes: int = 1, probe: str = "rademacher",
                    rtol: float = 1e-5, atol: float = 1e-5,
                    generator: torch.Generator | None = None, dequantize: str | None = None,
-                   t_min: float | None = None, max_steps: int = 10_000) -> LikelihoodResult:
+                   t_min: float | None = None, max_steps: int = 10_000,
+                   solver: str = "dopri5") -> LikelihoodResult:
     """log p(x) of a denoiser's model through the probability-flow ODE (module docstring).
 
     Args:
@@ -443,12 +472,16 @@ def log_likelihood(denoiser: BaseDenoiser, x: Tensor, *, cond: Any = None,
         dequantize: None (x is continuous data) or "uniform".
         t_min: where the ODE starts; default 0 if sigma(0) > 0, else sigma~(t_min) = 1e-3.
         max_steps: the solver's limit on accepted + rejected steps.
+        solver: the adaptive pair, "dopri5" (Dormand-Prince 5(4), 6 calls a step) or "bosh3"
+            (Bogacki-Shampine 3(2), 3 calls a step: fewer calls at loose tolerances).
 
     Returns:
         A :class:`LikelihoodResult`: nats per sample, bits per dimension and the parts.
     """
     _check_batch(x)
     _check_tolerances(rtol, atol, max_steps)
+    if solver not in TABLEAUS:
+        raise ValueError(f"unknown solver={solver!r}; valid: {list(TABLEAUS)}")
     if dequantize not in DEQUANTIZE:
         raise ValueError(f"unknown dequantize={dequantize!r}; valid: {list(DEQUANTIZE)}")
     if not exact_divergence:
@@ -492,7 +525,8 @@ def log_likelihood(denoiser: BaseDenoiser, x: Tensor, *, cond: Any = None,
     columns = 1 if exact_divergence else probes
     state0 = (alpha_min * y, torch.zeros(B, columns, dtype=F64, device=x.device))
     lam_start, (lam_end, t_max) = _log_snr(schedule, t_min), _end(schedule)
-    (x_1, integrals), stats = _dopri5(fun, lam_start, lam_end, state0, rtol, atol, max_steps)
+    (x_1, integrals), stats = _embedded_rk(fun, lam_start, lam_end, state0, rtol, atol,
+                                           max_steps, solver)
 
     prior_std = schedule.prior_std(t_max)
     flat = x_1.reshape(B, -1)
@@ -539,5 +573,6 @@ def probability_flow(denoiser: BaseDenoiser, x: Tensor, t_start: float, t_end: f
             pred = denoiser.predict(state[0].to(dtype), t, cond)
             return ((c_x0 * pred.x0 + c_eps * pred.eps).to(F64),)
 
-    (x_end,), _ = _dopri5(fun, lams[0], lams[1], (x.detach().to(F64),), rtol, atol, max_steps)
+    (x_end,), _ = _embedded_rk(fun, lams[0], lams[1], (x.detach().to(F64),), rtol, atol,
+                               max_steps)
     return x_end.to(dtype)
