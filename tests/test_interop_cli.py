@@ -14,16 +14,14 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
+from test_interop import TINY  # noqa: E402  (the tiny UNet2DModel of the parity tests)
+
 from difflab import interop  # noqa: E402
 from difflab.cli import main  # noqa: E402
 from difflab.commands.model import choose_solver  # noqa: E402
 from difflab.denoiser import Condition  # noqa: E402
 
 diffusers.utils.logging.set_verbosity_error()
-TINY = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
-            block_out_channels=(8, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-            up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
-            attention_head_dim=8)
 TEXT_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
                  block_out_channels=(8, 16),
                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
