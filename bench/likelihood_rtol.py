@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--solver", default="dopri5", help="dopri5 | bosh3")
     ap.add_argument("--reference", type=float, default=None, metavar="R",
                     help="compare to a dopri5 solve at rtol R")
+    ap.add_argument("--profile", type=int, default=0, metavar="B",
+                    help="only time one call at batch B: the forward, and the forward with "
+                         "Hutchinson's vector-Jacobian product (ms of CPU per image)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     import sys
@@ -42,6 +45,25 @@ def main(argv: list[str] | None = None) -> None:
     from difflab.train.checkpoint import load_denoiser
 
     den, _ = load_denoiser(args.checkpoint)
+    if args.profile:
+        from difflab.likelihood import divergence
+
+        z = torch.randn(args.profile, *test_images(1).shape[1:])
+        v = torch.randint(0, 2, (1, *z.shape)).float() * 2 - 1
+
+        def per_image(fn) -> float:
+            fn()
+            t0 = time.process_time()
+            for _ in range(5):
+                fn()
+            return (time.process_time() - t0) / 5 / args.profile * 1000
+
+        with torch.no_grad():
+            fwd = per_image(lambda: den.predict(z, 0.5))
+        both = per_image(lambda: divergence(den, z, 0.5, probes=v))
+        print(json.dumps({"batch": args.profile, "forward_ms_per_image": fwd,
+                          "forward_and_vjp_ms_per_image": both}))
+        return
     x = test_images(args.count)
     def solve(rtol: float, solver: str) -> dict:
         t0 = time.process_time()
