@@ -50,7 +50,7 @@ def cpu_minutes(run: Path) -> tuple[float | None, str]:
     return None, "unknown"
 
 
-MID_CANDIDATES = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)  # t of the 2-step grid [1, t_mid, 0]
+MID_CANDIDATES = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # t of the 2-step grid [1, t_mid, 0]
 
 
 def tune_mid(run: Path, count: int, candidates=MID_CANDIDATES, seed: int = 1) -> dict:
@@ -113,6 +113,11 @@ def main() -> int:
     ap.add_argument("--machine", default="2 cores",
                     help="how the machine was loaded during the runs (for the page)")
     ap.add_argument("--count", type=int, default=1000, help="samples per FID")
+    ap.add_argument("--confirm", default=None, metavar="NAME",
+                    help="measure run NAME at 1 and 2 steps and the teacher's best solver at "
+                         "20 steps again with --confirm-count samples (a target at the margin "
+                         "of the 1000-sample FID's noise)")
+    ap.add_argument("--confirm-count", type=int, default=5000)
     ap.add_argument("--work", default="runs/cm_bench", help="cache of results")
     ap.add_argument("--out", default=str(ROOT / "docs/results/consistency.md"))
     ap.add_argument("--threads", type=int, default=None)
@@ -177,6 +182,23 @@ def main() -> int:
             for k in CM_STEPS:
                 grids[f"{name}_{k}"] = grid(name, Path(d), "consistency", k)
 
+    confirm_file = work / f"results_n{args.confirm_count}_check.json"
+    if args.confirm:
+        check = json.loads(confirm_file.read_text()) if confirm_file.is_file() else {}
+        for key, src, s, k in [(f"{args.confirm}:consistency:2", runs[args.confirm],
+                                "consistency", 2),
+                               (f"{args.confirm}:consistency:1", runs[args.confirm],
+                                "consistency", 1),
+                               (f"teacher:{best}:20", str(teacher), best, 20)]:
+            if key not in check:
+                res = evaluate(Path(src) / "checkpoint", reference="fashion_mnist",
+                               count=args.confirm_count, samplers=[s], steps=[k],
+                               batch_size=250, seed=0, kid_subsets=10, kid_subset_size=1000)
+                rec = res["results"][0]
+                check[key] = {"fid": rec["fid"], "grid": rec.get("grid"),
+                              "count": args.confirm_count}
+                confirm_file.write_text(json.dumps(check, indent=1))
+
     diffusion = dict(r.split("=", 1) for r in args.diffusion)
     dinfos = {}
     for name, d in diffusion.items():
@@ -219,6 +241,15 @@ def main() -> int:
         lines.append(f"| {name} | {info['steps']} | {cpu} ({info['cpu_how']}) | "
                      f"{info['wall_minutes']:.1f} | {f[0]:.2f} | {f[1]:.2f} | {f[2]:.2f} | "
                      f"{f[0] / t_fid20:.2f}x | {f[1] / t_fid20:.2f}x |")
+    if confirm_file.is_file():
+        check = json.loads(confirm_file.read_text())
+        t = next((v["fid"] for k, v in check.items() if k.startswith("teacher:")), None)
+        lines += ["", f"Again with {args.confirm_count} samples (seed 0; `--confirm`):", "",
+                  "| model | steps | FID | / teacher-20 |", "|---|---|---|---|"]
+        for key, v in check.items():
+            name, solver, k = key.split(":")
+            ratio = f"{v['fid'] / t:.3f}x" if t and not key.startswith("teacher:") else ""
+            lines.append(f"| {name} ({solver}) | {k} | {v['fid']:.2f} | {ratio} |")
     if dinfos:
         lines += ["", "## Diffusion training with the same CPU budgets", "",
                   "| run | steps trained | CPU min | wall min | dpmpp_2m 10 steps |",
