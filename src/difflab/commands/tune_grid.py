@@ -6,7 +6,10 @@ noise drawn from ``--seed``) and stores the :class:`~difflab.fitting.Fit` beside
 (:func:`difflab.fitting.save_fit`: ``CKPT/fits.json``, entry ``unipc/10/ema``).
 ``--sampler bespoke`` fits a bespoke solver's coefficients (:func:`difflab.fitting.tune_solver`)
 on the grid of its base solver (``--base``, default unipc: the fit already stored, else tuned
-first), stored as the ``bespoke/<steps>/<weights>`` entry.
+first), stored as the ``bespoke/<steps>/<weights>`` entry. ``--fast`` fits bespoke solvers
+for all ``--steps`` (default 5 10 20) from one reference solve by teacher forcing and ridge
+least squares (:func:`difflab.fitting.fast_fit_solvers`: seconds to a minute on a CPU, where
+the full fit takes many minutes; docs/results/fit_fast.md), stored as the same entries.
 
 ``difflab sample`` and ``difflab eval`` then run that fit for that sampler, step count and
 weights (EMA or raw) by default (:func:`difflab.commands.model.choose_solver`), and say so;
@@ -45,7 +48,7 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
                     eval_times_only: bool = False, base: str = "unipc", start: str = "tuned",
                     max_iter: int = 100, device: str | torch.device = "cpu",
                     log: Callable[[str], None] | None = None,
-                    overwrite: bool = False) -> list[tuple[Any, Path]]:
+                    overwrite: bool = False, fast: bool = False) -> list[tuple[Any, Path]]:
     """Fit ``sampler``'s grid for each of ``steps`` to a checkpoint's EMA (``ema=False``: raw)
     weights on ``count`` calibration draws from ``seed``, against a ``reference_steps``
     dpm_solver_3 solution, and store each fit with the checkpoint. ``eval_times``: also fit
@@ -55,7 +58,10 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
     grid ("auto", "adaptive" or a spacing name), with ``max_iter`` L-BFGS iterations.
     ``log`` receives a line per fit. Returns [(fit, path of the fits file)]. A diffusers
     folder's fits go to ``FOLDER.difflab/fits.json`` (:func:`~difflab.commands.model.
-    fit_store`), where a stored fit is replaced only with ``overwrite``.
+    fit_store`), where a stored fit is replaced only with ``overwrite``. ``fast``: bespoke
+    solvers by :func:`~difflab.fitting.fast_fit_solvers` (``sampler`` is then "bespoke"; the
+    reference is dpmpp_3m on a ``reference_steps``-step uniform grid, a multiple of every
+    step count; no grid is tuned).
     """
     from difflab.fitting import load_fit, reference_profile, save_fit, tune_grid
     from difflab.interop import check_safetensors, is_diffusers_folder
@@ -75,6 +81,10 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
     if sampler == "bespoke" and start != "tuned" and base != "unipc":
         raise ParameterError(f"{param('start')} {start} fits from unipc's coefficients; use "
                              f"{param('start')} tuned with {param('base')} {base}")
+    if fast and sampler not in ("unipc", "bespoke"):  # unipc: the default, and the base
+        raise ParameterError(f"{param('fast')} fits bespoke solvers; got {param('sampler')} "
+                             f"{sampler}")
+    sampler = "bespoke" if fast else sampler
     from difflab.commands.validate import check_device
 
     check_device(device)
@@ -92,6 +102,10 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
     say = log or (lambda line: None)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((count,) + model.shape, generator=g).to(model.device)
+    if fast:
+        return _tune_fast(den, ckpt, noise, steps, ema=ema, seed=seed,
+                          reference_steps=reference_steps, batch_size=batch_size,
+                          weights=weights, say=say)
     ref, profile = reference_profile(den, noise, reference_steps, batch_size=batch_size)
     made = dict(seed=seed, reference_steps=reference_steps)
     done: list[tuple[Any, Path]] = []
@@ -184,6 +198,27 @@ def _tune_bespoke(den: Any, ckpt: Path, noise: Any, ref: Any, profile: dict[str,
     return tuned, path
 
 
+def _tune_fast(den: Any, ckpt: Path, noise: Any, steps: Sequence[int], *, ema: bool, seed: int,
+               reference_steps: int, batch_size: int, weights: Path,
+               say: Callable[[str], None]) -> list[tuple[Any, Path]]:
+    """Bespoke solvers for all ``steps`` by the fast fit, each stored with the checkpoint."""
+    from difflab.fitting import fast_fit_solvers, save_fit
+    from difflab.fitting.fast import describe_fast_fit
+
+    try:
+        fits = fast_fit_solvers(den, list(steps), noise, reference_steps=reference_steps,
+                                batch_size=batch_size)
+    except ValueError as e:  # a grid not nested in the reference grid
+        raise ParameterError(f"{param('fast')}: {e}") from None
+    done = []
+    for fit in fits.values():
+        fit = fit.with_(seed=seed)
+        path = save_fit(ckpt, fit, ema=ema, weights=weights)
+        say(f"{describe_fast_fit(fit)} -> {path}")
+        done.append((fit, path))
+    return done
+
+
 # --- command line ---------------------------------------------------------------------------
 def register(subparsers: Any) -> None:
     """Add ``tune-grid`` to the ``difflab`` command line."""
@@ -201,14 +236,18 @@ def register(subparsers: Any) -> None:
     p.add_argument("checkpoint", help="checkpoint directory (or the run directory holding it), "
                                       "or a local diffusers model / pipeline folder (fits go "
                                       "to FOLDER.difflab/, beside it)")
-    p.add_argument("--sampler", default="unipc", help="deterministic sampler name")
-    p.add_argument("--steps", type=int, nargs="+", default=[10],
-                   help="step counts (one grid each)")
-    p.add_argument("--count", type=int, default=64, help="calibration samples")
+    p.add_argument("--sampler", default=None,
+                   help="deterministic sampler name (default unipc; bespoke with --fast)")
+    p.add_argument("--steps", type=int, nargs="+", default=None,
+                   help="step counts (one grid each; default 10, with --fast 5 10 20)")
+    p.add_argument("--count", type=int, default=None,
+                   help="calibration samples (default 64; with --fast 16: each sample gives "
+                        "an equation per pixel and grid point to the few coefficients)")
     p.add_argument("--seed", type=int, default=1000,
                    help="seed of the calibration noise (keep it apart from sampling seeds)")
-    p.add_argument("--reference-steps", type=int, default=100,
-                   help="dpm_solver_3 steps of the reference solution")
+    p.add_argument("--reference-steps", type=int, default=None,
+                   help="dpm_solver_3 steps of the reference solution (default 100; with "
+                        "--fast dpmpp_3m steps on the uniform grid, default 240)")
     p.add_argument("--max-evals", type=int, default=None,
                    help="sampler runs per grid (default: 40 x steps, at least 200)")
     p.add_argument("--batch-size", type=int, default=256, help="samples per network batch")
@@ -230,6 +269,10 @@ def register(subparsers: Any) -> None:
                         "local error) or a spacing name (unipc as --base)")
     p.add_argument("--max-iter", type=int, default=100,
                    help="--sampler bespoke: L-BFGS iterations of the coefficient fit")
+    p.add_argument("--fast", action="store_true",
+                   help="fit bespoke solvers for all --steps from one reference solve by "
+                        "teacher forcing and ridge least squares (seconds to a minute on a "
+                        "CPU; no grid tuning, no L-BFGS): difflab.fitting.fast_fit_solvers")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a fit already stored beside a diffusers folder (default: "
                         "refuse)")
@@ -240,10 +283,15 @@ def register(subparsers: Any) -> None:
 
 def cmd_tune_grid(args: argparse.Namespace) -> int:
     set_threads(args.threads)
-    tune_checkpoint(args.checkpoint, sampler=args.sampler, steps=args.steps, count=args.count,
-                    seed=args.seed, reference_steps=args.reference_steps,
+    sampler = args.sampler or ("bespoke" if args.fast else "unipc")
+    steps = args.steps or ([5, 10, 20] if args.fast else [10])
+    reference_steps = (args.reference_steps if args.reference_steps is not None
+                       else 240 if args.fast else 100)
+    count = args.count if args.count is not None else 16 if args.fast else 64
+    tune_checkpoint(args.checkpoint, sampler=sampler, steps=steps, count=count,
+                    seed=args.seed, reference_steps=reference_steps,
                     max_evals=args.max_evals, batch_size=args.batch_size, ema=not args.no_ema,
                     eval_times=not args.no_eval_times, eval_times_only=args.eval_times_only,
                     base=args.base, start=args.start, max_iter=args.max_iter,
-                    device=args.device, log=print, overwrite=args.overwrite)
+                    device=args.device, log=print, overwrite=args.overwrite, fast=args.fast)
     return 0

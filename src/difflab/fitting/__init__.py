@@ -10,6 +10,8 @@ denoiser, and no fit changes the caller's modules.
 - :mod:`.grids`      tuned grids (LD3 objective, Nelder-Mead, decoupled evaluation times) and
                      the adaptive grid;
 - :mod:`.bespoke`    bespoke solver coefficients (Shaul et al. 2024), fitted by L-BFGS;
+- :mod:`.fast`       the same coefficients fitted fast: one reference solve for all step
+                     counts, teacher forcing, ridge least squares (:func:`fast_fit_solvers`);
 - :mod:`.store`      fits beside a checkpoint's weights (``fits.json``), and the fit a
                      checkpoint's sampling runs (:func:`choose_fit`).
 
@@ -25,6 +27,7 @@ from difflab.fitting.bespoke import (
     fit_solvers,
     tune_solver,
 )
+from difflab.fitting.fast import fast_fit_solvers
 from difflab.fitting.fit import Fit
 from difflab.fitting.grids import (
     adaptive_grid,
@@ -48,6 +51,6 @@ from difflab.samplers.onestep import STEPS, step
 
 __all__ = ["Fit", "tune_grid", "grid_from_theta", "eval_times_from_phi", "nelder_mead",
            "adaptive_grid", "calibration_reference", "reference_profile", "tune_solver",
-           "fit_solver", "fit_solvers", "describe_fit", "solver_coefficients", "BASES",
-           "START_GRIDS", "FITS", "save_fit", "load_fit", "load_fits", "choose_fit",
-           "weights_file", "weights_sha256", "step", "STEPS"]
+           "fit_solver", "fit_solvers", "fast_fit_solvers", "describe_fit",
+           "solver_coefficients", "BASES", "START_GRIDS", "FITS", "save_fit", "load_fit",
+           "load_fits", "choose_fit", "weights_file", "weights_sha256", "step", "STEPS"]

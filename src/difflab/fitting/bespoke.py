@@ -57,7 +57,7 @@ def tune_solver(denoiser: BaseDenoiser, steps: int, noise: Tensor, *, base: str 
                 grid: Sequence[float] | Tensor | SolverPlan | str | None = None,
                 cond: Any = None, reference: Tensor | None = None, reference_steps: int = 200,
                 max_iter: int = 100, fit_times: bool = True, batch_size: int | None = None,
-                t_start: float = 1.0) -> Fit:
+                t_start: float = 1.0, init: Sequence[Sequence[float]] | None = None) -> Fit:
     """Fit the coefficients of a ``steps``-step bespoke solver to ``denoiser`` on the
     calibration ``noise`` (standard normal; every draw is a sample of the objective, so use
     hundreds where the model is cheap).
@@ -74,7 +74,9 @@ def tune_solver(denoiser: BaseDenoiser, steps: int, noise: Tensor, *, base: str 
     ``fit_times`` the times the network is told (the grid's evaluation times t'_j,
     :class:`~difflab.samplers.common.EvalTimes`) are fitted with the coefficients.
     ``batch_size`` splits the calibration batch for memory (gradients are accumulated;
-    ``cond`` is sliced with ``cond[i:j]``). Returns the :class:`Fit` that
+    ``cond`` is sliced with ``cond[i:j]``). ``init``: start from these coefficients instead
+    of ``base``'s (a warm start, e.g. :func:`~difflab.fitting.fast.fast_fit_solvers`' ridge
+    fit; ``rmse_base`` is then that of the start). Returns the :class:`Fit` that
     ``difflab.sample(..., fit=result)`` runs: ``ts``, ``eval_ts``, ``coeffs``, and how they
     were made (``rmse`` on the calibration batch, ``rmse_base`` of the base solver on the same
     grid and evaluation times, ...). The denoiser's modules are not changed (module
@@ -107,7 +109,10 @@ def tune_solver(denoiser: BaseDenoiser, steps: int, noise: Tensor, *, base: str 
     told = EvalTimes(denoiser, {})
     movable = torch.tensor([0 < a and 0 < s for a, s in zip(g.alpha[:-1], g.sigma[:-1])])
     tau0 = torch.tensor(eval_ts[:steps], dtype=torch.float64)
-    init = solver_coefficients(base, schedule, ts)
+    if init is None:
+        init = solver_coefficients(base, schedule, ts)
+    elif [len(row) for row in init] != list(range(2, steps + 2)):
+        raise ValueError(f"init needs {steps} rows of 2, 3, .., {steps + 1} numbers")
     sizes = [len(row) for row in init]
     theta0 = torch.tensor([c for row in init for c in row], dtype=torch.float64)
     theta = theta0.clone().requires_grad_(True)

@@ -1,0 +1,301 @@
+"""A fast bespoke fit: one reference solve for every step count, teacher forcing, ridge.
+
+:func:`~difflab.fitting.bespoke.fit_solvers` fits the coefficients of the bespoke sampler
+(:mod:`difflab.samplers.bespoke`),
+
+    x_j = c_j x_T + sum_{k < j} d_{jk} D_k,    D_k = x0_hat(x_k, t_k),    j = 1 .. n,
+
+by L-BFGS through the whole sampler (a backward pass through every network call, from two
+start grids, per step count). :func:`fast_fit_solvers` fits the same form far more cheaply:
+
+1. **One reference solve for all step counts.** The n-step grids come from one *nested*
+   family (default ``uniform`` in t: the 5-, 10- and 20-step grids are subsets of the 240-step
+   grid). The probability-flow ODE is solved once on the fine grid (``reference_steps``) by a
+   3rd-order solver (default dpmpp_3m) from the calibration noise, keeping the state x_ref(t)
+   at every fine point an n-step grid uses, and the output x_ref(0).
+2. **Teacher forcing.** For each step count and grid t_0 > .. > t_n, the data predictions
+   D_k = x0_hat(x_ref(t_k), t_k) along the *reference* trajectory. dpmpp_3m (and dpmpp_2m)
+   evaluate the network at exactly their own states, so these are read off the reference
+   solve and cost no call; with another reference solver they are evaluated, once per grid
+   point per draw (no gradients).
+3. **Ridge least squares, row by row.** Row j is fitted in closed form,
+
+       min ||x_ref(t_j) - c_j x_T - sum_k d_jk D_k||^2 / N + lam s_j ||coef - coef_base||^2,
+
+   over all draws and dimensions (N numbers), toward the base solver's coefficients
+   (:func:`~difflab.samplers.bespoke.solver_coefficients`, unipc), with ``s_j`` the mean
+   diagonal of row j's Gram matrix (so ``ridge`` is scale-free). A (j+1)-unknown solve per
+   row: milliseconds. Each draw gives N / draws equations per row, so few draws suffice for
+   the few unknowns (their errors are not what is fitted: each row sees its own target).
+
+What it costs in accuracy: teacher forcing minimises each row's error *given the exact
+history*, not the error of the solver's own rollout (where the D_k are made at its own, wrong
+states), and the evaluation times are not fitted. The full fit's objective is the rollout's.
+``validate`` rolls out the fitted and the base solver on the calibration draws (2 n calls per
+draw): ``rmse`` and ``rmse_base`` of the result are those rollout errors, as for the full fit,
+and where the fit's rollout is not better than the base's, the base coefficients are returned
+(as the full fit does). ``polish`` > 0 then runs that many L-BFGS iterations of the full
+objective (:func:`~difflab.fitting.bespoke.tune_solver`) from the ridge fit.
+
+Network calls per draw: the reference solve (``reference_steps`` with dpmpp_3m), plus sum(n)
+where the reference solver is not one that evaluates at its states, plus 2 sum(n) with
+``validate``, plus the polish. Measurements: docs/results/fit_fast.md.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from difflab.denoiser import BaseDenoiser
+from difflab.fitting.fit import Fit
+from difflab.fitting.reference import check_steps
+from difflab.samplers import get, sample, timesteps
+from difflab.samplers.bespoke import BASES, solver_coefficients
+from difflab.samplers.common import Grid, predict
+
+__all__ = ["fast_fit_solvers", "FineReference", "fine_reference", "nested_indices",
+           "teacher_forced_predictions", "ridge_coefficients", "describe_fast_fit",
+           "REUSING_SOLVERS", "FAST_RIDGE"]
+
+# Reference solvers whose callback's x0 is the network's prediction at the very state the
+# callback reported one step before (no corrector): the teacher-forced D_k are read off them.
+REUSING_SOLVERS = ("dpmpp_3m", "dpmpp_2m")
+FAST_RIDGE = 1e-3  # the default ridge weight (relative to each row's Gram diagonal)
+
+
+@dataclass
+class FineReference:
+    """One solve of the probability-flow ODE on a fine grid from the calibration noise.
+
+    ``ts``: the fine grid (``reference_steps + 1`` times); ``x``: the state at each kept fine
+    index (index 0 is x_T = noise * prior_std, the last index the output x_ref(0)); ``x0``:
+    the network's prediction at those states where the solve made it (else empty);
+    ``solver``; ``calls``: network calls (batches) the solve made."""
+
+    ts: list[float]
+    x: dict[int, Tensor]
+    x0: dict[int, Tensor]
+    solver: str
+    calls: int = 0
+
+    @property
+    def steps(self) -> int:
+        return len(self.ts) - 1
+
+
+def nested_indices(fine_ts: Sequence[float], grid: Sequence[float],
+                   tol: float = 1e-9) -> list[int]:
+    """The index in ``fine_ts`` of each time of ``grid``; a ValueError where one is missing
+    (the grid is not a subset of the fine grid)."""
+    fine = torch.as_tensor(list(fine_ts), dtype=torch.float64)
+    out = []
+    for t in grid:
+        d = (fine - float(t)).abs()
+        i = int(d.argmin())
+        if float(d[i]) > tol:
+            raise ValueError(f"grid time {float(t):.6g} is not a point of the "
+                             f"{len(fine) - 1}-step reference grid; choose reference_steps so "
+                             "that every step count's grid is nested in it (uniform: a common "
+                             "multiple of the step counts)")
+        out.append(i)
+    return out
+
+
+@torch.no_grad()
+def fine_reference(denoiser: BaseDenoiser, noise: Tensor, reference_steps: int = 240, *,
+                   family: str = "uniform", keep: Sequence[int] | None = None,
+                   solver: str = "dpmpp_3m", cond: Any = None, batch_size: int | None = None,
+                   t_start: float = 1.0) -> FineReference:
+    """Solve the ODE from ``noise`` with ``solver`` on the ``reference_steps``-step ``family``
+    grid, keeping the states (and, for :data:`REUSING_SOLVERS`, the predictions at them) at
+    the fine indices ``keep`` (default all); the output is always kept."""
+    ts = timesteps(denoiser.schedule, reference_steps, family, t_start=t_start)
+    n = reference_steps
+    want = set(range(n + 1) if keep is None else keep) | {0, n}
+    xs: dict[int, list[Tensor]] = {i: [] for i in want}
+    x0s: dict[int, list[Tensor]] = {i: [] for i in want if i < n}
+    reuse = solver in REUSING_SOLVERS
+    chunk = batch_size or noise.shape[0]
+    for i in range(0, noise.shape[0], chunk):
+        x_T = noise[i:i + chunk] * denoiser.schedule.prior_std(float(ts[0]))
+        xs[0].append(x_T)
+
+        def record(step: dict[str, Any]) -> None:
+            k = step["i"]
+            if k + 1 in xs and k + 1 < n:
+                xs[k + 1].append(step["x"].clone())
+            if reuse and k in x0s:
+                x0s[k].append(step["x0"].clone())
+
+        out = sample(denoiser, noise[i:i + chunk], solver, grid=ts,
+                     cond=None if cond is None else cond[i:i + chunk], callback=record)
+        xs[n].append(out)
+    return FineReference(ts.tolist(), {k: torch.cat(v) for k, v in xs.items()},
+                         {k: torch.cat(v) for k, v in x0s.items() if v}, solver,
+                         get(solver).nfe(n) * math.ceil(noise.shape[0] / chunk))
+
+
+@torch.no_grad()
+def teacher_forced_predictions(denoiser: BaseDenoiser, ref: FineReference, idx: Sequence[int],
+                               cond: Any = None, batch_size: int | None = None) -> list[Tensor]:
+    """D_k = x0_hat(x_ref(t_k), t_k) at the grid points ``idx[:-1]`` (fine indices): read off
+    the reference solve where it made them, else one network call per point and draw."""
+    grid_ts = torch.tensor([ref.ts[i] for i in idx], dtype=torch.float64)
+    D = []
+    for j, i in enumerate(idx[:-1]):
+        if i in ref.x0:
+            D.append(ref.x0[i])
+            continue
+        x = ref.x[i]
+        chunk = batch_size or x.shape[0]
+        parts = []
+        for a in range(0, x.shape[0], chunk):
+            g = Grid(denoiser.schedule, grid_ts, x[a:a + chunk])
+            parts.append(predict(denoiser, x[a:a + chunk], g, j,
+                                 None if cond is None else cond[a:a + chunk]).x0)
+        D.append(torch.cat(parts))
+    return D
+
+
+def ridge_coefficients(x_T: Tensor, D: Sequence[Tensor], targets: Sequence[Tensor],
+                       base: Sequence[Sequence[float]], ridge: float = FAST_RIDGE
+                       ) -> tuple[list[list[float]], list[float], list[float]]:
+    """The rows (c_j, d_j0 .. d_j,j-1), j = 1 .. n, minimising ||targets[j-1] - c_j x_T -
+    sum_k d_jk D_k||^2 / N + ridge s_j ||row - base[j-1]||^2 (module docstring), in float64.
+    Returns ``(rows, mse, mse_base)``: the fitted rows and, per row, the teacher-forced mean
+    squared error of the fitted and of the base row."""
+    n = len(targets)
+    if len(D) != n or len(base) != n:
+        raise ValueError(f"{n} targets need {n} predictions and {n} base rows")
+    F = torch.stack([x_T.reshape(-1)] + [d.reshape(-1) for d in D]).to(torch.float64)
+    Y = torch.stack([y.reshape(-1) for y in targets]).to(torch.float64)
+    N = F.shape[1]
+    G, R, yy = F @ F.T / N, F @ Y.T / N, (Y * Y).sum(1) / N
+    rows, mse, mse_base = [], [], []
+    for j in range(1, n + 1):
+        g, r = G[:j + 1, :j + 1], R[:j + 1, j - 1]
+        b = torch.tensor(base[j - 1], dtype=torch.float64)
+        if b.numel() != j + 1:
+            raise ValueError(f"base row {j} has {b.numel()} numbers, needs {j + 1}")
+        s = float(g.diagonal().mean()) or 1.0
+        lam = ridge * s
+        c = torch.linalg.solve(g + lam * torch.eye(j + 1, dtype=torch.float64), r + lam * b)
+
+        rows.append(c.tolist())
+        for v, acc in ((c, mse), (b, mse_base)):  # ||y - A v||^2 / N from the Gram matrix
+            acc.append(max(float(yy[j - 1] - 2 * v @ r + v @ g @ v), 0.0))
+    return rows, mse, mse_base
+
+
+def _rmse(denoiser: BaseDenoiser, noise: Tensor, ref: Tensor, cond: Any,
+          batch_size: int | None, **kw: Any) -> float:
+    chunk = batch_size or noise.shape[0]
+    total = 0.0
+    for i in range(0, noise.shape[0], chunk):
+        x = sample(denoiser, noise[i:i + chunk], cond=None if cond is None else cond[i:i + chunk],
+                   **kw)
+        total += float((x - ref[i:i + chunk]).to(torch.float64).pow(2).sum())
+    return math.sqrt(total / ref.numel())
+
+
+def fast_fit_solvers(denoiser: BaseDenoiser, steps: Sequence[int], noise: Tensor, *,
+                     family: str = "uniform", reference_steps: int = 240,
+                     reference_solver: str = "dpmpp_3m", base: str = "unipc",
+                     ridge: float = FAST_RIDGE, validate: bool = True, polish: int = 0,
+                     reference: FineReference | None = None, cond: Any = None,
+                     batch_size: int | None = None, t_start: float = 1.0,
+                     log: Callable[[str], None] | None = None) -> dict[int, Fit]:
+    """Fit a bespoke solver for each step count in ``steps`` on the calibration ``noise`` by
+    teacher forcing and ridge least squares from one reference solve (module docstring).
+
+    The n-step grid is ``timesteps(schedule, n, family)``, which must be a subset of the
+    ``reference_steps``-step grid of the same family (uniform: ``reference_steps`` a multiple
+    of n). ``reference``: a :class:`FineReference` solved already (e.g. exact, in tests).
+    ``validate``: roll the fitted and the base solver out on the calibration draws
+    (``rmse``, ``rmse_base``; the base coefficients are kept where the fit is not better).
+    ``polish``: L-BFGS iterations of the full objective from the ridge fit (0: none).
+    Returns ``{n: Fit}``: sampler "bespoke", the grid, its own times as evaluation times, the
+    coefficients, and how they were made (``calibration``, ``reference_steps``, ``spacing`` =
+    ``family``, ``iterations`` of the polish, ``extra["method"] = "fast"``, the teacher-forced
+    RMSEs of the output row, the ridge weight, the reference solver, the seconds taken).
+    Use them as any fit: ``difflab.sample(den, noise, fit=fits[n])``, ``save_fit``."""
+    if base not in BASES:
+        raise ValueError(f"unknown base solver {base!r}; valid: {list(BASES)}")
+    if not ridge > 0:
+        raise ValueError(f"ridge must be > 0 (it keeps the rows near {base}'s), got {ridge}")
+    ks = [check_steps(int(k)) for k in steps]
+    schedule = denoiser.schedule
+    t0 = time.perf_counter()
+    fine_ts = (timesteps(schedule, reference_steps, family, t_start=t_start).tolist()
+               if reference is None else list(reference.ts))
+    grids = {k: timesteps(schedule, k, family, t_start=t_start).tolist() for k in ks}
+    index = {k: nested_indices(fine_ts, grids[k]) for k in ks}
+    if reference is None:
+        keep = sorted({i for idx in index.values() for i in idx})
+        reference = fine_reference(denoiser, noise, reference_steps, family=family, keep=keep,
+                                   solver=reference_solver, cond=cond, batch_size=batch_size,
+                                   t_start=t_start)
+    t_ref = time.perf_counter() - t0
+    x_T, out = reference.x[0], reference.x[reference.steps]
+    fits = {}
+    for k in ks:
+        t1 = time.perf_counter()
+        idx = index[k]
+        D = teacher_forced_predictions(denoiser, reference, idx, cond, batch_size)
+        targets = [reference.x[i] for i in idx[1:]]
+        base_rows = solver_coefficients(base, schedule, grids[k])
+        rows, mse, mse_base = ridge_coefficients(x_T, D, targets, base_rows, ridge)
+        fit = Fit("bespoke", grids[k], list(grids[k]), rows, base=base, spacing=family,
+                  calibration=int(noise.shape[0]), reference_steps=reference.steps,
+                  fit_times=False, iterations=0,
+                  extra={"method": "fast", "objective": "teacher_forcing", "ridge": ridge,
+                         "reference_solver": reference.solver,
+                         "tf_rmse": math.sqrt(mse[-1]), "tf_rmse_base": math.sqrt(mse_base[-1])})
+        if validate:
+            e_fit = _rmse(denoiser, noise, out, cond, batch_size, fit=fit)
+            e_base = _rmse(denoiser, noise, out, cond, batch_size, sampler="bespoke",
+                           grid=grids[k], base=base)
+            if not e_fit < e_base:  # the base solver itself if the fit is not better
+                fit = fit.with_(coeffs=base_rows, extra={**fit.extra, "kept_base": True})
+            fit = fit.with_(rmse=min(e_fit, e_base), rmse_base=e_base)
+        if polish > 0:
+            from difflab.fitting.bespoke import tune_solver
+
+            polished = tune_solver(denoiser, k, noise, base=base, grid=grids[k], cond=cond,
+                                   reference=out, max_iter=polish, fit_times=False,
+                                   batch_size=batch_size, t_start=t_start, init=fit.coeffs)
+            fit = fit.with_(coeffs=polished.coeffs, rmse=polished.rmse,
+                            iterations=polished.iterations,
+                            extra={**fit.extra, "objective": "teacher_forcing+lbfgs",
+                                   "rmse_ridge": polished.rmse_base})
+        seconds = time.perf_counter() - t1 + t_ref / len(ks)
+        fits[k] = fit.with_(extra={**fit.extra, "seconds": round(seconds, 3),
+                                   "reference_seconds": round(t_ref, 3)})
+        if log is not None:
+            log(describe_fast_fit(fits[k]))
+    return fits
+
+
+def describe_fast_fit(fit: Fit) -> str:
+    """One line on a :func:`fast_fit_solvers` result."""
+    ex = fit.extra
+    line = (f"bespoke {fit.steps} steps ({fit.nfe} NFE), fast fit on the {fit.spacing} grid "
+            f"({fit.calibration} draws, {fit.reference_steps}-step {ex.get('reference_solver')}"
+            f" reference): teacher-forced RMSE {ex.get('tf_rmse', math.nan):.4g} ({fit.base} "
+            f"{ex.get('tf_rmse_base', math.nan):.4g})")
+    if fit.rmse is not None:
+        line += f", calibration RMSE {fit.rmse:.4g}"
+        if fit.rmse_base is not None:
+            line += f" ({fit.base} there {fit.rmse_base:.4g})"
+    if fit.iterations:
+        line += f", {fit.iterations} L-BFGS iterations"
+    if ex.get("kept_base"):
+        line += f"; the fit was not better: {fit.base}'s coefficients kept"
+    return line

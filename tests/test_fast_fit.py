@@ -1,0 +1,189 @@
+"""The fast bespoke fit (difflab.fitting.fast): one reference solve for every step count,
+teacher forcing, ridge least squares toward the base solver; on exact Gaussian mixtures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from difflab import samplers as S
+from difflab import schedules
+from difflab.fitting import Fit, choose_fit, load_fit, save_fit, solver_coefficients
+from difflab.fitting.fast import (
+    FineReference,
+    fast_fit_solvers,
+    fine_reference,
+    ridge_coefficients,
+)
+from difflab.samplers.timesteps import timesteps
+from difflab.toy import GaussianMixture
+
+
+def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).pow(2).mean().sqrt())
+
+
+def _point_mass_reference(sch, mu: torch.Tensor, noise: torch.Tensor, fine: int,
+                          with_x0: bool) -> FineReference:
+    """The exact ODE solution for data at one point mu, x_t = alpha_t mu + (sigma_t /
+    sigma_T)(x_T - alpha_T mu), at every point of the ``fine``-step uniform grid."""
+    ts = timesteps(sch, fine, "uniform")
+    alpha, sigma = (v.tolist() for v in sch.alpha_sigma(ts))
+    x_T = noise * sch.prior_std(1.0)
+    xs = {i: alpha[i] * mu + (sigma[i] / sigma[0]) * (x_T - alpha[0] * mu)
+          for i in range(fine + 1)}
+    x0 = {i: mu.expand_as(x_T).clone() for i in range(fine)} if with_x0 else {}
+    return FineReference(ts.tolist(), xs, x0, "exact")
+
+
+@pytest.mark.parametrize("with_x0", [True, False])
+@pytest.mark.parametrize("base", ["unipc", "dpmpp_2m"])
+def test_exact_reference_of_a_point_mass_gives_the_base_coefficients(with_x0, base):
+    """Every consistent solver is exact for data at one point: the base row has zero
+    teacher-forced error there, so the ridge fit is the base solver itself (whether the
+    predictions come with the reference or are evaluated)."""
+    sch = schedules.linear()
+    mu = torch.tensor([[0.7, -1.2, 0.3]], dtype=torch.float64)
+    den = GaussianMixture(mu, 0.0).denoiser(sch, "eps")
+    noise = torch.randn(16, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = _point_mass_reference(sch, mu, noise, 20, with_x0)
+    fits = fast_fit_solvers(den, [4, 5, 10], noise, base=base, reference=ref, validate=False)
+    for k, fit in fits.items():
+        expect = solver_coefficients(base, sch, timesteps(sch, k, "uniform"))
+        for got, want in zip(fit.coeffs, expect):
+            assert got == pytest.approx(want, rel=1e-7, abs=1e-9)
+        assert fit.extra["tf_rmse"] < 1e-6 and fit.extra["tf_rmse_base"] < 1e-6
+
+
+def test_ridge_solves_the_least_squares_problem():
+    """With a tiny ridge weight the rows are the least-squares fit: on targets made by known
+    coefficients from independent features, the fit recovers them."""
+    g = torch.Generator().manual_seed(3)
+    x_T = torch.randn(64, 8, generator=g, dtype=torch.float64)
+    D = [torch.randn(64, 8, generator=g, dtype=torch.float64) for _ in range(3)]
+    true = [[0.5, 0.2], [0.1, -0.3, 0.9], [0.0, 0.4, 0.4, 0.2]]
+    targets = [row[0] * x_T + sum(d * Dk for d, Dk in zip(row[1:], D)) for row in true]
+    base = [[0.0] * len(row) for row in true]
+    rows, mse, mse_base = ridge_coefficients(x_T, D, targets, base, ridge=1e-12)
+    for got, want in zip(rows, true):
+        assert got == pytest.approx(want, abs=1e-8)
+    assert max(mse) < 1e-12 and min(mse_base) > 0.01
+
+
+def _mixture():
+    sch = schedules.linear()
+    mix = GaussianMixture.random(10, 16, seed=0)
+    return sch, mix.denoiser(sch, "eps")
+
+
+def test_fast_fit_beats_its_base_on_held_out_noise():
+    """Fitted on 32 calibration draws of a 16-D mixture from one 120-step reference solve:
+    on 256 other draws the fitted 5- and 10-step solvers are closer to the accurate solution
+    than unipc on the same grid (their start), at the same NFE; the result is a Fit that
+    sample() runs, with its provenance."""
+    sch, den = _mixture()
+    cal = torch.randn(32, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    test = torch.randn(256, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ref = S.sample(den, test, "dpm_solver_3", grid=timesteps(sch, 200, "log_snr"))
+    fits = fast_fit_solvers(den, [5, 10], cal, reference_steps=120)
+    for k, fit in fits.items():
+        assert isinstance(fit, Fit) and fit.sampler == "bespoke" and fit.nfe == k
+        assert list(fit.ts) == timesteps(sch, k, "uniform").tolist()
+        assert fit.calibration == 32 and fit.reference_steps == 120
+        assert fit.extra["method"] == "fast" and fit.spacing == "uniform"
+        assert fit.rmse < fit.rmse_base and not fit.extra.get("kept_base")
+        e_fit = rmse(S.sample(den, test, fit=fit), ref)
+        e_base = rmse(S.sample(den, test, "unipc", grid=fit.ts), ref)
+        assert e_fit < 0.8 * e_base, (k, e_fit, e_base)
+
+
+def test_one_reference_solve_serves_every_step_count():
+    """Network calls (batches of all draws): the reference solve, plus one call per grid
+    point where the reference solver's own predictions cannot be reused, plus the two
+    validation rollouts when asked for; nothing more."""
+    sch, den = _mixture()
+    cal = torch.randn(24, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    net = den.net
+    steps = [5, 10, 20]
+    for solver, validate, extra in [("dpmpp_3m", False, 0), ("unipc", False, sum(steps)),
+                                    ("dpmpp_3m", True, 2 * sum(steps))]:
+        calls = net.calls
+        fast_fit_solvers(den, steps, cal, reference_steps=60, reference_solver=solver,
+                         validate=validate)
+        assert net.calls - calls == 60 + extra, (solver, validate)
+    # the reused predictions are the network's at the reference states
+    ref = fine_reference(den, cal, 60, keep=[0, 12, 30])
+    for i in (0, 12, 30):
+        t = torch.tensor(ref.ts, dtype=torch.float64)
+        g = S.common.Grid(sch, t, cal)
+        torch.testing.assert_close(ref.x0[i], S.common.predict(den, ref.x[i], g, i, None).x0)
+
+
+def test_grids_not_nested_in_the_reference_are_refused():
+    sch, den = _mixture()
+    cal = torch.randn(4, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with pytest.raises(ValueError, match="not a point of the 60-step reference grid"):
+        fast_fit_solvers(den, [7], cal, reference_steps=60)
+    with pytest.raises(ValueError, match="ridge must be > 0"):
+        fast_fit_solvers(den, [5], cal, reference_steps=60, ridge=0.0)
+
+
+def test_polish_runs_lbfgs_from_the_ridge_fit():
+    """polish > 0: L-BFGS of the full objective warm-started at the ridge fit; its
+    calibration error is not above the ridge fit's."""
+    sch, den = _mixture()
+    cal = torch.randn(32, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    plain = fast_fit_solvers(den, [5], cal, reference_steps=60)[5]
+    polished = fast_fit_solvers(den, [5], cal, reference_steps=60, polish=5)[5]
+    assert 0 < polished.iterations <= 5
+    assert polished.extra["rmse_ridge"] == pytest.approx(plain.rmse, rel=1e-9)
+    assert polished.rmse <= plain.rmse
+    x = S.sample(den, cal, fit=polished)
+    ref = fine_reference(den, cal, 60, keep=[]).x[60]
+    assert rmse(x, ref) == pytest.approx(polished.rmse, rel=1e-9)
+
+
+def test_fast_fit_round_trips_through_the_store(tmp_path):
+    """A fast fit is stored beside a checkpoint, loaded back equal, chosen by choose_fit for
+    sampling, and sample() runs it to the same output."""
+    from conftest import mlp_checkpoint
+
+    from difflab.train.checkpoint import load_denoiser
+
+    ckpt = mlp_checkpoint(tmp_path / "ck")
+    den, _ = load_denoiser(ckpt)
+    cal = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    fits = fast_fit_solvers(den, [2, 4], cal, reference_steps=20)
+    save_fit(ckpt, fits[4])
+    back = load_fit(ckpt, "bespoke", 4)
+    assert back is not None and back.extra["method"] == "fast"
+    assert back.with_(weights_sha256=None) == fits[4]
+    chosen = choose_fit(ckpt, None, 4)
+    assert chosen == back and Fit.from_json(back.to_json()) == back
+    noise = torch.randn(5, 2, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(S.sample(den, noise, fit=chosen), S.sample(den, noise, fit=fits[4]))
+
+
+def test_cli_tune_grid_fast_stores_the_fits(tmp_path, capsys):
+    """``difflab tune-grid CKPT --fast`` fits bespoke solvers by the fast method and stores
+    them; ``difflab sample`` then runs them."""
+    import json
+
+    from conftest import mlp_checkpoint
+
+    from difflab.cli import main
+    from difflab.fitting import FITS
+
+    ckpt = mlp_checkpoint(tmp_path / "ck")
+    assert main(["tune-grid", str(ckpt), "--fast", "--steps", "2", "4", "--count", "8",
+                 "--reference-steps", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "fast fit" in out
+    entries = json.loads((ckpt / FITS).read_text())["fits"]
+    assert sorted(entries) == ["bespoke/2/ema", "bespoke/4/ema"]
+    for key in entries:
+        assert entries[key]["method"] == "fast" and entries[key]["seed"] == 1000
+        assert entries[key]["reference_steps"] == 20 and entries[key]["calibration"] == 8
+    assert main(["sample", str(ckpt), "--steps", "4", "--count", "3",
+                 "--out", str(tmp_path / "x.npy")]) == 0
+    assert "bespoke" in capsys.readouterr().out
