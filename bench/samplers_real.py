@@ -1,22 +1,34 @@
-"""Samplers on a trained image model: difflab vs diffusers schedulers, same network, same noise.
+"""Samplers on trained image models: difflab vs diffusers schedulers, same network, same noise.
 
     python bench/samplers_real.py runs/bench_train3/difflab/checkpoint
+    python bench/samplers_real.py runs/fm_base runs/byom_flow runs/byom_edm \\
+        diffusers:runs/byom_eps/export --seed 1 --tune '' --out docs/results/byom_defaults.md
 
-writes docs/results/samplers_real.md.
+writes docs/results/samplers_real.md (or ``--out``; ``--json`` also stores every number).
 
-Mixtures give exact answers (bench/samplers.py); this checks that the defaults also serve a real
-network. The model is the Fashion-MNIST U-Net that ``bench/train.py`` trains (v-prediction,
-cosine schedule, T = 1000). The reference is a 500-step dpm_solver_3 solution of the
-probability-flow ODE of that network from the same noise (checked against 250 steps); error =
-RMSE in pixel units ([-1, 1]) to it. diffusers schedulers get the network's betas
-(``trained_betas``) and ``prediction_type="v_prediction"`` and call the network at the timesteps
-they choose (fractional ones too), exactly as a diffusers pipeline would.
+Mixtures give exact answers (bench/samplers.py); this checks that the defaults also serve real
+networks. A model is a difflab checkpoint (or run directory), or ``diffusers:PATH``: a local
+diffusers model / pipeline folder opened by ``difflab.from_diffusers`` (so the interop path is
+exercised). The reference is a ``--ref-steps``-step dpm_solver_3 solution of the
+probability-flow ODE of that network from the same noise (checked against half as many steps);
+error = RMSE in pixel units ([-1, 1]) to it. diffusers schedulers get the network's own
+schedule (``trained_betas`` and the matching ``prediction_type`` for a discrete VP model; the
+flow-matching schedulers for a rectified-flow model; the EDM schedulers for an EDM model) and
+call the network at the timesteps they choose (fractional ones too), exactly as a diffusers
+pipeline would.
+
+Rows: the default call ``difflab.sample(den, noise, steps=n)`` (what ``choose`` / the default
+grid rule pick for this model), the previous default (dpmpp_2m on log-SNR spacing), every
+deterministic difflab solver on its own spacing, the main solvers on every other spacing, and
+every diffusers configuration that applies. The summary gives, per model and NFE, the ratio of
+the default call's error to diffusers' best configuration's.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import platform
 import shlex
@@ -32,25 +44,29 @@ from difflab.train.checkpoint import load_denoiser, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from samplers import diffusers_sample, reference, rmse, steps_for  # noqa: E402
+from samplers import rmse, steps_for  # noqa: E402
 
 NFES = (5, 10, 20)
 NOTES = (
-    'Notes: rows marked "failed" raised inside diffusers\' own `step()` (IndexError in '
-    "DPMSolverMultistep, AssertionError in UniPC) when `use_karras_sigmas` or `use_lu_lambdas` "
-    "is combined with the model's `trained_betas` (cosine, betas clipped at 0.999); they are "
+    'Notes: rows marked "failed" raised inside diffusers\' own `step()` (e.g. IndexError in '
+    "DPMSolverMultistep, AssertionError in UniPC when `use_karras_sigmas` or `use_lu_lambdas` "
+    "is combined with a cosine model's `trained_betas`, betas clipped at 0.999); they are "
     "reported, not hidden. Compare the rows, not single cells: the winner is decided by the "
     "time grid more than by the solver."
 )
-DIFFLAB = ("ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "euler", "heun")
-# the same solvers on other grids than their default (log-SNR uniform): "uniform" is uniform in
-# t, i.e. diffusers' "trailing" for a discrete schedule
-VARIANTS = (("dpmpp_2m", "uniform"), ("dpmpp_3m", "uniform"), ("unipc", "uniform"),
-            ("unipc", "karras"))
+# deterministic difflab solvers on their own default spacing
+DIFFLAB = ("ddim", "dpmpp_2m", "dpmpp_3m", "unipc", "euler", "heun", "dpm_solver_2",
+           "dpm_solver_3")
+# the main solvers on the other grids: "uniform" is uniform in t (diffusers' "trailing" on a
+# discrete schedule, linspace sigmas on rectified flow, the Karras grid through 0 on EDM)
+VARIANT_SOLVERS = ("dpmpp_2m", "dpmpp_3m", "unipc")
+VARIANT_SPACINGS = ("log_snr", "uniform", "karras", "trailing")  # a grid equal to one already
+# run for that solver (trailing = uniform for T = 1000 and these step counts) is not rerun
+PREVIOUS_DEFAULT = ("dpmpp_2m", "log_snr")  # the default call before issue #17 item 4
 
 
 class NetModel:
-    """The checkpoint's network as diffusers calls it: model(x, timestep) -> v."""
+    """The denoiser's network as diffusers calls it: model(x, timestep) -> raw output."""
 
     def __init__(self, den):
         self.net, self.calls = den.net, 0
@@ -62,17 +78,101 @@ class NetModel:
         return self.net(x.float(), t).to(x.dtype)
 
 
-def diffusers_configs(betas: list[float]) -> list[tuple[str, object, dict]]:
+def reference(den, noise: torch.Tensor, steps: int) -> torch.Tensor:
+    """dpm_solver_3 on a log-sigma~-uniform grid from the prior down to sigma~ = 1e-4 (placed
+    from sigma~ = 1e4 where sigma~(1) is infinite, as for rectified flow), then to 0."""
+    sch = den.schedule
+    smax = float(sch.sigma_max_ratio())
+    smax = smax if math.isfinite(smax) else 1e4
+    log_s = torch.linspace(math.log(smax), math.log(1e-4), steps, dtype=torch.float64)
+    t = sch.t_from_sigma_ratio(log_s.exp())
+    t[0] = 1.0
+    ts = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+    return S.get("dpm_solver_3").fn(den, noise * sch.prior_std(1.0), ts)
+
+
+def diffusers_sample(cls, config: dict, model: NetModel, noise: torch.Tensor,
+                     nfe: int) -> tuple[torch.Tensor, int]:
+    """Run a scheduler with the largest step count whose NFE is <= nfe (as a pipeline does:
+    noise * init_noise_sigma, scale_model_input where the scheduler has one, step)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        best = None
+        for steps in range(1, nfe + 1):
+            sched = cls(**config)
+            sched.set_timesteps(steps)
+            if len(sched.timesteps) <= nfe:
+                best = steps
+        sched = cls(**config)
+        sched.set_timesteps(best)
+        x = noise * sched.init_noise_sigma
+        scale = getattr(sched, "scale_model_input", lambda x, t: x)
+        model.calls = 0
+        for t in sched.timesteps:
+            out = model(scale(x, t), t)
+            x = sched.step(out, t, x).prev_sample
+    return x, model.calls
+
+
+def family(den) -> str:
+    """vp (discrete/continuous VP, eps/v/x0), flow (rectified flow) or edm (VE)."""
+    kind = den.schedule.config().get("type")
+    if kind == "rectified_flow":
+        return "flow"
+    if kind == "edm":
+        return "edm"
+    return "vp"
+
+
+def diffusers_configs(den) -> list[tuple[str, object, dict]]:
+    """Every diffusers scheduler configuration that applies to this model's schedule and
+    prediction (deterministic ones)."""
     import diffusers as D
 
-    base = dict(num_train_timesteps=len(betas), trained_betas=betas,
-                prediction_type="v_prediction")
+    fam, pred = family(den), den.parameterization.name
+    cfgs: list[tuple[str, object, dict]] = []
+    if fam == "flow":
+        for shift in (1.0, 3.0):  # 1: the model's own schedule; 3: SD3's default shift
+            base = dict(num_train_timesteps=1000, shift=shift)
+            tag = f" shift={shift:g}"
+            cfgs.append(("FlowMatchEuler" + tag, D.FlowMatchEulerDiscreteScheduler, base))
+            flow = dict(num_train_timesteps=1000, use_flow_sigmas=True, flow_shift=shift,
+                        prediction_type="flow_prediction", final_sigmas_type="zero")
+            for order in ((2, 3) if shift == 1.0 else (2,)):
+                cfgs.append((f"UniPC-{order} flow_sigmas" + tag, D.UniPCMultistepScheduler,
+                             dict(flow, solver_order=order)))
+                cfgs.append((f"DPM++{order}M flow_sigmas" + tag, D.DPMSolverMultistepScheduler,
+                             dict(flow, solver_order=order)))
+            if shift == 1.0:
+                for kw in ("use_karras_sigmas", "use_exponential_sigmas"):
+                    cfgs.append((f"FlowMatchEuler {kw.split('_')[1]}" + tag,
+                                 D.FlowMatchEulerDiscreteScheduler, {**base, kw: True}))
+                cfgs.append(("FlowMatchHeun" + tag, D.FlowMatchHeunDiscreteScheduler, base))
+        return cfgs
+    if fam == "edm":
+        sd = getattr(den.parameterization, "sigma_data", 0.5)
+        sch = den.schedule
+        base = dict(sigma_min=sch.sigma_min, sigma_max=sch.sigma_max, sigma_data=sd,
+                    rho=sch.rho, prediction_type="epsilon", final_sigmas_type="zero")
+        for ss in ("karras", "exponential"):
+            cfgs.append((f"EDMEuler {ss}", D.EDMEulerScheduler, dict(base, sigma_schedule=ss)))
+            for order in (2, 3):
+                cfgs.append((f"EDM DPM++{order}M {ss}", D.EDMDPMSolverMultistepScheduler,
+                             dict(base, sigma_schedule=ss, solver_order=order)))
+        return cfgs
+    ptype = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[pred]
+    base = dict(num_train_timesteps=len(den.schedule.betas),
+                trained_betas=den.schedule.betas.tolist(), prediction_type=ptype)
+    # (DDIM "leading", Euler karras and DPM++3M linspace were never best in earlier runs and
+    # are left out to keep the run short on a shared 2-core CPU)
     cfgs = [("DDIM trailing clip_sample=False", D.DDIMScheduler,
              dict(timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True))]
     for order in (2, 3):
         for tag, kw in (("linspace", {}), ("trailing", {"timestep_spacing": "trailing"}),
                         ("karras", {"use_karras_sigmas": True}),
                         ("lambdas", {"use_lu_lambdas": True})):
+            if order == 3 and tag == "linspace":
+                continue
             cfgs.append((f"DPM++{order}M {tag}", D.DPMSolverMultistepScheduler,
                          dict(solver_order=order, final_sigmas_type="zero", **kw)))
         for tag, kw in (("trailing", {"timestep_spacing": "trailing"}),
@@ -81,172 +181,265 @@ def diffusers_configs(betas: list[float]) -> list[tuple[str, object, dict]]:
                          dict(solver_order=order, final_sigmas_type="zero", **kw)))
     cfgs.append(("Euler trailing", D.EulerDiscreteScheduler,
                  dict(timestep_spacing="trailing", final_sigmas_type="zero")))
-    cfgs.append(("Euler karras", D.EulerDiscreteScheduler,
-                 dict(use_karras_sigmas=True, final_sigmas_type="zero")))
     return [(n, cls, {**base, **kw}) for n, cls, kw in cfgs]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("checkpoint")
-    ap.add_argument("--n", type=int, default=32, help="images (batch)")
-    ap.add_argument("--ref-steps", type=int, default=500)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "samplers_real.md"))
-    ap.add_argument("--tune", default="unipc",
-                    help="samplers to fit tuned grids for (comma list; '' skips)")
-    ap.add_argument("--tune-n", type=int, default=16, help="calibration images (seed 123)")
-    ap.add_argument("--tune-evals", type=int, default=150, help="sampler runs per grid")
-    ap.add_argument("--title", default="Samplers on a trained image model (Fashion-MNIST U-Net)")
-    ap.add_argument("--grids", default="",
-                    help="samplers (comma list) whose fits stored with the checkpoint "
-                         "(`difflab tune-grid`, the fits `difflab sample` runs) get rows")
-    ap.add_argument("--figure", default="",
-                    help="PNG: 8 images from the reference and, per NFE, dpmpp_2m and the "
-                         "default call (rows)")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    den, cfg = load_denoiser(args.checkpoint)
-    den.eval()
+def load_model(spec: str):
+    """(denoiser, description, (C, H, W), checkpoint dir or None) of a model argument."""
+    if spec.startswith("diffusers:"):
+        import difflab
+        from difflab.interop.diffusers import _read_json
+
+        path = Path(spec.split(":", 1)[1])
+        den = difflab.from_diffusers(path)
+        mc = _read_json(path / "config.json") if (path / "config.json").exists() else {}
+        size = mc.get("sample_size", 32)
+        size = size if isinstance(size, int) else size[0]
+        shape = (mc.get("in_channels", 1), size, size)
+        desc = (f"diffusers folder `{path}` ({mc.get('_class_name')}) opened by "
+                "`difflab.from_diffusers`")
+        return den, desc, shape, None
+    den, cfg = load_denoiser(spec)
     c, r = cfg["data"]["channels"], cfg["data"]["resolution"]
-    noise = torch.randn(args.n, c, r, r, generator=torch.Generator().manual_seed(0))
+    return den, f"difflab checkpoint `{spec}`", (c, r, r), resolve(spec)
+
+
+def default_label(den) -> str:
+    """What the default call picks for this model (sampler, spacing)."""
+    plan = getattr(S, "default_plan", None)
+    if plan is None:
+        return f"{S.choose(None, None, den.parameterization)} {S.get(S.DEFAULT).spacing}"
+    return ", ".join(f"{n}: {' spacing='.join(plan(den, n))}" for n in NFES)
+
+
+def run_model(args, spec: str) -> dict:
+    den, desc, shape, ckpt = load_model(spec)
+    den.eval()
+    noise = torch.randn(args.n, *shape, generator=torch.Generator().manual_seed(args.seed))
     with torch.no_grad():
         ref = reference(den, noise, args.ref_steps)
         ref_half = reference(den, noise, args.ref_steps // 2)
-    fits = load_fits(resolve(args.checkpoint))
+    ref_err = rmse(ref, ref_half)
+    print(spec, "reference self-error", ref_err, flush=True)
+    fits = load_fits(ckpt) if ckpt is not None else {}
     fitted = sorted(fits)
-    auto = (f"auto: `difflab.sample(den, noise, steps=n, fit=fits.get(n))`, the default of "
-            f"`difflab sample` (bespoke solver fitted by `difflab train` at {fitted} steps, "
-            "else dpmpp_2m)" if fitted else
-            "auto: `difflab.sample(den, noise, steps=n)`, the default (no fitted solver: "
-            "dpmpp_2m)")
-    rows_dl = {auto: {}}
-    shown = [ref[:8]]  # --figure: the reference, then per NFE dpmpp_2m and the default
-    for nfe in NFES:  # every sampler auto chooses makes one network call per step
-        x = S.sample(den, noise, steps=nfe, fit=fits.get(nfe))
-        rows_dl[auto][nfe] = (rmse(x, ref), S.get(S.choose(None, fits.get(nfe))).nfe(nfe))
-        shown += [S.sample(den, noise[:8], "dpmpp_2m", nfe), x[:8]]
-    print(auto, rows_dl[auto], flush=True)
-    if args.figure:
-        from difflab.train.monitor import save_grid
+    auto = ("default call `difflab.sample(den, noise, steps=n)`: " + default_label(den))
+    rows_dl: dict[str, dict[int, tuple[float, int]]] = {auto: {}}
 
-        save_grid(torch.cat(shown), args.figure, nrow=8, scale=2)
-        print(f"wrote {args.figure}: rows = {args.ref_steps}-step reference, then for NFE "
-              f"{NFES}: dpmpp_2m, the default call", flush=True)
-    defaults = (auto, *DIFFLAB)
-    for name in DIFFLAB:
-        rows_dl[name] = {}
-        for nfe in NFES:
-            steps = steps_for(name, nfe)
-            x = S.sample(den, noise, name, steps)
-            rows_dl[name][nfe] = (rmse(x, ref), S.get(name).nfe(steps))
-        print(name, rows_dl[name], flush=True)
-    for name, spacing in VARIANTS:
-        label = f"{name} spacing={spacing}"
+    done: dict[tuple, str] = {}  # (sampler, grid) -> the row that ran it
+
+    def run(label, name, spacing=None):
+        grids = tuple(tuple(S.timesteps(den.schedule, steps_for(name, n),
+                                        spacing or S.get(name).spacing).tolist())
+                      for n in NFES)
+        if (name, grids) in done:  # the same solver on the same grids: the same numbers
+            rows_dl[label] = rows_dl[done[name, grids]]
+            print(label, "= row", done[name, grids], flush=True)
+            return
+        done[name, grids] = label
         rows_dl[label] = {}
         for nfe in NFES:
             steps = steps_for(name, nfe)
-            x = S.sample(den, noise, name, steps, spacing=spacing)
-            rows_dl[label][nfe] = (rmse(x, ref), S.get(name).nfe(steps))
+            with torch.no_grad():
+                x = S.sample(den, noise, name, steps, spacing=spacing)
+            err = rmse(x, ref) if torch.isfinite(x).all() else math.inf
+            rows_dl[label][nfe] = (err, S.get(name).nfe(steps))
         print(label, rows_dl[label], flush=True)
-    tuned_rows = {}
+
+    for nfe in NFES:  # every sampler the default call picks makes one network call per step
+        with torch.no_grad():
+            x = S.sample(den, noise, steps=nfe)
+        rows_dl[auto][nfe] = (rmse(x, ref) if torch.isfinite(x).all() else math.inf, nfe)
+    print(auto, rows_dl[auto], flush=True)
+    before = f"previous default: {PREVIOUS_DEFAULT[0]} spacing={PREVIOUS_DEFAULT[1]}"
+    run(before, *PREVIOUS_DEFAULT)
+    if fitted:
+        label = f"auto with the fitted solvers stored at {fitted} steps"
+        rows_dl[label] = {}
+        for nfe in NFES:
+            with torch.no_grad():
+                x = S.sample(den, noise, steps=nfe, fit=fits.get(nfe))
+            rows_dl[label][nfe] = (rmse(x, ref), S.get(S.choose(None, fits.get(nfe))).nfe(nfe))
+    for name in (args.solvers.split(",") if args.solvers else DIFFLAB):
+        run(f"{name} (own spacing {S.get(name).spacing})", name)
+    discrete = den.schedule.num_steps is not None
+    if args.variants:  # "name:spacing,..."
+        variants = [tuple(v.split(":")) for v in args.variants.split(",")]
+    else:
+        variants = [(n, sp) for n in VARIANT_SOLVERS for sp in VARIANT_SPACINGS]
+    for name, spacing in variants:
+        if spacing == S.get(name).spacing or (spacing == "trailing" and not discrete):
+            continue
+        run(f"{name} spacing={spacing}", name, spacing)
+    tuned = set()
     if args.tune:
         from difflab.fitting import tune_grid
 
-        cal = torch.randn(args.tune_n, c, r, r, generator=torch.Generator().manual_seed(123))
+        cal = torch.randn(args.tune_n, *shape, generator=torch.Generator().manual_seed(123))
         with torch.no_grad():
             ref_cal = reference(den, cal, args.ref_steps)
         for name in args.tune.split(","):
             label = f"{name} tuned grid ({args.tune_n} calibration images)"
-            tuned_rows[label] = {}
+            tuned.add(label)
+            rows_dl[label] = {}
             for nfe in NFES:
                 steps = steps_for(name, nfe)
                 tg = tune_grid(den, name, steps, cal, reference=ref_cal,
                                max_evals=args.tune_evals)
                 x = S.sample(den, noise, name, grid=tg.ts)
-                tuned_rows[label][nfe] = (rmse(x, ref), S.get(name).nfe(steps))
-                print(label, nfe, tuned_rows[label][nfe], f"calibration {tg.rmse:.3e} "
-                      f"(default grid {tg.rmse_default:.3e})", flush=True)
-    if args.grids:
+                rows_dl[label][nfe] = (rmse(x, ref), S.get(name).nfe(steps))
+                print(label, nfe, rows_dl[label][nfe], flush=True)
+    if args.grids and ckpt is not None:
         for name in args.grids.split(","):
             for nfe in NFES:
                 steps = steps_for(name, nfe)
-                fit = load_fit(resolve(args.checkpoint), name, steps)
+                fit = load_fit(ckpt, name, steps)
                 if fit is None:
                     continue
-                cal = fit.calibration
-                if fit.coeffs is not None:  # a bespoke solver on its base's grid
-                    label = (f"{name}, fits.json (coefficients and times fitted on {cal} "
-                             f"images, on {fit.base}'s grid)")
-                elif fit.grid_from is not None:  # grid and evaluation times fitted separately
-                    label = (f"{name}, fits.json (grid {fit.grid_from['calibration']}, "
-                             f"eval times {cal} calibration images)")
-                else:
-                    label = f"{name}, fits.json ({cal} calibration images)"
-                x = S.sample(den, noise, name, fit=fit)  # with its eval_ts, if any
-                tuned_rows.setdefault(label, {n: (math.nan, 0) for n in NFES})
-                tuned_rows[label][nfe] = (rmse(x, ref), S.get(name).nfe(steps))
-                print(label, nfe, tuned_rows[label][nfe], flush=True)
-    rows_dl.update(tuned_rows)
+                label = f"{name}, fits.json ({fit.calibration} calibration images)"
+                tuned.add(label)
+                x = S.sample(den, noise, name, fit=fit)
+                rows_dl.setdefault(label, {n: (math.nan, 0) for n in NFES})
+                rows_dl[label][nfe] = (rmse(x, ref), S.get(name).nfe(steps))
     model = NetModel(den)
-    rows_df = {}
-    betas = den.schedule.betas.tolist()
-    for label, cls, config in diffusers_configs(betas):
+    rows_df: dict[str, dict[int, tuple[float, int]]] = {}
+    keep = [k for k in args.configs.split(",") if k]
+    for label, cls, config in diffusers_configs(den):
+        if keep and label not in keep:
+            continue
         rows_df[label] = {}
         for nfe in NFES:
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    x, calls = diffusers_sample(cls, config, model, noise, nfe)
-            except (IndexError, ValueError, RuntimeError, AssertionError) as e:
+                x, calls = diffusers_sample(cls, config, model, noise, nfe)
+            except (IndexError, ValueError, RuntimeError, AssertionError, TypeError) as e:
                 print(f"{label} at NFE {nfe} failed in diffusers: {e!r}", flush=True)
                 rows_df[label][nfe] = (math.inf, 0)
                 continue
             rows_df[label][nfe] = (rmse(x, ref) if torch.isfinite(x).all() else math.inf, calls)
         print(label, rows_df[label], flush=True)
+    if args.figure:
+        from difflab.train.monitor import save_grid
 
-    def table(rows):
-        out = ["| sampler | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
-               "|---|" + "---|" * len(NFES)]
-        for name, row in rows.items():
-            cells = ["-" if math.isnan(e) else "failed (diffusers raised)" if k == 0 else
-                     f"{e:.3e}" + (f" ({k})" if k != n else "") for n, (e, k) in row.items()]
-            out.append(f"| {name} | " + " | ".join(cells) + " |")
-        return out
+        shown = [ref[:8]]
+        for nfe in NFES:
+            shown += [S.sample(den, noise[:8], *PREVIOUS_DEFAULT[:1], nfe,
+                               spacing=PREVIOUS_DEFAULT[1]), S.sample(den, noise[:8], steps=nfe)]
+        save_grid(torch.cat(shown), args.figure, nrow=8, scale=2)
+    return {"spec": spec, "desc": desc, "shape": list(shape), "family": family(den),
+            "prediction": den.parameterization.name,
+            "schedule": den.schedule.config().get("type"), "ref_err": ref_err,
+            "auto": auto, "before": before, "tuned": sorted(tuned),
+            "difflab": {k: {str(n): list(v) for n, v in r.items()} for k, r in rows_dl.items()},
+            "diffusers": {k: {str(n): list(v) for n, v in r.items()} for k, r in rows_df.items()}}
 
-    def best(rows, nfe, defaults_only=False, fixed_only=False):
-        keys = [k for k in rows if (not defaults_only or k in defaults)
-                and (not fixed_only or (k not in tuned_rows and not (k == auto and fitted)))]
-        name = min(keys, key=lambda k: math.inf if math.isnan(rows[k][nfe][0])
-                   else rows[k][nfe][0])
-        return rows[name][nfe][0], name
 
+def table(rows) -> list[str]:
+    out = ["| sampler | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
+           "|---|" + "---|" * len(NFES)]
+    for name, row in rows.items():
+        cells = []
+        for n in NFES:
+            e, k = row[str(n)]
+            cells.append("-" if math.isnan(e) else "failed (diffusers raised)" if k == 0 else
+                         "diverged (inf/nan)" if not math.isfinite(e) else
+                         f"{e:.3e}" + (f" ({k})" if k != n else ""))
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return out
+
+
+def best(rows: dict, nfe: int, skip=()) -> tuple[float, str]:
+    keys = [k for k in rows if k not in skip]
+    name = min(keys, key=lambda k: math.inf if math.isnan(rows[k][str(nfe)][0])
+               else rows[k][str(nfe)][0])
+    return rows[name][str(nfe)][0], name
+
+
+def render(args, results: list[dict]) -> list[str]:
     lines = [
         f"# {args.title}", "",
-        f"Command: `python bench/samplers_real.py {shlex.join(sys.argv[1:])}`  ",
+        f"Command: `nice -n 19 env OMP_NUM_THREADS=1 python bench/samplers_real.py "
+        f"{shlex.join(sys.argv[1:])}`  ",
         f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  ",
-        f"Machine: 2-core CPU (CI-class), {platform.machine()}, torch {torch.__version__}", "",
-        f"Model: `{args.checkpoint}` ({cfg['prediction']}-prediction, schedule "
-        f"{cfg['schedule']['type']}), {args.n} images from seed 0. Reference: dpm_solver_3, "
-        f"{args.ref_steps} log-SNR steps; RMSE(reference, {args.ref_steps // 2} steps) = "
-        f"{rmse(ref, ref_half):.2e}. Error = pixel RMSE to the reference ([-1, 1] scale). "
-        "A cell `e (n)` used n network calls.", "",
-        "## difflab (defaults, then the same solvers on other grids)", "", *table(rows_dl), "",
-        "## diffusers (same network, `trained_betas`, v_prediction)", "", *table(rows_df), "",
-        "## Best of each", "",
-        "| NFE | difflab best (defaults) | difflab best (fixed grid rules) | difflab best "
-        "(incl. tuned grids) | diffusers best | ratio (defaults) | ratio (fixed rules) "
-        "| ratio (incl. tuned) |", "|---|---|---|---|---|---|---|---|",
+        f"Machine: 2-core CPU (shared), {platform.machine()}, torch {torch.__version__}, "
+        f"{args.threads} torch thread(s)", "",
+        f"Per model: {args.n} test noises from seed {args.seed}. Reference: dpm_solver_3, "
+        f"{args.ref_steps} log-sigma steps; its own error is estimated by its RMSE to the "
+        f"{args.ref_steps // 2}-step solution (below, per model). Error = pixel RMSE to the "
+        "reference ([-1, 1] scale). A cell `e (n)` used n network calls.", "",
+        "## Summary: the default call vs diffusers' best configuration", "",
+        "| model | NFE | default now | previous default | diffusers best | ratio now "
+        "| ratio before |", "|---|---|---|---|---|---|---|",
     ]
-    for nfe in NFES:
-        (e1, n1), (ef, nf), (ea, na), (e2, n2) = (
-            best(rows_dl, nfe, True), best(rows_dl, nfe, fixed_only=True), best(rows_dl, nfe),
-            best(rows_df, nfe))
-        lines.append(f"| {nfe} | {e1:.3e} ({n1}) | {ef:.3e} ({nf}) | {ea:.3e} ({na}) "
-                     f"| {e2:.3e} ({n2}) | {e1 / e2:.2f} | {ef / e2:.2f} | {ea / e2:.2f} |")
-    lines += ["", NOTES]
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[-6:]))
+    for r in results:
+        for nfe in NFES:
+            en = r["difflab"][r["auto"]][str(nfe)][0]
+            eb = r["difflab"][r["before"]][str(nfe)][0]
+            ed, nd = best(r["diffusers"], nfe)
+            lines.append(f"| {r['spec']} | {nfe} | {en:.3e} | {eb:.3e} | {ed:.3e} ({nd}) "
+                         f"| {en / ed:.2f} | {eb / ed:.2f} |")
+    for r in results:
+        lines += [
+            "", f"## {r['spec']}", "",
+            f"{r['desc']}: {r['prediction']}-prediction, schedule {r['schedule']}, images "
+            f"{'x'.join(map(str, r['shape']))}. Reference self-error "
+            f"(RMSE to the half-step solution): {r['ref_err']:.2e}.", "",
+            "### difflab", "", *table(r["difflab"]), "",
+            "### diffusers (same network and noise)", "", *table(r["diffusers"]), "",
+            "### Best of each", "",
+            "| NFE | default call | difflab best fixed rule | diffusers best | ratio default "
+            "| ratio best fixed |", "|---|---|---|---|---|---|"]
+        for nfe in NFES:
+            en = r["difflab"][r["auto"]][str(nfe)][0]
+            ef, nf = best(r["difflab"], nfe, skip=r["tuned"])
+            ed, nd = best(r["diffusers"], nfe)
+            lines.append(f"| {nfe} | {en:.3e} | {ef:.3e} ({nf}) | {ed:.3e} ({nd}) "
+                         f"| {en / ed:.2f} | {ef / ed:.2f} |")
+    return lines + ["", NOTES]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("models", nargs="+",
+                    help="difflab checkpoints / run dirs, or diffusers:FOLDER")
+    ap.add_argument("--n", type=int, default=32, help="test images (batch)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the test noise")
+    ap.add_argument("--ref-steps", type=int, default=500)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "samplers_real.md"))
+    ap.add_argument("--json", default="", help="also write every number here")
+    ap.add_argument("--solvers", default="",
+                    help="difflab solvers on their own spacing (comma list; default: all "
+                         "deterministic ones in DIFFLAB)")
+    ap.add_argument("--variants", default="",
+                    help="solver:spacing rows (comma list; default: VARIANT_SOLVERS x "
+                         "VARIANT_SPACINGS)")
+    ap.add_argument("--configs", default="",
+                    help="diffusers configurations to run, by label (comma list; default: "
+                         "every one that applies)")
+    ap.add_argument("--tune", default="unipc",
+                    help="samplers to fit tuned grids for (comma list; '' skips)")
+    ap.add_argument("--tune-n", type=int, default=16, help="calibration images (seed 123)")
+    ap.add_argument("--tune-evals", type=int, default=150, help="sampler runs per grid")
+    ap.add_argument("--title", default="Samplers on trained image models")
+    ap.add_argument("--grids", default="",
+                    help="samplers (comma list) whose fits stored with the checkpoint "
+                         "(`difflab tune-grid`, the fits `difflab sample` runs) get rows")
+    ap.add_argument("--figure", default="",
+                    help="PNG (first model): 8 images from the reference and, per NFE, the "
+                         "previous default and the default call (rows)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    results = []
+    for i, spec in enumerate(args.models):
+        if i:
+            args.figure = ""
+        results.append(run_model(args, spec))
+        if args.json:  # after each model, so a long run keeps what it measured
+            Path(args.json).write_text(json.dumps(results, indent=1))
+    lines = render(args, results)
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:12 + 3 * len(results)]))
 
 
 if __name__ == "__main__":
