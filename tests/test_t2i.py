@@ -162,6 +162,28 @@ def run(tmp_path_factory):
     return out
 
 
+def test_a_finished_or_half_trained_run_is_never_replaced_silently(tmp_path, capsys):
+    """`difflab train t2i_canvas --out RUN` on a run (finished, or still in stage 1) is refused
+    without --resume / --overwrite, touching nothing; --overwrite moves it aside."""
+    out = tmp_path / "run"
+    args = ["train", "t2i_canvas", "--out", str(out), "--quiet", "--threads", "1"]
+    for s in TINY:
+        args += ["--set", s]
+    assert main(args + ["--set", "train.steps=1"]) == 0
+    before = {f: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file()}
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "already holds a text-to-image run" in err and "--resume" in err, err
+    assert {f: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file()} == before
+    (out / "checkpoint").rename(tmp_path / "moved")  # as if stopped in stage 1
+    assert main(args) == 2
+    assert main(args + ["--overwrite"]) == 0
+    moved = [d for d in tmp_path.iterdir() if d.name.startswith("run.old-")]
+    assert len(moved) == 1 and (moved[0] / "autoencoder" / "checkpoint").is_dir()
+    assert json.loads((out / "stages.json").read_text())["stage"] == "done"
+
+
 def test_tiny_model_trains_both_stages(run):
     assert json.loads((run / "stages.json").read_text())["stage"] == "done"
     ae = ckpt.read(run / "autoencoder")
