@@ -143,13 +143,17 @@ def main() -> int:
     cache = work / f"results_n{args.count}.json"
     results = json.loads(cache.read_text()) if cache.is_file() else {}
 
+    def fid_record(source: Path, sampler: str, steps: int, count: int) -> dict:
+        """The eval record (FID-FMNIST against 10,000 train images) of ``count`` seed-0
+        samples of run ``source`` with ``sampler`` at ``steps``."""
+        return evaluate(source / "checkpoint", reference="fashion_mnist", count=count,
+                        samplers=[sampler], steps=[steps], batch_size=250, seed=0,
+                        kid_subsets=10, kid_subset_size=min(500, count))["results"][0]
+
     def measure(key: str, source: Path, samplers, steps) -> None:
         todo = [(s, k) for s in samplers for k in steps if f"{key}:{s}:{k}" not in results]
         for s, k in todo:
-            res = evaluate(source / "checkpoint", reference="fashion_mnist", count=args.count,
-                           samplers=[s], steps=[k], batch_size=250, seed=0,
-                           kid_subsets=10, kid_subset_size=min(500, args.count))
-            rec = res["results"][0]
+            rec = fid_record(source, s, k, args.count)
             results[f"{key}:{s}:{k}"] = {"fid": rec["fid"], "sampler": rec["sampler"],
                                          "steps": k, "seconds": rec.get("seconds")}
             cache.write_text(json.dumps(results, indent=1))
@@ -191,10 +195,7 @@ def main() -> int:
                                 "consistency", 1),
                                (f"teacher:{best}:20", str(teacher), best, 20)]:
             if key not in check:
-                res = evaluate(Path(src) / "checkpoint", reference="fashion_mnist",
-                               count=args.confirm_count, samplers=[s], steps=[k],
-                               batch_size=250, seed=0, kid_subsets=10, kid_subset_size=1000)
-                rec = res["results"][0]
+                rec = fid_record(Path(src), s, k, args.confirm_count)
                 check[key] = {"fid": rec["fid"], "grid": rec.get("grid"),
                               "count": args.confirm_count}
                 confirm_file.write_text(json.dumps(check, indent=1))

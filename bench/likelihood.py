@@ -83,13 +83,13 @@ def train(name: str, out: Path, steps: int, device: str = "cpu",
             "last_logs": {k: float(v) for k, v in trainer.last_logs.items()}}
 
 
-def ode_batch(den, x: torch.Tensor, *, rtol: float, seed: int):
+def ode_batch(den, x: torch.Tensor, *, rtol: float, seed: int, solver: str = "dopri5"):
     """The ODE likelihood of one batch: 1 Rademacher probe, uniform dequantisation, rtol = atol,
     the dequantisation noise and probe from a CPU generator of ``seed``."""
     from difflab.likelihood import log_likelihood
 
     return log_likelihood(den, x, probes=1, rtol=rtol, atol=rtol, dequantize="uniform",
-                          generator=torch.Generator().manual_seed(seed))
+                          generator=torch.Generator().manual_seed(seed), solver=solver)
 
 
 def ode_figures(den, x: torch.Tensor, *, rtol: float, batch: int = 16, device: str = "cpu",

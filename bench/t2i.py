@@ -49,6 +49,9 @@ from difflab.objectives.autoencoder import psnr
 from difflab.pipelines.text_to_image import TextToImagePipeline
 from difflab.train.t2i import load_autoencoder, stage_state, t2i_config, train_t2i
 
+sys.path.insert(0, str(Path(__file__).parent))
+from train_gpu import spec_peak  # noqa: E402  (the cards' data-sheet bf16 peaks)
+
 GRID_PROMPTS = [caption(*h) for h in HELD_OUT] + [
     "a small t-shirt in the top left", "a large trouser in the center",
     "a small pullover in the bottom right", "a large dress in the top right",
@@ -60,14 +63,6 @@ GRID_PROMPTS = [caption(*h) for h in HELD_OUT] + [
 
 def log(msg: str) -> None:
     print(msg, flush=True)
-
-
-# data-sheet dense bf16 tensor-core peaks (no sparsity), TFLOP/s; bench/train_gpu.py's table
-SPEC_BF16 = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.2}
-
-
-def spec_peak(name: str) -> float | None:
-    return next((v for k, v in SPEC_BF16.items() if k in name), None)
 
 
 def forward_flops(module: torch.nn.Module, *args, **kwargs) -> float:

@@ -21,6 +21,7 @@ Under torchrun only rank 0 (``RANK`` unset or 0) checks, locks and moves.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,16 +95,23 @@ def check_resumable(out: str | os.PathLike) -> None:
         raise ParameterError(f"cannot {param('resume')} {run}: {e}") from e
 
 
-def check_run(out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> Path:
-    """The read-only checks of :func:`open_run` (call it before any work); returns ``out``."""
+def check_run(out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
+              holds_run: Callable[[Path], bool] = has_checkpoint,
+              resumable: Callable[[Path], None] | None = check_resumable,
+              what: str = "a training run") -> Path:
+    """The read-only checks of :func:`open_run` (call it before any work); returns ``out``.
+    A run whose directory holds more than a checkpoint (the stages of a text-to-image run)
+    passes its own ``holds_run`` test, ``resumable`` check (None: the trainer checks on
+    resume) and name ``what``."""
     if resume and overwrite:
         raise ParameterError(f"{param('resume')} and {param('overwrite')} exclude each other")
     p = check_writable_dir(out)
     if resume:
-        check_resumable(p)
-    elif has_checkpoint(p) and not overwrite:
+        if resumable is not None:
+            resumable(p)
+    elif holds_run(p) and not overwrite:
         raise ParameterError(
-            f"{param('out')} {p} already holds a training run; continue it with "
+            f"{param('out')} {p} already holds {what}; continue it with "
             f"{param('resume')}, or pass {param('overwrite')} to move it aside "
             f"(to {p.name}.old-<time>) and start afresh")
     return p
@@ -155,24 +163,28 @@ def _is_main_rank() -> bool:
     return int(os.environ.get("RANK", "0") or 0) == 0
 
 
-def open_run(out: str | os.PathLike, *, resume: bool = False,
-             overwrite: bool = False) -> RunLock:
+def open_run(out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
+             holds_run: Callable[[Path], bool] = has_checkpoint,
+             resumable: Callable[[Path], None] | None = check_resumable,
+             what: str = "a training run") -> RunLock:
     """Claim run directory ``out`` for one training process (module docstring): checks
-    (:func:`check_run`), locks it, and with ``overwrite`` moves an existing run aside. Returns
-    the held :class:`RunLock` (use it as a context manager)."""
+    (:func:`check_run`, with its ``holds_run`` / ``resumable`` / ``what``), locks it, and with
+    ``overwrite`` moves an existing run aside. Returns the held :class:`RunLock` (use it as a
+    context manager)."""
     from difflab.files import move_aside
 
     p = Path(out)
     if not _is_main_rank():
         return RunLock(None)
-    check_run(p, resume=resume, overwrite=overwrite)
+    checks = {"holds_run": holds_run, "resumable": resumable, "what": what}
+    check_run(p, resume=resume, overwrite=overwrite, **checks)
     lock = RunLock(p).acquire()
     try:  # checked again under the lock: another process may have written meanwhile
-        check_run(p, resume=resume, overwrite=overwrite)
+        check_run(p, resume=resume, overwrite=overwrite, **checks)
     except BaseException:
         lock.release()
         raise
-    if overwrite and has_checkpoint(p):
+    if overwrite and holds_run(p):
         lock.release()
         moved = move_aside(p)
         lock = RunLock(p, moved).acquire()

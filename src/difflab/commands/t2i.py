@@ -63,28 +63,14 @@ def train_text_to_image(config: dict[str, Any], out: str | os.PathLike, *,
                      callback=ProgressBar(enabled=progress))
 
 
-def claim_t2i_run(out: Path, *, resume: bool, overwrite: bool) -> Any:
-    """Claim a text-to-image run directory as :func:`difflab.commands.runs.open_run` claims a
-    diffusion run, counting a run that is still in stage 1 (an autoencoder checkpoint or the
-    stage file, no ``checkpoint`` yet) as a run too: refused without ``resume`` or
-    ``overwrite``, moved aside (never deleted) with ``overwrite``; then locked. Returns the
-    held lock (a context manager)."""
-    from difflab.commands.runs import RunLock, check_writable_dir, has_checkpoint
-    from difflab.files import move_aside
+def t2i_run_started(out: Path) -> bool:
+    """Whether ``out`` holds a text-to-image run, finished or still in stage 1 (an autoencoder
+    checkpoint or the stage file, no ``checkpoint`` yet)."""
+    from difflab.commands.runs import has_checkpoint
     from difflab.train.t2i import STAGES
 
-    if resume and overwrite:
-        raise ParameterError(f"{param('resume')} and {param('overwrite')} exclude each other")
-    out = check_writable_dir(out)
-    started = has_checkpoint(out) or has_checkpoint(out / "autoencoder") or \
+    return has_checkpoint(out) or has_checkpoint(out / "autoencoder") or \
         (out / STAGES).is_file()
-    if started and not resume and not overwrite:
-        raise ParameterError(
-            f"{param('out')} {out} already holds a text-to-image run; continue it with "
-            f"{param('resume')}, or pass {param('overwrite')} to move it aside "
-            f"(to {out.name}.old-<time>) and start afresh")
-    moved = move_aside(out) if started and overwrite else None
-    return RunLock(out, moved).acquire()
 
 
 def cmd_train_t2i(args: argparse.Namespace) -> int:
@@ -108,7 +94,11 @@ def cmd_train_t2i(args: argparse.Namespace) -> int:
         raise ParameterError(f"{param('conditional')} is for class labels; a text-to-image "
                              "model is conditioned on its captions")
     config = t2i_config(base, overrides=args.overrides, train_updates=updates)
-    with claim_t2i_run(out, resume=args.resume, overwrite=bool(args.overwrite)):
+    from difflab.commands.runs import open_run
+
+    # claimed as every trainer claims its run; a resumed run's stages are checked by train_t2i
+    with open_run(out, resume=args.resume, overwrite=bool(args.overwrite),
+                  holds_run=t2i_run_started, resumable=None, what="a text-to-image run"):
         result = train_text_to_image(config, out, resume=args.resume, device=args.device,
                                      progress=not args.quiet)
     ae, dif = result.get("autoencoder"), result.get("diffusion")
