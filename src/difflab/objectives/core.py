@@ -303,6 +303,8 @@ class DiffusionObjective(Objective):
             (:meth:`Condition.drop`; classifier-free guidance, Ho & Salimans 2022).
     """
 
+    learned_variance = False  # the network also predicts the variance (HybridObjective)
+
     kind = "diffusion"
 
     def __init__(self, schedule: NoiseSchedule, prediction: str | param.Parameterization = "eps",
@@ -332,7 +334,8 @@ class DiffusionObjective(Objective):
         last = self._last
         if last is not None and last[0] is net:
             return last[1]
-        den = Denoiser(net, self.schedule, self.parameterization)
+        den = Denoiser(net, self.schedule, self.parameterization,
+                       learned_variance=self.learned_variance)
         self._last = (net, den)
         return den
 

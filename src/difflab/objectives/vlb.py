@@ -415,13 +415,8 @@ class VLBObjective(Objective):
         """Trainable modules the objective owns (the trainer adds them): a learned schedule."""
         return {"schedule": self.schedule} if self.learned else {}
 
-    def denoiser(self, net: nn.Module) -> Denoiser:
-        last = self._last
-        if last is not None and last[0] is net:
-            return last[1]
-        den = Denoiser(net, self.schedule, self.parameterization)
-        self._last = (net, den)
-        return den
+    learned_variance = False
+    denoiser = DiffusionObjective.denoiser  # the cached Denoiser of net (the same method)
 
     def prepare(self, batch: dict[str, Tensor], generator: torch.Generator) -> dict[str, Any]:
         x0 = batch["image"]
@@ -473,6 +468,8 @@ class HybridObjective(DiffusionObjective):
     mean learns from L_simple only and v from L_vlb only. The network has 2C output channels
     (``Denoiser(..., learned_variance=True)``)."""
 
+    learned_variance = True
+
     def __init__(self, schedule: NoiseSchedule, prediction: str | param.Parameterization = "eps",
                  *, lambda_vlb: float = 0.001, target: str | None = None,
                  weighting: Weighting | None = None, sigma_data: float = 0.5):
@@ -485,13 +482,6 @@ class HybridObjective(DiffusionObjective):
                          weighting=weighting)
         self.lambda_vlb = float(lambda_vlb)
 
-    def denoiser(self, net: nn.Module) -> Denoiser:
-        last = self._last
-        if last is not None and last[0] is net:
-            return last[1]
-        den = Denoiser(net, self.schedule, self.parameterization, learned_variance=True)
-        self._last = (net, den)
-        return den
 
     def loss(self, modules: Mapping[str, nn.Module], batch: dict[str, Any]
              ) -> tuple[Tensor, dict[str, Any]]:
