@@ -22,3 +22,13 @@ def mlp_checkpoint(path):
     config = {"net": net.config, "schedule": schedules.linear().config(), "prediction": "eps",
               "data": {"name": "ring", "channels": 2, "resolution": None}}
     return save_checkpoint(path, config=config, model=sd, ema=sd)
+
+
+#: ``--set`` overrides of ``difflab train t2i_canvas`` for a text-to-image run of seconds (64
+#: canvases, a closed-vocabulary text encoder, two steps per stage)
+T2I_TINY = ["data.n=64", "autoencoder.net.base_channels=8", "autoencoder.train.steps=2",
+            "autoencoder.train.batch_size=8", "autoencoder.calibrate_count=32",
+            'text_encoder={"type": "vocab_text", "dim": 16, "num_layers": 1, "num_heads": 2, '
+            '"max_length": 16}',
+            "net.model_channels=8", "net.num_heads=2", "train.steps=2",
+            "train.batch_size=8", "train.max_minutes=null", "sample.steps=3"]

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import T2I_TINY
 
 import difflab
 from difflab.cli import main
@@ -144,12 +145,7 @@ def test_autoencoder_objective_runs_and_reports_psnr():
 
 
 # --- a tiny model through both stages, from the command line -----------------------------------
-TINY = ["data.n=64", "autoencoder.net.base_channels=8", "autoencoder.train.steps=2",
-        "autoencoder.train.batch_size=8", "autoencoder.calibrate_count=32",
-        'text_encoder={"type": "vocab_text", "dim": 16, "num_layers": 1, "num_heads": 2, '
-        '"max_length": 16}',
-        "net.model_channels=8", "net.num_heads=2", "train.steps=2",
-        "train.batch_size=8", "train.max_minutes=null", "sample.steps=3"]
+TINY = T2I_TINY
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,10 @@ Optional guidance rescale (Lin et al. 2024, Alg. 2) on the v prediction:
 
     v_rescaled = v~ * std(v(c)) / std(v~),   v_final = phi v_rescaled + (1 - phi) v~
 
+A guidance-distilled network (latent consistency models, Luo et al. 2023) takes w as an input
+instead: :func:`guidance_input` puts w into the condition (``Condition.guidance``), one network
+call per step, no null half.
+
 Classifier guidance (Dhariwal & Nichol 2021, Alg. 2; Song et al. 2021 Eq. 48):
 
     eps~ = eps - s * sigma_t * grad_x log p(y | x_t, t)
@@ -30,7 +34,8 @@ from torch import Tensor, nn
 
 from difflab.denoiser import BaseDenoiser, Condition, Prediction, broadcast_time, v_to_x0_eps
 
-__all__ = ["ClassifierFreeGuidance", "ClassifierGuidance", "classifier_free",
+__all__ = ["ClassifierFreeGuidance", "ClassifierGuidance", "classifier_free", "GuidanceInput",
+           "guidance_input", "takes_guidance", "WeightFromCondition", "guidance_from_condition",
            "classifier_guidance", "classifier_log_prob", "GuidanceInterval",
            "guidance_interval"]
 
@@ -55,23 +60,25 @@ class ClassifierFreeGuidance(BaseDenoiser):
 
     Args:
         denoiser: a conditional denoiser.
-        w: guidance weight (w = 0: the conditional model; diffusers' scale = 1 + w).
+        w: guidance weight (w = 0: the conditional model; diffusers' scale = 1 + w), or a (B,)
+            tensor of one weight per row (distillation over a range of w).
         uncond: the null condition; default ``cond.null()`` (class labels -> the null label,
             a prompt -> the empty prompt; control images and masks stay in both halves). A
             Condition here replaces it, e.g. a negative prompt's.
         rescale: phi of guidance rescale (0 disables).
     """
 
-    def __init__(self, denoiser: BaseDenoiser, w: float, uncond: Any = None,
+    def __init__(self, denoiser: BaseDenoiser, w: float | Tensor, uncond: Any = None,
                  rescale: float = 0.0):
         super().__init__()
-        self.denoiser, self.w, self.uncond, self.rescale = denoiser, float(w), uncond, rescale
+        self.w = w if isinstance(w, Tensor) else float(w)
+        self.denoiser, self.uncond, self.rescale = denoiser, uncond, rescale
         self.schedule, self.parameterization = denoiser.schedule, denoiser.parameterization
 
     def predict(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Prediction:
         if cond is None:
             raise ValueError("classifier-free guidance needs a condition: pass cond=...")
-        if self.w == 0.0 and self.rescale == 0.0:
+        if not isinstance(self.w, Tensor) and self.w == 0.0 and self.rescale == 0.0:
             return self.denoiser.predict(x, t, cond)
         cond = Condition.of(cond).to(x.device)
         tb = broadcast_time(t, x)
@@ -79,6 +86,8 @@ class ClassifierFreeGuidance(BaseDenoiser):
                                      Condition.cat([cond, _null_of(cond, self.uncond)]))
         B = x.shape[0]
         w = self.w
+        if isinstance(w, Tensor):
+            w = w.to(x.device, x.dtype).view(-1, *([1] * (x.ndim - 1)))
         x0 = (1 + w) * both.x0[:B] - w * both.x0[B:]
         eps = (1 + w) * both.eps[:B] - w * both.eps[B:]
         alpha, sigma = both.alpha[:B], both.sigma[:B]
@@ -144,6 +153,60 @@ def guidance_interval(denoiser: BaseDenoiser, w: float, sigma_lo: float = 0.0,
     return GuidanceInterval(denoiser, w, sigma_lo, sigma_hi, uncond, rescale)
 
 
+class WeightFromCondition(BaseDenoiser):
+    """Classifier-free guidance at the per-row weight w the condition carries
+    (``Condition.guidance``), which is removed before the network sees it: the guided teacher
+    of latent consistency distillation, whose student is given the same w as an input. Because
+    w travels in the condition, it is sliced with the batch wherever the condition is."""
+
+    def __init__(self, denoiser: BaseDenoiser, uncond: Any = None):
+        super().__init__()
+        self.denoiser, self.uncond = denoiser, uncond
+        self.schedule, self.parameterization = denoiser.schedule, denoiser.parameterization
+
+    def predict(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Prediction:
+        cond = Condition.of(cond)
+        if cond is None or cond.guidance is None:
+            raise ValueError("guidance by the condition's weight needs cond.guidance (a (B,) "
+                             "tensor of w): cond.with_guidance(w)")
+        return ClassifierFreeGuidance(self.denoiser, cond.guidance, self.uncond).predict(
+            x, t, replace(cond, guidance=None))
+
+
+def guidance_from_condition(denoiser: BaseDenoiser, uncond: Any = None) -> WeightFromCondition:
+    """See :class:`WeightFromCondition`."""
+    return WeightFromCondition(denoiser, uncond)
+
+
+def takes_guidance(denoiser: BaseDenoiser) -> bool:
+    """Whether ``denoiser``'s network takes the guidance scale as an input (a U-Net built with
+    ``guidance_embed``): guide it with :func:`guidance_input`, not classifier-free guidance."""
+    net = getattr(denoiser, "net", None)
+    return bool(getattr(net, "config", {}).get("guidance_embed"))
+
+
+class GuidanceInput(BaseDenoiser):
+    """A guidance-distilled network at guidance weight w: the condition gets ``guidance`` = w
+    (the network's w-embedding, Luo et al. 2023, "Latent Consistency Models", Sec. 4.2), in the
+    w-convention of :class:`ClassifierFreeGuidance` (w = 0: the conditional model). One network
+    call per evaluation: the guided teacher's two halves were distilled into it."""
+
+    def __init__(self, denoiser: BaseDenoiser, w: float):
+        super().__init__()
+        self.denoiser, self.w = denoiser, float(w)
+        self.schedule, self.parameterization = denoiser.schedule, denoiser.parameterization
+
+    def predict(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Prediction:
+        if cond is None:
+            raise ValueError("a guidance-distilled model needs a condition: pass cond=...")
+        return self.denoiser.predict(x, t, Condition.of(cond).with_guidance(self.w))
+
+
+def guidance_input(denoiser: BaseDenoiser, w: float) -> GuidanceInput:
+    """See :class:`GuidanceInput`."""
+    return GuidanceInput(denoiser, w)
+
+
 class ClassifierGuidance(BaseDenoiser):
     """eps~ = eps - scale * sigma_t * grad_x log p(y | x_t, t).
 
@@ -184,7 +247,7 @@ class ClassifierGuidance(BaseDenoiser):
         return Prediction(x, None, eps, base.alpha, base.sigma)
 
 
-def classifier_free(denoiser: BaseDenoiser, w: float, uncond: Any = None,
+def classifier_free(denoiser: BaseDenoiser, w: float | Tensor, uncond: Any = None,
                     rescale: float = 0.0) -> ClassifierFreeGuidance:
     """See :class:`ClassifierFreeGuidance`."""
     return ClassifierFreeGuidance(denoiser, w, uncond, rescale)

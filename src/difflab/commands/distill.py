@@ -5,7 +5,10 @@
 
 Methods (:mod:`difflab.train.distill`): ``cd`` consistency distillation (the teacher's ODE step
 by ``solver``), ``ct`` improved consistency training from scratch (the teacher's architecture,
-schedule and data only), ``ect`` easy consistency tuning (from the teacher's weights).
+schedule and data only), ``ect`` easy consistency tuning (from the teacher's weights). A
+text-to-image teacher (``difflab train t2i_canvas``) is distilled by latent consistency
+distillation (``cd`` there means ``lcd``): the student takes the guidance weight w as an input,
+trained over ``w_range``; ``difflab sample OUT --prompt ... --cfg W --steps 4`` samples it.
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ def distill_run_config(teacher: str | os.PathLike, *, method: str = "cd",
                        solver: str | None = None, steps: int | None = None,
                        batch_size: int | None = None, lr: float | None = None,
                        seed: int | None = None, threads: int | None = None,
-                       cfg: float | None = None) -> dict[str, Any]:
-    """The config of a consistency run from the diffusion checkpoint (or run directory)
-    ``teacher``; ParameterError for a teacher that is not a diffusion model, an unknown
-    method or solver, bad numbers; MissingFileError for a missing checkpoint."""
+                       cfg: float | None = None,
+                       w_range: tuple[float, float] | None = None) -> dict[str, Any]:
+    """The config of a consistency run from the diffusion or text-to-image checkpoint (or run
+    directory) ``teacher``; ParameterError for a teacher that is neither, an unknown method or
+    solver, bad numbers; MissingFileError for a missing checkpoint."""
     from difflab.commands.validate import check_number
     from difflab.samplers import STEPS
     from difflab.train import checkpoint as ckpt
@@ -56,15 +60,48 @@ def distill_run_config(teacher: str | os.PathLike, *, method: str = "cd",
                                "directory of `difflab train`, or its checkpoint/)")
     path = ckpt.resolve(teacher)
     config = ckpt.read_config(path)
+    train = {k: v for k, v in {"steps": steps, "batch_size": batch_size, "lr": lr,
+                               "seed": seed, "threads": threads}.items() if v is not None}
+    if config.get("kind") == "text_to_image":
+        return _latent_config(config, path, method=method, solver=solver, train=train,
+                              cfg=cfg, w_range=w_range)
+    if w_range is not None:
+        raise ParameterError(f"{param('w_range')} is for a text-to-image teacher (latent "
+                             "consistency distillation); this teacher is a "
+                             f"{config.get('kind', 'diffusion')!r} model")
     if config.get("kind", "diffusion") != "diffusion":
         raise ParameterError(f"{param('teacher')} {teacher} is a {config.get('kind')!r} "
                              "checkpoint, not a diffusion model; distill a checkpoint of "
                              "`difflab train`")
-    train = {k: v for k, v in {"steps": steps, "batch_size": batch_size, "lr": lr,
-                               "seed": seed, "threads": threads}.items() if v is not None}
     cons = {"cfg": float(cfg)} if cfg is not None else None
     return distill_config(config, method=method, solver=solver,
                           teacher_path=str(Path(path).resolve()), train=train, consistency=cons)
+
+
+def _latent_config(config: dict[str, Any], path: Any, *, method: str, solver: str | None,
+                   train: dict[str, Any], cfg: float | None,
+                   w_range: tuple[float, float] | None) -> dict[str, Any]:
+    """The latent consistency config of the text-to-image teacher ``config`` at ``path``."""
+    from difflab.train.distill import latent_distill_config
+
+    if method != "cd":
+        raise ParameterError(f"a text-to-image teacher is distilled with {param('method')} cd "
+                             f"(latent consistency distillation); {method!r} is not "
+                             "supported for it")
+    cons: dict[str, Any] = {}
+    if cfg is not None:
+        cons["sample_cfg"] = float(cfg)
+    if w_range is not None:
+        lo, hi = (float(w) for w in w_range)
+        if not 0 <= lo <= hi:
+            raise ParameterError(f"{param('w_range')} must be LO HI with 0 <= LO <= HI, got "
+                                 f"{lo:g} {hi:g}")
+        cons["w_range"] = [lo, hi]
+    try:
+        return latent_distill_config(config, teacher_path=str(Path(path).resolve()),
+                                     solver=solver, train=train, consistency=cons)
+    except ValueError as e:
+        raise ParameterError(f"{param('teacher')}: {e}") from None
 
 
 def distill(teacher: str | os.PathLike | None, out: str | os.PathLike, *, method: str = "cd",
@@ -72,12 +109,15 @@ def distill(teacher: str | os.PathLike | None, out: str | os.PathLike, *, method
             max_cpu_minutes: float | None = None, steps: int | None = None,
             batch_size: int | None = None, lr: float | None = None,
             seed: int | None = None, threads: int | None = None, cfg: float | None = None,
-            resume: bool = False, overwrite: bool = False, device: str | None = None,
+            w_range: tuple[float, float] | None = None, resume: bool = False,
+            overwrite: bool = False, device: str | None = None,
             progress: bool = True) -> dict[str, Any] | None:
     """Train a consistency model from ``teacher`` into ``out`` for ``max_minutes`` of wall
     clock, ``max_cpu_minutes`` of this process's CPU time (the first spent ends it), or
     ``steps`` (``steps`` ``steps`` also sets the schedule of N(k) / ECT's stages, see
-    :mod:`difflab.train.distill`). ``resume`` continues ``out`` (bit-identically; the teacher
+    :mod:`difflab.train.distill`). A text-to-image ``teacher`` is distilled by latent
+    consistency distillation over guidance weights ``w_range`` (``cfg``: the weight its
+    pipeline samples with by default). ``resume`` continues ``out`` (bit-identically; the teacher
     from the path its config names unless given). Returns the trainer's summary."""
     from difflab.commands.runs import check_run, open_run
     from difflab.commands.train import checkpoint_config
@@ -93,7 +133,7 @@ def distill(teacher: str | os.PathLike | None, out: str | os.PathLike, *, method
     check_run(out, resume=resume, overwrite=overwrite)
     if resume:
         config = checkpoint_config(out)
-        if config is None or config.get("kind") != "consistency":
+        if config is None or "consistency" not in config or "teacher" not in config:
             raise ParameterError(f"{param('out')} {out} holds no consistency run to resume")
         teacher = teacher or config["teacher"]["path"]
         if steps is not None:
@@ -103,18 +143,26 @@ def distill(teacher: str | os.PathLike | None, out: str | os.PathLike, *, method
             raise ParameterError(f"give the {param('teacher')} checkpoint to distill")
         config = distill_run_config(teacher, method=method, solver=solver, steps=steps,
                                     batch_size=batch_size, lr=lr, seed=seed, threads=threads,
-                                    cfg=cfg)
+                                    cfg=cfg, w_range=w_range)
     teacher_path = ckpt.resolve(teacher)
-    teacher_den, _ = ckpt.load_denoiser(teacher_path, ema=True)
-    modules = distill_modules(config, teacher_den.net)
-    refs = {"teacher": str(teacher_path)} if "teacher" in modules else None
     if max_cpu_minutes is not None:
         config["train"]["max_cpu_minutes"] = float(max_cpu_minutes)
     set_threads(config["train"].get("threads"))
     with open_run(out, resume=resume, overwrite=overwrite):
         bar = ProgressBar(enabled=progress)
-        trainer = Trainer(config, out, modules=modules, references=refs, resume=resume,
-                          device=device, callback=bar)
+        if config.get("kind") == "text_to_image":  # latent consistency distillation
+            from difflab.train.distill import latent_distill_trainer
+
+            model, _ = ckpt.load(teacher_path, ema=True)
+            trainer = latent_distill_trainer(config, out, teacher=model,
+                                             teacher_path=teacher_path, resume=resume,
+                                             device=device, callback=bar)
+        else:
+            teacher_den, _ = ckpt.load_denoiser(teacher_path, ema=True)
+            modules = distill_modules(config, teacher_den.net)
+            refs = {"teacher": str(teacher_path)} if "teacher" in modules else None
+            trainer = Trainer(config, out, modules=modules, references=refs, resume=resume,
+                              device=device, callback=bar)
         try:
             summary = trainer.run(max_minutes=max_minutes)
         finally:
@@ -135,7 +183,10 @@ def register(subparsers: Any) -> None:
                     "data only) or easy consistency tuning (ect; from the teacher's weights). "
                     "Writes OUT/checkpoint; `difflab sample OUT --steps 1` samples it with the "
                     "consistency sampler. A class-conditional teacher is distilled with "
-                    "classifier-free guidance --cfg (sample the student without guidance).")
+                    "classifier-free guidance --cfg (sample the student without guidance). A "
+                    "text-to-image teacher is distilled by latent consistency distillation: "
+                    "the student takes the guidance weight as an input (--w-range), so `difflab "
+                    "sample OUT --prompt TEXT --cfg W --steps 4` costs one call per step.")
     p.add_argument("teacher", nargs="?", default=None,
                    help="the diffusion model's run directory or checkpoint (on --resume: "
                         "default the one the run was started from)")
@@ -146,7 +197,12 @@ def register(subparsers: Any) -> None:
                    help=f"the teacher's one-step ODE solver for cd: {', '.join(STEPS)} "
                         "(default heun)")
     p.add_argument("--cfg", type=float, default=None,
-                   help="classifier-free guidance weight w of a conditional teacher (cd)")
+                   help="classifier-free guidance weight w of a class-conditional teacher (cd); "
+                        "for a text-to-image teacher: the student's default sampling w "
+                        "(default 3)")
+    p.add_argument("--w-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="text-to-image teacher: the guidance weights w the student learns, "
+                        "drawn uniformly (default 0 4)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="wall-clock budget in minutes (a resumed run counts time spent)")
     p.add_argument("--max-cpu-minutes", type=float, default=None,
@@ -168,6 +224,8 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    from difflab.commands.t2i import is_text_to_image
+
     out = args.out
     if out is None:
         if args.teacher is None:
@@ -178,11 +236,14 @@ def cmd_distill(args: argparse.Namespace) -> int:
                       max_minutes=args.max_minutes, max_cpu_minutes=args.max_cpu_minutes,
                       steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      threads=args.threads, cfg=args.cfg, resume=args.resume,
+                      threads=args.threads, cfg=args.cfg, w_range=args.w_range,
+                      resume=args.resume,
                       overwrite=args.overwrite, device=args.device, progress=not args.quiet)
     if summary is not None:
         print(f"{summary['steps']} steps in {summary['seconds'] / 60:.1f} min, "
               f"{summary['cpu_seconds'] / 60:.1f} CPU min ({summary['stopped_by']}); "
               f"checkpoint: {summary.get('checkpoint')}; sample it "
-              f"with: difflab sample {out} --steps 1")
+              f"with: difflab sample {out} " + (
+                  '--prompt "a large bag in the top left" --steps 4'
+                  if is_text_to_image(out) else "--steps 1"))
     return 0

@@ -10,6 +10,8 @@ in training and chunked calibration treat every kind of condition alike (DESIGN.
     context_mask   (B, L) bool         ``null_context_mask``, else only token 0 attended
     control        (B, C, H, W)        kept: a control image stays in both halves of CFG
     mask           (B, 1, H, W)        kept: an inpainting / region mask is not guidance
+    guidance       (B,) float          kept: the guidance scale w a guidance-distilled network
+                                       takes as an input (LCM's w-embedding, Luo et al. 2023)
 
 ``null_context`` / ``null_context_mask`` are not inputs of the network; they carry the null
 value of ``context`` (the text encoder's output for the empty prompt, shape (1, L, D) or
@@ -32,7 +34,7 @@ __all__ = ["Condition", "NULL_LABEL", "INPUTS", "NULLABLE"]
 
 NULL_LABEL = -1
 #: fields that are network inputs, in the order they are passed
-INPUTS = ("labels", "context", "context_mask", "control", "mask")
+INPUTS = ("labels", "context", "context_mask", "control", "mask", "guidance")
 #: fields that guidance and condition dropout replace by their null value
 NULLABLE = ("labels", "context", "context_mask")
 #: the null values carried beside the inputs: one row (broadcast) or one per row
@@ -62,6 +64,7 @@ class Condition:
     context_mask: Tensor | None = None
     control: Tensor | None = None
     mask: Tensor | None = None
+    guidance: Tensor | None = None
     null_context: Tensor | None = None
     null_context_mask: Tensor | None = None
 
@@ -79,6 +82,11 @@ class Condition:
         if self.labels is not None and (self.labels.is_floating_point() or self.labels.ndim != 1):
             raise ValueError("Condition.labels must be a (B,) integer tensor of class labels, got "
                              f"dtype {self.labels.dtype} shape {tuple(self.labels.shape)}")
+        if self.guidance is not None and (not self.guidance.is_floating_point()
+                                          or self.guidance.ndim != 1):
+            raise ValueError("Condition.guidance must be a (B,) float tensor of guidance scales "
+                             f"w, got dtype {self.guidance.dtype} shape "
+                             f"{tuple(self.guidance.shape)}")
         if self.context is not None and self.context.ndim != 3:
             raise ValueError("Condition.context must be (B, L, D), got "
                              f"{tuple(self.context.shape)}")
@@ -134,6 +142,12 @@ class Condition:
                     m[:, 0] = True  # attention needs one key; a zero vector is the null token
                     changes["context_mask"] = m
         return replace(self, **changes)
+
+    def with_guidance(self, w: float | Tensor) -> Condition:
+        """This condition with the guidance-scale input ``w`` (a number, or one per row)."""
+        ref = next(v for f in INPUTS if (v := getattr(self, f)) is not None)
+        w = torch.as_tensor(w, dtype=torch.float32, device=ref.device)
+        return replace(self, guidance=w.expand(self.batch_size).clone() if w.ndim == 0 else w)
 
     def drop(self, drop: Tensor) -> Condition:
         """Rows where the (B,) bool tensor ``drop`` is True replaced by their null value

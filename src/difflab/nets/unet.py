@@ -5,6 +5,11 @@ embedding added to the time embedding, and optional cross-attention to a context
 (Rombach et al. 2022) so text conditioning plugs in.
 
     emb = MLP(sinusoidal(time_scale * t)) + E[labels]        (E[-1] = E[num_classes] = null label)
+          [+ MLP_w(sinusoidal(guidance_scale * w))]        (guidance_embed: the guidance scale w
+                                                            as an input, LCM's w-embedding, Luo
+                                                            et al. 2023; its last layer starts
+                                                            at zero, so a network copied from a
+                                                            teacher starts as the teacher)
     encoder: conv_in, then per level: num_res_blocks x (ResBlock [+ Attention]), Downsample
     middle:  ResBlock, Attention, ResBlock
     decoder: per level: (num_res_blocks + 1) x (concat skip, ResBlock [+ Attention]), Upsample
@@ -68,12 +73,17 @@ class UNetEncoder(nn.Module):
                  num_res_blocks: int, attention_resolutions: Sequence[int], image_size: int,
                  dropout: float, num_heads: int, num_head_channels: int,
                  num_classes: int | None, context_dim: int | None, time_scale: float,
-                 scale_shift_norm: bool = True):
+                 scale_shift_norm: bool = True, guidance_embed: bool = False,
+                 guidance_scale: float = 100.0):
         super().__init__()
         self.emb_dim = 4 * model_channels
         self.num_classes, self.context_dim = num_classes, context_dim
         self.time_embed = TimeEmbedding(model_channels, self.emb_dim, time_scale)
         self.class_embed = label_embedding(num_classes, self.emb_dim)
+        self.guidance_embed = None
+        if guidance_embed:
+            self.guidance_embed = TimeEmbedding(model_channels, self.emb_dim, guidance_scale)
+            zero_module(self.guidance_embed.mlp[-1])
         self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
 
         def attn(ch: int, res: int) -> nn.Module | None:
@@ -111,9 +121,18 @@ class UNetEncoder(nn.Module):
         self.mid_res2 = ResBlock(ch, ch, self.emb_dim, dropout, scale_shift_norm)
         self.out_channels = ch
 
-    def embed(self, x: Tensor, t: Tensor | float, labels: Tensor | None) -> Tensor:
-        return embed_labels(self.time_embed(as_batch_time(t, x)), self.class_embed, labels,
-                            "U-Net")
+    def embed(self, x: Tensor, t: Tensor | float, labels: Tensor | None,
+              guidance: Tensor | None = None) -> Tensor:
+        emb = embed_labels(self.time_embed(as_batch_time(t, x)), self.class_embed, labels,
+                           "U-Net")
+        if self.guidance_embed is None:
+            unused_condition("U-Net (built without guidance_embed)", {"guidance": guidance})
+            return emb
+        if guidance is None:
+            raise ValueError("this U-Net takes the guidance scale w as an input "
+                             "(guidance_embed=True): pass Condition(..., guidance=w), e.g. "
+                             "cond.with_guidance(w)")
+        return emb + self.guidance_embed(as_batch_time(guidance, x))
 
     @staticmethod
     def _apply_attn(block: nn.Module, h: Tensor, context: Tensor | None,
@@ -124,12 +143,13 @@ class UNetEncoder(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor | float, labels: Tensor | None = None,
                 context: Tensor | None = None, context_mask: Tensor | None = None, *,
-                hint: Tensor | None = None) -> tuple[list[Tensor], Tensor, Tensor]:
+                hint: Tensor | None = None, guidance: Tensor | None = None
+                ) -> tuple[list[Tensor], Tensor, Tensor]:
         """(skips, middle, emb). ``hint`` (ControlNet) is added after conv_in."""
         if context is not None and self.context_dim is None:
             raise ValueError("this U-Net has no cross-attention (context_dim=None) but got "
                              "context; build it with context_dim=D for text conditioning")
-        emb = self.embed(x, t, labels)
+        emb = self.embed(x, t, labels, guidance)
         h = self.conv_in(x)
         if hint is not None:
             h = h + hint
@@ -162,6 +182,8 @@ class UNet(nn.Module):
         num_classes: class-conditional with a learned null label ``num_classes``.
         context_dim: cross-attention to ``context`` (B, L, context_dim) in attention blocks.
         time_scale: multiplies the time input before the sinusoidal embedding.
+        guidance_embed: the guidance scale w is an input (``guidance``), embedded as the time
+            is (w times ``guidance_scale``) and added to the time embedding.
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int | None = None,
@@ -170,7 +192,8 @@ class UNet(nn.Module):
                  image_size: int = 28, dropout: float = 0.0, num_heads: int = 4,
                  num_head_channels: int = -1, num_classes: int | None = None,
                  context_dim: int | None = None, time_scale: float = 1.0,
-                 scale_shift_norm: bool = True):
+                 scale_shift_norm: bool = True, guidance_embed: bool = False,
+                 guidance_scale: float = 100.0):
         super().__init__()
         out_channels = out_channels or in_channels
         self.config: dict[str, Any] = {
@@ -181,11 +204,13 @@ class UNet(nn.Module):
             "dropout": dropout, "num_heads": num_heads, "num_head_channels": num_head_channels,
             "num_classes": num_classes, "context_dim": context_dim,
             "time_scale": float(time_scale), "scale_shift_norm": scale_shift_norm}
+        if guidance_embed:  # configs of networks without it stay as they were
+            self.config.update(guidance_embed=True, guidance_scale=float(guidance_scale))
         self.num_classes, self.context_dim = num_classes, context_dim
         self.encoder = UNetEncoder(in_channels, model_channels, channel_mult, num_res_blocks,
                                    attention_resolutions, image_size, dropout, num_heads,
                                    num_head_channels, num_classes, context_dim, time_scale,
-                                   scale_shift_norm)
+                                   scale_shift_norm, guidance_embed, guidance_scale)
         emb_dim, skips = self.encoder.emb_dim, list(self.encoder.skip_channels)
         ch = self.encoder.out_channels
         res = self.encoder.resolutions[-1]
@@ -213,7 +238,8 @@ class UNet(nn.Module):
         return len(self.encoder.skip_channels)
 
     def forward(self, x: Tensor, t: Tensor | float, labels: Tensor | None = None,
-                context: Tensor | None = None, context_mask: Tensor | None = None, *,
+                context: Tensor | None = None, context_mask: Tensor | None = None,
+                guidance: Tensor | None = None, *,
                 residuals: Sequence[Tensor] | None = None, **unused: Any) -> Tensor:
         """Network output for x (B, C, H, W) at network time t (B,).
 
@@ -221,11 +247,12 @@ class UNet(nn.Module):
             labels: (B,) class labels (-1 or ``num_classes`` = null) or None (= null label).
             context: (B, L, context_dim) cross-attention inputs; context_mask (B, L) bool,
                 True for tokens that may be attended to.
+            guidance: (B,) guidance scales w (a network built with ``guidance_embed``).
             residuals: ``num_skips + 1`` ControlNet residuals added to the skips and the
                 middle output.
         """
         unused_condition("U-Net", unused)
-        skips, h, emb = self.encoder(x, t, labels, context, context_mask)
+        skips, h, emb = self.encoder(x, t, labels, context, context_mask, guidance=guidance)
         if residuals is not None:
             if len(residuals) != len(skips) + 1:
                 raise ValueError(f"residuals must hold {len(skips) + 1} tensors (one per skip "

@@ -5,7 +5,8 @@
 * :mod:`.vlb`   the variational bound (VDM's continuous / discrete forms, the learned
                 schedule's variance trick) and the learned-variance hybrid loss
 
-Each further family (variational bound, autoencoder, ControlNet, consistency) is one more module
+Each further family (variational bound, autoencoder, ControlNet, consistency, latent
+consistency) is one more module
 here, re-exported below; the trainer builds them by ``config["kind"]``
 (:func:`difflab.train.trainer.register_objective`).
 """
@@ -39,6 +40,7 @@ from difflab.objectives.core import (
     sample_t,
     target_factor,
 )
+from difflab.objectives.latent_consistency import LatentConsistencyDistillation
 from difflab.objectives.text import TextToImageObjective
 from difflab.objectives.vlb import HybridObjective, VLBObjective, VLBResult, variational_bound
 
@@ -49,4 +51,5 @@ __all__ = ["sample_t", "loss_weight", "diffusion_loss", "per_example_loss", "tar
            "T_SAMPLERS", "ControlNetObjective", "ControlledNet",
            "AutoencoderObjective", "TextToImageObjective",
            "VLBObjective", "HybridObjective", "VLBResult", "variational_bound",
-           "ConsistencyDistillation", "ConsistencyTraining", "EasyConsistencyTuning"]
+           "ConsistencyDistillation", "ConsistencyTraining", "EasyConsistencyTuning",
+           "LatentConsistencyDistillation"]

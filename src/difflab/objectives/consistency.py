@@ -161,27 +161,39 @@ class ConsistencyDistillation(ConsistencyObjective):
             return self.teacher_guide(den) if self.teacher_guide is not None else den
         return self._cached(net, build)
 
-    def prepare(self, batch: dict[str, Tensor], generator: torch.Generator, *,
-                step: int = 0) -> dict[str, Any]:
-        """n ~ U{1..N-1} per row (the pair t_n < t_{n+1}) and z, in this order."""
-        x0 = batch["image"]
-        B = x0.shape[0]
+    def draw_pairs(self, shape: tuple[int, ...], generator: torch.Generator
+                   ) -> dict[str, Tensor]:
+        """n ~ U{1..N-1} per row (the pair t_n < t_{n+1}) and z of ``shape``, in this order."""
+        B = shape[0]
         groups = B if self.index_groups is None else min(B, self.index_groups)
         n = torch.randint(0, len(self.sigmas) - 1, (groups,), generator=generator)
         n = n.repeat_interleave(-(-B // groups))[:B] if groups < B else n
-        noise = torch.randn(x0.shape, generator=generator)
-        return self._cond(batch, {"x0": x0, "noise": noise, "t_n": self.ts[n],
-                                  "t_next": self.ts[n + 1]})
+        noise = torch.randn(shape, generator=generator)
+        return {"noise": noise, "t_n": self.ts[n], "t_next": self.ts[n + 1]}
 
-    def loss(self, modules: Mapping[str, nn.Module], batch: dict[str, Any]
-             ) -> tuple[Tensor, dict[str, Any]]:
-        teacher, cond = self.teacher(modules["teacher"]), batch.get("cond")
+    def prepare(self, batch: dict[str, Tensor], generator: torch.Generator, *,
+                step: int = 0) -> dict[str, Any]:
+        x0 = batch["image"]
+        return self._cond(batch, {"x0": x0, **self.draw_pairs(tuple(x0.shape), generator)})
+
+    def distill(self, modules: Mapping[str, nn.Module], teacher: BaseDenoiser, x0: Tensor,
+                batch: dict[str, Any], teacher_cond: Any = None
+                ) -> tuple[Tensor, dict[str, Any]]:
+        """The loss of the pair: x_{t_{n+1}} = alpha x0 + sigma z, x^_{t_n} one step of
+        ``teacher`` (conditioned on ``teacher_cond``), the student and target on
+        ``batch["cond"]``."""
         with warnings.catch_warnings():  # Heun's "large sigma ratio" note on the t = 1 pair
             warnings.simplefilter("ignore", UserWarning)
             x_next, x_n = C.distillation_pair(
-                self.schedule, lambda x, a, b: self.teacher_step(teacher, x, a, b, cond=cond),
-                batch["x0"], batch["noise"], batch["t_n"], batch["t_next"])
+                self.schedule,
+                lambda x, a, b: self.teacher_step(teacher, x, a, b, cond=teacher_cond),
+                x0, batch["noise"], batch["t_n"], batch["t_next"])
         return self._loss(modules["net"], modules["target"], batch, x_next, x_n)
+
+    def loss(self, modules: Mapping[str, nn.Module], batch: dict[str, Any]
+             ) -> tuple[Tensor, dict[str, Any]]:
+        return self.distill(modules, self.teacher(modules["teacher"]), batch["x0"], batch,
+                            batch.get("cond"))
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "method": "cd", "N": self.N, "rho": self.rho,

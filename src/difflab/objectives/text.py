@@ -40,12 +40,72 @@ from difflab.objectives.core import (
 )
 from difflab.schedules import NoiseSchedule
 
-__all__ = ["TextToImageObjective"]
+__all__ = ["TextToImageObjective", "PromptTable", "latents", "latent_fields",
+           "check_caption_data"]
 
 
 def _plain(module: nn.Module) -> nn.Module:
     """The module under a DDP wrapper (whose ``encode`` is the module's own)."""
     return getattr(module, "module", module)
+
+
+class PromptTable:
+    """The prompts an objective has seen, as indices: :meth:`ids` turns a batch's captions
+    into a tensor (cut into micro-batches and rank shards like any field), :meth:`condition`
+    turns indices back into the text encoder's Condition, its null the empty prompt."""
+
+    def __init__(self) -> None:
+        self._index: dict[str, int] = {}
+        self.prompts: list[str] = []
+
+    def ids(self, captions: Sequence[str]) -> Tensor:
+        """Indices of ``captions`` (new ones are added)."""
+        if isinstance(captions, str) or not isinstance(captions, Sequence):
+            raise ValueError("batch['caption'] must be a list of strings, one per image")
+        out = []
+        for c in captions:
+            if c not in self._index:
+                self._index[c] = len(self.prompts)
+                self.prompts.append(c)
+            out.append(self._index[c])
+        return torch.tensor(out, dtype=torch.long)
+
+    def condition(self, text_encoder: nn.Module, ids: Tensor, drop: Tensor | None = None
+                  ) -> Any:
+        """The Condition of the prompts ``ids``, rows ``drop`` replaced by the empty prompt
+        (the encoder's ``null()``)."""
+        enc = _plain(text_encoder)
+        cond = enc.encode([self.prompts[i] for i in ids.tolist()]).condition(enc.null())
+        return cond if drop is None else cond.drop(drop)
+
+
+def latents(modules: Mapping[str, nn.Module], batch: Mapping[str, Any]) -> Tensor:
+    """z_0 = s E(x): the batch's precomputed ``"latent"``, else its ``"image"`` through the
+    frozen ``"autoencoder"``."""
+    if batch.get("latent") is not None:
+        return batch["latent"]
+    with torch.no_grad():
+        return _plain(modules["autoencoder"]).encode_latents(batch["image"])
+
+
+def check_caption_data(kind: str, batch_fields: Mapping[str, Any], name: str | None) -> None:
+    """Captions and images (or latents) present, else a ValueError naming what is missing."""
+    if batch_fields.get("caption") is None:
+        raise ValueError(f"the {kind} objective needs captions (the data field 'caption'), "
+                         f"but data {name!r} has none")
+    if batch_fields.get("latent") is None and batch_fields.get("image") is None:
+        raise ValueError(f"the {kind} objective needs the data field 'image' (or 'latent'), "
+                         f"but data {name!r} has neither")
+
+
+def latent_fields(batch: Mapping[str, Any], latent_shape: Sequence[int]
+                  ) -> tuple[dict[str, Tensor], tuple[int, ...]]:
+    """The batch's ``"latent"`` (float) or ``"image"`` field for :meth:`prepare`, and the
+    shape of one latent."""
+    if batch.get("latent") is not None:
+        z = batch["latent"].float()
+        return {"latent": z}, tuple(z.shape[1:])
+    return {"image": batch["image"]}, tuple(int(s) for s in latent_shape)
 
 
 class TextToImageObjective(Objective):
@@ -79,8 +139,7 @@ class TextToImageObjective(Objective):
         self.frozen = ("autoencoder",) if text_trainable else ("autoencoder", "text_encoder")
         self.ema = self.trainable if ema else ()
         self.fields = ("caption",)
-        self._prompts: dict[str, int] = {}
-        self._prompt_list: list[str] = []
+        self.prompts = PromptTable()
 
     # what the trainer and samplers read of a diffusion objective
     @property
@@ -99,36 +158,14 @@ class TextToImageObjective(Objective):
         return self.diffusion.denoiser(net)
 
     def check_data(self, batch_fields: Mapping[str, Any], name: str | None = None) -> None:
-        if batch_fields.get("caption") is None:
-            raise ValueError(f"the {self.kind} objective needs captions (the data field "
-                             f"'caption'), but data {name!r} has none")
-        if batch_fields.get("latent") is None and batch_fields.get("image") is None:
-            raise ValueError(f"the {self.kind} objective needs the data field 'image' (or "
-                             f"'latent'), but data {name!r} has neither")
-
-    def prompt_ids(self, captions: Sequence[str]) -> Tensor:
-        """Indices of ``captions`` in this objective's prompt table (new ones are added)."""
-        ids = []
-        for c in captions:
-            if c not in self._prompts:
-                self._prompts[c] = len(self._prompt_list)
-                self._prompt_list.append(c)
-            ids.append(self._prompts[c])
-        return torch.tensor(ids, dtype=torch.long)
+        check_caption_data(self.kind, batch_fields, name)
 
     def prepare(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         """caption ids, t, eps and the dropout mask of the global batch, in this order."""
-        captions = batch["caption"]
-        if isinstance(captions, str) or not isinstance(captions, Sequence):
-            raise ValueError("batch['caption'] must be a list of strings, one per image")
-        B = len(captions)
-        out: dict[str, Any] = {"caption_id": self.prompt_ids(captions)}
-        if batch.get("latent") is not None:
-            out["latent"] = batch["latent"].float()
-            shape = tuple(out["latent"].shape[1:])
-        else:
-            out["image"] = batch["image"]
-            shape = self.latent_shape
+        ids = self.prompts.ids(batch["caption"])
+        B = len(ids)
+        fields, shape = latent_fields(batch, self.latent_shape)
+        out: dict[str, Any] = {"caption_id": ids, **fields}
         out["t"] = sample_t(self.schedule, B, kind=self.diffusion.t_sampler,
                             generator=generator, p_mean=self.diffusion.p_mean,
                             p_std=self.diffusion.p_std)
@@ -139,17 +176,11 @@ class TextToImageObjective(Objective):
     def condition(self, text_encoder: nn.Module, caption_id: Tensor, drop: Tensor) -> Any:
         """The Condition of the prompts ``caption_id`` with rows ``drop`` replaced by the empty
         prompt (the encoder's ``null()``)."""
-        enc = _plain(text_encoder)
-        prompts = [self._prompt_list[i] for i in caption_id.tolist()]
-        return enc.encode(prompts).condition(enc.null()).drop(drop)
+        return self.prompts.condition(text_encoder, caption_id, drop)
 
     def loss(self, modules: Mapping[str, nn.Module], batch: dict[str, Any]
              ) -> tuple[Tensor, dict[str, Any]]:
-        if batch.get("latent") is not None:
-            z0 = batch["latent"]
-        else:
-            with torch.no_grad():
-                z0 = _plain(modules["autoencoder"]).encode_latents(batch["image"])
+        z0 = latents(modules, batch)
         cond = self.condition(modules["text_encoder"], batch["caption_id"], batch["drop"])
         per = per_example_loss(self.denoiser(modules["net"]), z0, batch["t"], batch["eps"],
                                cond=cond, target=self.target,

@@ -95,6 +95,13 @@ class TextToImagePipeline:
                    config=config)
 
     @property
+    def guidance_input(self) -> bool:
+        """Whether the denoiser takes the guidance weight as an input (latent consistency)."""
+        from difflab.guidance import takes_guidance
+
+        return takes_guidance(self.denoiser)
+
+    @property
     def device(self) -> torch.device:
         return next((p.device for p in self.denoiser.parameters()), torch.device("cpu"))
 
@@ -110,12 +117,20 @@ class TextToImagePipeline:
     def guided(self, cfg: float = 0.0, *, cfg_rescale: float = 0.0,
                interval: tuple[float, float] | None = None) -> Any:
         """The denoiser to sample: classifier-free guidance with weight ``cfg`` (w = 0 and no
-        rescale: the conditional model itself), only inside ``interval`` if given."""
-        from difflab.guidance import classifier_free, guidance_interval
+        rescale: the conditional model itself), only inside ``interval`` if given; for a
+        guidance-distilled model (latent consistency) ``cfg`` is its guidance-weight input."""
+        from difflab.guidance import classifier_free, guidance_input, guidance_interval
 
         if cfg < 0 or not 0 <= cfg_rescale <= 1:
             raise ValueError(f"cfg must be >= 0 and cfg_rescale in [0, 1], got {cfg}, "
                              f"{cfg_rescale}")
+        if self.guidance_input:
+            if cfg_rescale or interval is not None:
+                raise ValueError("this model was distilled with the guidance weight as an "
+                                 "input (latent consistency): give cfg only; cfg_rescale and "
+                                 "a guidance interval need classifier-free guidance's two "
+                                 "halves, which it does not compute")
+            return guidance_input(self.denoiser, cfg)
         if interval is not None:
             lo, hi = interval
             return guidance_interval(self.denoiser, cfg, lo, hi, rescale=cfg_rescale)
@@ -150,6 +165,10 @@ class TextToImagePipeline:
                 raise PromptError(f"give one negative prompt, or one per prompt "
                                   f"({len(prompts)}), got {len(negatives)}")
         cfg = float(self.defaults["cfg"] if cfg is None else cfg)
+        if negative_prompt is not None and self.guidance_input:
+            raise PromptError("this model was distilled with the guidance weight as an input "
+                              "(latent consistency): it has no unconditional half to replace "
+                              "by a negative prompt; drop negative_prompt")
         if fit is None:
             sampler = sampler or self.defaults["sampler"]
             steps = int(steps or self.defaults["steps"])

@@ -23,6 +23,12 @@ Methods (``config["consistency"]["method"]``):
   the teacher's architecture (the teacher only supplies the architecture, schedule and data).
 * ``ect`` easy consistency tuning (Geng et al. 2024): the teacher's weights, no teacher calls.
 
+* ``lcd`` latent consistency distillation (Luo et al. 2023) of a text-to-image model: the
+  student takes the guidance weight w as an input (:mod:`difflab.objectives.latent_consistency`);
+  w ~ U[``w_range``] per row, the teacher guided at that w; the checkpoint is a text-to-image
+  checkpoint (its pipeline samples it with the ``consistency`` sampler, ``cfg`` = w by default
+  ``sample_cfg``). :func:`latent_distill_trainer` builds its run.
+
 ``train.steps`` (K) sets the N(k) doubling (ct) and ECT's stages: a run stopped early by a
 time budget has gone through the stages K says up to where it stopped. Learning rates: 1e-4
 for cd / ect (the papers' 1e-5 .. 2e-5 serve runs of 10^5 steps at batch 256-512 on GPUs; a
@@ -33,8 +39,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 import difflab.train.checkpoint as ckpt
@@ -45,13 +54,17 @@ from difflab.objectives.consistency import (
     ConsistencyTraining,
     EasyConsistencyTuning,
 )
+from difflab.objectives.latent_consistency import LatentConsistencyDistillation
 from difflab.train.config import LOOP_DEFAULTS, check_loop
-from difflab.train.trainer import register_objective
+from difflab.train.trainer import Trainer, register_objective
 
 __all__ = ["METHODS", "DEFAULTS", "distill_config", "distill_modules", "consistency_objective",
-           "max_sampling_steps"]
+           "max_sampling_steps", "latent_distill_config", "latent_consistency_objective",
+           "latent_distill_trainer"]
 
 METHODS = ("cd", "ct", "ect")
+#: the method of a text-to-image teacher
+LATENT_METHOD = "lcd"
 
 #: per method: the "consistency" section and the loop options it changes
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -64,6 +77,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                      "batch_size": 32}},
     "ect": {"consistency": {"distance": "pseudo_huber", "sigma_data": 0.05, "q": 2.0},
             "train": {"ema_decay": 0.999, "lr": 1e-4, "warmup": 0, "steps": 4000,
+                      "batch_size": 32}},
+    "lcd": {"consistency": {"solver": "heun", "N": 18, "distance": "l2", "sigma_data": 0.05,
+                            "w_range": [0.0, 4.0], "sample_cfg": 3.0, "sample_steps": 4,
+                            "index_groups": 4},
+            "train": {"ema_decay": 0.95, "lr": 1e-4, "warmup": 0, "steps": 4000,
                       "batch_size": 32}},
 }
 
@@ -99,11 +117,7 @@ def distill_config(teacher: dict[str, Any], *, method: str = "cd", solver: str |
     prediction = Consistency(float(cons["sigma_data"]),
                              inner=None if method == "ct" else inner_cfg).config()
     tt = teacher.get("train", {})
-    loop = {**LOOP_DEFAULTS, **{k: tt[k] for k in LOOP_DEFAULTS if k in tt}}
-    loop.update({"max_minutes": None, "ckpt_every": 200, "log_every": 20})
-    loop.update(defaults["train"])
-    loop.update(train or {})
-    check_loop(loop)
+    loop = _loop(teacher, method, train)
     return {"kind": "consistency", "net": copy.deepcopy(teacher["net"]),
             "schedule": copy.deepcopy(teacher["schedule"]), "prediction": prediction,
             "data": copy.deepcopy(teacher["data"]), "consistency": cons,
@@ -116,7 +130,7 @@ def max_sampling_steps(config: dict[str, Any]) -> int | None:
     """The most sampling steps a consistency model resolves: N - 1 of a distilled model's
     discretisation, s1 for consistency training, None (no limit but the sampler's) else."""
     cons = config.get("consistency") or {}
-    if cons.get("method") == "cd":
+    if cons.get("method") in ("cd", LATENT_METHOD):
         return int(cons.get("N", 18)) - 1
     if cons.get("method") == "ct":
         return int(cons.get("s1", 1280))
@@ -170,3 +184,110 @@ def consistency_objective(config: dict[str, Any]) -> ConsistencyObjective:
 
 
 register_objective("consistency", consistency_objective)
+
+
+# --- latent consistency distillation of a text-to-image model ---------------------------------
+def _loop(teacher: dict[str, Any], method: str, train: dict[str, Any] | None) -> dict[str, Any]:
+    """The training-loop section of a run distilled from ``teacher``'s config."""
+    tt = teacher.get("train", {})
+    loop = {**LOOP_DEFAULTS, **{k: tt[k] for k in LOOP_DEFAULTS if k in tt}}
+    loop.update({"max_minutes": None, "ckpt_every": 200, "log_every": 20})
+    loop.update(DEFAULTS[method]["train"])
+    loop.update(train or {})
+    check_loop(loop)
+    return loop
+
+
+def latent_distill_config(teacher: dict[str, Any], *, teacher_path: str | None = None,
+                          solver: str | None = None, train: dict[str, Any] | None = None,
+                          consistency: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config of a latent consistency model distilled from the text-to-image config
+    ``teacher``: a text-to-image config (so its pipeline loads it) whose net takes the guidance
+    weight (``guidance_embed``), whose prediction is Consistency with the teacher's as
+    ``inner``, and whose ``sample`` section runs the consistency sampler."""
+    from difflab.samplers import STEPS
+
+    if teacher.get("kind") != "text_to_image":
+        raise ValueError(f"latent consistency distillation needs a text-to-image teacher, got "
+                         f"a {teacher.get('kind')!r} checkpoint")
+    if isinstance(teacher.get("prediction"), dict) and \
+            teacher["prediction"].get("type") == "consistency":
+        raise ValueError("the teacher is already a consistency model; distil its diffusion "
+                         "teacher instead")
+    cons = {**DEFAULTS[LATENT_METHOD]["consistency"], **(consistency or {}),
+            "method": LATENT_METHOD}
+    if solver is not None:
+        cons["solver"] = solver
+    if cons["solver"] not in STEPS:
+        raise ValueError(f"unknown teacher solver {cons['solver']!r}; valid (one-step "
+                         f"solvers): {list(STEPS)}")
+    inner = teacher.get("prediction", "eps")
+    inner_cfg = inner if isinstance(inner, dict) else get(
+        inner, sigma_data=float(teacher.get("sigma_data", 0.5))).config()
+    net = {**copy.deepcopy(teacher["net"]), "guidance_embed": True}
+    if net.get("type") != "unet":
+        raise ValueError(f"latent consistency distillation adds a guidance-weight input to a "
+                         f"U-Net; this teacher's network is a {net.get('type')!r}")
+    config = copy.deepcopy(teacher)
+    config.update(
+        net=net, prediction=Consistency(float(cons["sigma_data"]), inner=inner_cfg).config(),
+        consistency=cons, teacher={"path": teacher_path, "prediction": inner_cfg},
+        train=_loop(teacher, LATENT_METHOD, train),
+        sample={"sampler": "consistency", "steps": int(cons["sample_steps"]),
+                "cfg": float(cons["sample_cfg"])})
+    return config
+
+
+def latent_consistency_objective(config: dict[str, Any]) -> LatentConsistencyDistillation:
+    """The objective of a latent consistency config (:func:`latent_distill_config`)."""
+    from difflab import samplers
+    from difflab.guidance import guidance_from_condition
+
+    cons = config["consistency"]
+    schedule, parameterization = ckpt.denoiser_parts(config)
+    teacher_param = ckpt.denoiser_parts({**config, "prediction":
+                                         config["teacher"]["prediction"]})[1]
+    return LatentConsistencyDistillation(
+        schedule, parameterization, functools.partial(samplers.step, sampler=cons["solver"]),
+        teacher_param, guide=guidance_from_condition, latent_shape=config["latent_shape"],
+        w_range=tuple(cons["w_range"]), N=int(cons["N"]), distance=cons["distance"],
+        huber_c=cons.get("huber_c"), index_groups=cons.get("index_groups"))
+
+
+def latent_distill_trainer(config: dict[str, Any], out: str | os.PathLike, *, teacher: Any,
+                           teacher_path: str | os.PathLike, resume: bool = False,
+                           device: str | None = None, callback: Any = None) -> Trainer:
+    """The trainer of a latent consistency run into ``out``: ``teacher`` the loaded
+    text-to-image model (:class:`~difflab.train.t2i.LatentTextModel`), its training data
+    encoded to latents once, the student a copy of its network with a zero-initialised
+    w-embedding."""
+    from difflab.train.t2i import latent_components, latents_of, training_data
+
+    out = Path(out)
+    teacher_net = teacher.denoiser.net
+    with torch.random.fork_rng(devices=[]):  # the w-embedding's first layer: seeded
+        torch.manual_seed(int(config["train"]["seed"]))
+        student = ckpt.build_net(config["net"])
+    missing, unexpected = student.load_state_dict(teacher_net.state_dict(), strict=False)
+    if unexpected or any(".guidance_embed." not in k for k in missing):
+        raise ValueError(f"the teacher's network does not match the student's config: missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]}")
+    data = training_data(config["data"])
+    ae_path = ckpt.resolve(config["autoencoder"]["path"]).resolve()
+    image_shape = tuple(data.images.shape[1:])
+    components: dict[str, Any] = latent_components(config, teacher.autoencoder, ae_path, out,
+                                                    image_shape)
+    if "text_encoder" not in components:  # trained with the teacher: copied, frozen
+        components["text_encoder"] = ckpt.Component(
+            dict(config["text_encoder"]), teacher.text_encoder.state_dict())
+    objective = latent_consistency_objective(config)
+    objective.checkpoint_components = lambda: dict(components)
+    modules = {"net": student.train().requires_grad_(True),
+               "teacher": teacher_net.eval().requires_grad_(False),
+               "text_encoder": teacher.text_encoder, "autoencoder": teacher.autoencoder}
+    fields = {"image": data.images, "caption": list(data.captions),
+              "latent": latents_of(teacher.autoencoder, data.images)}
+    return Trainer(config, out, data=fields, modules=modules, objective=objective,
+                   references={"teacher": str(teacher_path), "autoencoder": str(ae_path),
+                               "text_encoder": config["text_encoder"].get("path")},
+                   resume=resume, device=device, callback=callback)

@@ -53,6 +53,7 @@ from difflab.train.trainer import Trainer, register_objective
 
 __all__ = ["T2I_PRESETS", "t2i_config", "is_t2i_config", "train_t2i", "train_autoencoder",
            "load_autoencoder", "load_text_to_image", "LatentTextModel", "latents_of",
+           "latent_components", "training_data",
            "calibrate_autoencoder", "stage_state", "MissingAutoencoderError"]
 
 STAGES = "stages.json"
@@ -364,6 +365,19 @@ def _autoencoder_path(config: dict[str, Any], out: Path) -> Path:
     return Path(ae["path"]) if "path" in ae else out / "autoencoder"
 
 
+def latent_components(config: dict[str, Any], autoencoder: nn.Module, ae_path: Path,
+                      out: Path, image_shape: Sequence[int]) -> dict[str, dict[str, Any]]:
+    """The config-only checkpoint components of a latent text model in ``out/checkpoint``: the
+    autoencoder (its config and path relative to the checkpoint) and a frozen text encoder's
+    config (a trained one is saved with its weights as a trained module)."""
+    rel = os.path.relpath(ae_path, (out / "checkpoint").resolve())
+    components = {"autoencoder": {"config": dict(autoencoder.config), "relative_path": rel,
+                                  "ema": True, "image_shape": list(image_shape)}}
+    if config["text_encoder"].get("type") != "vocab_text":
+        components["text_encoder"] = dict(config["text_encoder"])
+    return components
+
+
 def _diffusion_trainer(config: dict[str, Any], out: Path, *, data: Any, resume: bool,
                        device: str | None, callback: Callable | None) -> Trainer:
     ae_path = ckpt.resolve(_autoencoder_path(config, out)).resolve()
@@ -374,11 +388,7 @@ def _diffusion_trainer(config: dict[str, Any], out: Path, *, data: Any, resume: 
         config["net"]["context_dim"] = int(text_encoder.dim)
     image_shape = tuple(data.images.shape[1:])
     latent_shape = autoencoder.latent_shape(image_shape)
-    rel = os.path.relpath(ae_path, (out / "checkpoint").resolve())
-    components = {"autoencoder": {"config": dict(autoencoder.config), "relative_path": rel,
-                                  "ema": True, "image_shape": list(image_shape)}}
-    if config["text_encoder"].get("type") != "vocab_text":
-        components["text_encoder"] = dict(config["text_encoder"])
+    components = latent_components(config, autoencoder, ae_path, out, image_shape)
     config["autoencoder"] = {**{k: v for k, v in config["autoencoder"].items()
                                 if k != "path"}, "path": str(ae_path)}
     config["latent_shape"] = list(latent_shape)

@@ -493,9 +493,10 @@ class Trainer:
                                                None if ema is None else ema.state_dict())
         if isinstance(self.config.get("schedule"), dict) and "schedule" not in components:
             components["schedule"] = ckpt.Component(dict(self.config["schedule"]))
-        extra = getattr(self.objective, "checkpoint_components", None)  # config-only parts
-        for name, cfg in (extra() if extra is not None else {}).items():
-            components.setdefault(name, ckpt.Component(dict(cfg)))
+        extra = getattr(self.objective, "checkpoint_components", None)  # untrained parts:
+        for name, cfg in (extra() if extra is not None else {}).items():  # a config, or a
+            components.setdefault(name, cfg if isinstance(cfg, ckpt.Component)  # Component
+                                  else ckpt.Component(dict(cfg)))        # with fixed weights
         path = ckpt.save(self.out / "checkpoint", kind=self.kind, config=self.config,
                          components=components, optimizer=opt_tensors, state=state,
                          references=self.references)
