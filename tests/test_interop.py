@@ -16,6 +16,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
+import difflab  # noqa: E402
 from difflab import interop, schedules  # noqa: E402
 from difflab import samplers as S  # noqa: E402
 from difflab.denoiser import Condition, Denoiser, parameterization  # noqa: E402
@@ -134,7 +135,8 @@ def diffusers_x0_eps(sched, out: torch.Tensor, x: torch.Tensor, k: int):
 @pytest.mark.parametrize("kind", ["epsilon", "sample", "v_prediction"])
 def test_denoiser_outputs_equal_diffusers_conversions(kind, unet, tmp_path):
     sched = diffusers.DDIMScheduler(prediction_type=kind, clip_sample=False)
-    den = interop.from_diffusers(save(tmp_path, unet, sched))
+    den = difflab.from_diffusers(save(tmp_path, unet, sched))  # the front door
+    assert difflab.from_diffusers is interop.from_diffusers
     x = noise()
     with torch.no_grad():
         for k in (999, 500, 10):

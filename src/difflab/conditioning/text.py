@@ -45,7 +45,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from difflab import files
+import difflab.files as files
 from difflab.denoiser.condition import Condition
 from difflab.nets.blocks import Attention
 

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from difflab import schedules
+import difflab.schedules as schedules
 from difflab.denoiser import parameterization
 from difflab.denoiser.parameterization import Parameterization
 from difflab.schedules import NoiseSchedule
