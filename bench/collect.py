@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["targets", "samplers", "samplers_overhead", "samplers_fit", "samplers_real",
          "samplers_real_h200", "train", "train_gpu", "nets", "metrics", "metrics_eval", "guidance",
-         "guidance_mnist", "t2i", "controlnet", "consistency", "likelihood"]
+         "guidance_mnist", "t2i", "controlnet", "consistency", "t2i_lcm", "likelihood"]
 HEADER = """# difflab benchmarks
 
 Every number on this page was measured by a script in `bench/`; each section names the command

@@ -91,6 +91,17 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+def _loop(teacher: dict[str, Any], method: str, train: dict[str, Any] | None) -> dict[str, Any]:
+    """The training-loop section of a run distilled from ``teacher``'s config."""
+    tt = teacher.get("train", {})
+    loop = {**LOOP_DEFAULTS, **{k: tt[k] for k in LOOP_DEFAULTS if k in tt}}
+    loop.update({"max_minutes": None, "ckpt_every": 200, "log_every": 20})
+    loop.update(DEFAULTS[method]["train"])
+    loop.update(train or {})
+    check_loop(loop)
+    return loop
+
+
 def distill_config(teacher: dict[str, Any], *, method: str = "cd", solver: str | None = None,
                    teacher_path: str | None = None, train: dict[str, Any] | None = None,
                    consistency: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -192,17 +203,6 @@ register_objective("consistency", consistency_objective)
 
 
 # --- latent consistency distillation of a text-to-image model ---------------------------------
-def _loop(teacher: dict[str, Any], method: str, train: dict[str, Any] | None) -> dict[str, Any]:
-    """The training-loop section of a run distilled from ``teacher``'s config."""
-    tt = teacher.get("train", {})
-    loop = {**LOOP_DEFAULTS, **{k: tt[k] for k in LOOP_DEFAULTS if k in tt}}
-    loop.update({"max_minutes": None, "ckpt_every": 200, "log_every": 20})
-    loop.update(DEFAULTS[method]["train"])
-    loop.update(train or {})
-    check_loop(loop)
-    return loop
-
-
 def latent_distill_config(teacher: dict[str, Any], *, teacher_path: str | None = None,
                           solver: str | None = None, train: dict[str, Any] | None = None,
                           consistency: dict[str, Any] | None = None) -> dict[str, Any]:
