@@ -232,3 +232,18 @@ def test_bad_latent_distillation_input_is_a_clear_error(teacher_run, tmp_path, c
                      "--steps", "1"] + extra) == 2
         assert words in capsys.readouterr().err, extra
     assert not (tmp_path / "x").exists()
+
+
+def test_a_controlnet_on_a_guidance_distilled_base_passes_w_on():
+    """A ControlNet copied from a U-Net that takes w gets w too (its encoder is the base's);
+    with its zero convolutions the controlled network is the base at every w."""
+    from difflab.nets.controlnet import ControlledUNet, ControlNet
+
+    _, student = _nets()
+    torch.nn.init.normal_(student.encoder.guidance_embed.mlp[-1].weight, std=0.1)
+    cn = ControlNet.from_unet(student, control_channels=1)
+    both = ControlledUNet(student, cn)
+    x, t, cond = _x(), torch.tensor([10.0, 400.0, 900.0]), _cond().with_guidance(2.0)
+    control = torch.rand(3, 1, 8, 8)
+    torch.testing.assert_close(both(x, t, control=control, **cond.kwargs()),
+                               student(x, t, **cond.kwargs()), rtol=0, atol=0)

@@ -180,11 +180,13 @@ class ControlNet(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor | float, labels: Tensor | None = None,
                 context: Tensor | None = None, context_mask: Tensor | None = None, *,
-                control: Tensor) -> list[Tensor]:
-        """The K + 1 residuals [Z_0(f_0), ..., Z_{K-1}(f_{K-1}), Z_K(m)] for the base U-Net."""
+                control: Tensor, guidance: Tensor | None = None) -> list[Tensor]:
+        """The K + 1 residuals [Z_0(f_0), ..., Z_{K-1}(f_{K-1}), Z_K(m)] for the base U-Net
+        (``guidance``: the weight w of a base that takes it, :mod:`difflab.nets.unet`)."""
         self.check_control(control, x)
         hint = self.hint(control.to(x.dtype))
-        skips, middle, _ = self.encoder(x, t, labels, context, context_mask, hint=hint)
+        skips, middle, _ = self.encoder(x, t, labels, context, context_mask, hint=hint,
+                                        guidance=guidance)
         return [z(h) for z, h in zip(self.zero_convs, skips + [middle])]
 
 
@@ -396,7 +398,8 @@ class ControlledUNet(nn.Module):
 
     def residuals(self, x: Tensor, t: Tensor | float, labels: Tensor | None = None,
                   context: Tensor | None = None, context_mask: Tensor | None = None, *,
-                  control: Tensor | Sequence[Tensor]) -> list[Tensor] | None:
+                  control: Tensor | Sequence[Tensor],
+                  guidance: Tensor | None = None) -> list[Tensor] | None:
         """sum_j s_j * r_j over the ControlNets j that are on (scale != 0, sigma~ in their
         interval); None when none is."""
         total: list[Tensor] | None = None
@@ -414,7 +417,7 @@ class ControlledUNet(nn.Module):
                 if not bool(active.any()):
                     continue
                 active = None if bool(active.all()) else active.to(x.device).view(-1, 1, 1, 1)
-            res = cn(x, t, labels, context, context_mask, control=c)
+            res = cn(x, t, labels, context, context_mask, control=c, guidance=guidance)
             res = [r if v == 1 else r * v for r, v in zip(res, scales)]
             if active is not None:
                 res = [torch.where(active, r, torch.zeros_like(r)) for r in res]
@@ -429,7 +432,8 @@ class ControlledUNet(nn.Module):
         if control is None:
             raise ValueError("a ControlledUNet needs control= (the control image; with a "
                              "Condition: Condition(control=...))")
-        residuals = self.residuals(x, t, labels, context, context_mask, control=control)
+        residuals = self.residuals(x, t, labels, context, context_mask, control=control,
+                                   guidance=unused.get("guidance"))
         return self.base(x, t, labels, context, context_mask, residuals=residuals, **unused)
 
 
