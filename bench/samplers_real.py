@@ -105,7 +105,7 @@ def diffusers_sample(cls, config: dict, model: NetModel, noise: torch.Tensor,
                 best = steps
         sched = cls(**config)
         sched.set_timesteps(best)
-        x = noise * sched.init_noise_sigma
+        x = noise * getattr(sched, "init_noise_sigma", 1.0)  # flow schedulers: none
         scale = getattr(sched, "scale_model_input", lambda x, t: x)
         model.calls = 0
         for t in sched.timesteps:
