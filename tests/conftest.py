@@ -32,3 +32,14 @@ T2I_TINY = ["data.n=64", "autoencoder.net.base_channels=8", "autoencoder.train.s
             '"max_length": 16}',
             "net.model_channels=8", "net.num_heads=2", "train.steps=2",
             "train.batch_size=8", "train.max_minutes=null", "sample.steps=3"]
+
+
+def train_tiny_t2i(out):
+    """``difflab train t2i_canvas`` with :data:`T2I_TINY` into ``out`` (seconds); returns it."""
+    from difflab.cli import main
+
+    args = ["train", "t2i_canvas", "--out", str(out), "--quiet", "--threads", "1"]
+    for s in T2I_TINY:
+        args += ["--set", s]
+    assert main(args) == 0
+    return out

@@ -10,7 +10,7 @@ import functools
 
 import pytest
 import torch
-from conftest import T2I_TINY
+from conftest import train_tiny_t2i
 
 from difflab import samplers
 from difflab.cli import main
@@ -172,12 +172,7 @@ def test_objective_pairs_step_the_teacher_guided_at_each_rows_weight():
 # --- a tiny text-to-image teacher distilled from the command line ------------------------------
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lcm") / "teacher"
-    args = ["train", "t2i_canvas", "--out", str(out), "--quiet", "--threads", "1"]
-    for s in T2I_TINY:
-        args += ["--set", s]
-    assert main(args) == 0
-    return out
+    return train_tiny_t2i(tmp_path_factory.mktemp("lcm") / "teacher")
 
 
 def _weights(run):

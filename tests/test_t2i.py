@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import T2I_TINY
+from conftest import T2I_TINY, train_tiny_t2i
 
 import difflab
 from difflab.cli import main
@@ -150,12 +150,7 @@ TINY = T2I_TINY
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("t2i") / "run"
-    args = ["train", "t2i_canvas", "--out", str(out), "--quiet", "--threads", "1"]
-    for s in TINY:
-        args += ["--set", s]
-    assert main(args) == 0
-    return out
+    return train_tiny_t2i(tmp_path_factory.mktemp("t2i") / "run")
 
 
 def test_a_finished_or_half_trained_run_is_never_replaced_silently(tmp_path, capsys):
