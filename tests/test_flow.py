@@ -260,3 +260,23 @@ def test_decoupled_evaluation_times_read_the_flow_target():
     point = TimePoint.grid(den.schedule, S.timesteps(den.schedule, 5), x)[2]
     told = EvalTimes(den, {}).predict_told(x, point, point.t)  # told its own time
     assert rmse(told.x0, den.predict(x, point.t).x0) < 1e-12
+
+
+def test_unipc_step_from_alpha_zero_is_the_limit_of_finite_steps():
+    """The first step from t = 1 (alpha = 0, log-SNR -inf) is UniC-corrected in its h -> inf
+    limit, x_t = (sigma_t / sigma_s) x_s + alpha_t (x0_s + x0_t) / 2: starting the same grid at
+    t = 1 - delta (finite h) converges to it as delta -> 0, with no jump at delta = 0 (order 1:
+    at orders 2-3 the start point's weight in later steps falls only as 1 / log(delta))."""
+    order = 1
+    den = MIXTURE.denoiser(schedules.rectified_flow(), "flow")
+    x1 = noise(64, MIXTURE.dim, seed=3)
+    grid = torch.linspace(1.0, 0.0, 6, dtype=torch.float64)
+
+    def run(t0: float) -> torch.Tensor:
+        ts = grid.clone()
+        ts[0] = t0
+        return S.get("unipc").fn(den, x1, ts, order=order)
+
+    at_one = run(1.0)
+    gaps = [rmse(run(1.0 - d), at_one) for d in (1e-3, 1e-4, 1e-5)]
+    assert gaps[2] < 1e-4 and gaps[2] < gaps[1] < gaps[0], gaps
