@@ -40,14 +40,15 @@ def log(msg: str) -> None:
 
 
 def rows(run: str, label: str, prompts: list[str], settings: list[tuple[str, int, float]],
-         reference: torch.Tensor) -> list[dict]:
-    """One adherence record per (sampler, steps, w) of ``run``."""
+         reference: torch.Tensor, *, cfg_halves: bool) -> list[dict]:
+    """One adherence record per (sampler, steps, w) of ``run``; ``cfg_halves``: guidance
+    w > 0 costs two network calls per evaluation (classifier-free guidance)."""
     out = []
     for sampler, steps, w in settings:
         res = evaluate_prompts(run, prompts, cfgs=[w], steps=steps, sampler=sampler, seed=0,
                                batch_size=75, reference=reference)
         rec = res["results"][0]
-        guided_halves = 2 if label == "teacher" and w > 0 else 1
+        guided_halves = 2 if cfg_halves and w > 0 else 1
         nfe = int(samplers.get(sampler).nfe(steps)) * guided_halves
         rec.update(model=label, sampler=sampler, steps=steps, calls=nfe)
         log(f"{label} {sampler} {steps} steps ({nfe} calls): {format_record(rec)}")
@@ -87,8 +88,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     prompts = all_captions() + [caption(*h) for h in HELD_OUT] * args.held_repeats
     reference = canvas_dataset("test", n=args.n_reference, seed=1).images
-    student_state = ckpt.read(args.student).state()
-    cons = ckpt.read(args.student).config["consistency"]
+    student_ck = ckpt.read(args.student)
+    student_state, cons = student_ck.state(), student_ck.config["consistency"]
     report = {"command": " ".join(sys.argv), "threads": args.threads,
               "machine": platform.processor() or platform.machine(),
               "torch": torch.__version__,
@@ -100,8 +101,8 @@ def main() -> int:
     teacher = [("dpmpp_2m", int(s), args.teacher_cfg) for s in args.teacher_steps.split(",")]
     student = [("consistency", int(s), float(w)) for w in args.student_cfgs.split(",")
                for s in args.student_steps.split(",")]
-    records = rows(args.teacher, "teacher", prompts, teacher, reference)
-    records += rows(args.student, "LCM student", prompts, student, reference)
+    records = rows(args.teacher, "teacher", prompts, teacher, reference, cfg_halves=True)
+    records += rows(args.student, "LCM student", prompts, student, reference, cfg_halves=False)
     report["results"] = records
     best = max((r for r in records if r["model"] != "teacher"),
                key=lambda r: (r["steps"] == 4, r["all"]["all"]))

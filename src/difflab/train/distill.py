@@ -267,7 +267,7 @@ def latent_distill_trainer(config: dict[str, Any], out: str | os.PathLike, *, te
     text-to-image model (:class:`~difflab.train.t2i.LatentTextModel`), its training data
     encoded to latents once, the student a copy of its network with a zero-initialised
     w-embedding."""
-    from difflab.train.t2i import latent_components, latents_of, training_data
+    from difflab.train.t2i import latent_components, training_data, training_fields
 
     out = Path(out)
     teacher_net = teacher.denoiser.net
@@ -291,8 +291,7 @@ def latent_distill_trainer(config: dict[str, Any], out: str | os.PathLike, *, te
     modules = {"net": student.train().requires_grad_(True),
                "teacher": teacher_net.eval().requires_grad_(False),
                "text_encoder": teacher.text_encoder, "autoencoder": teacher.autoencoder}
-    fields = {"image": data.images, "caption": list(data.captions),
-              "latent": latents_of(teacher.autoencoder, data.images)}
+    fields = training_fields(teacher.autoencoder, data)
     return Trainer(config, out, data=fields, modules=modules, objective=objective,
                    references={"teacher": str(teacher_path), "autoencoder": str(ae_path),
                                "text_encoder": config["text_encoder"].get("path")},

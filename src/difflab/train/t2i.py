@@ -53,7 +53,7 @@ from difflab.train.trainer import Trainer, register_objective
 
 __all__ = ["T2I_PRESETS", "t2i_config", "is_t2i_config", "train_t2i", "train_autoencoder",
            "load_autoencoder", "load_text_to_image", "LatentTextModel", "latents_of",
-           "latent_components", "training_data",
+           "latent_components", "training_data", "training_fields",
            "calibrate_autoencoder", "stage_state", "MissingAutoencoderError"]
 
 STAGES = "stages.json"
@@ -227,6 +227,13 @@ def latents_of(autoencoder: nn.Module, images: Tensor, *, batch_size: int = 256)
     return torch.cat(out)
 
 
+def training_fields(autoencoder: nn.Module, data: Any) -> dict[str, Any]:
+    """The trainer's data fields of a captioned set: images, captions, and their scaled latents
+    encoded once by the frozen ``autoencoder`` (cheaper than encoding in every step)."""
+    return {"image": data.images, "caption": list(data.captions),
+            "latent": latents_of(autoencoder, data.images)}
+
+
 # --- stage 1: the autoencoder -----------------------------------------------------------------
 def _ae_trainer_config(cfg: dict[str, Any]) -> dict[str, Any]:
     ae = cfg["autoencoder"]
@@ -393,8 +400,7 @@ def _diffusion_trainer(config: dict[str, Any], out: Path, *, data: Any, resume: 
                                 if k != "path"}, "path": str(ae_path)}
     config["latent_shape"] = list(latent_shape)
     obj = _t2i_objective(config, latent_shape, components)
-    fields = {"image": data.images, "caption": list(data.captions),
-              "latent": latents_of(autoencoder, data.images)}
+    fields = training_fields(autoencoder, data)
     modules = {"autoencoder": autoencoder, "text_encoder": text_encoder}
     te_path = config["text_encoder"].get("path")
     return Trainer(config, out, data=fields, modules=modules, objective=obj,
