@@ -33,6 +33,7 @@ import math
 import platform
 import shlex
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -204,12 +205,23 @@ def load_model(spec: str):
     return den, f"difflab checkpoint `{spec}`", (c, r, r), resolve(spec)
 
 
-def default_label(den) -> str:
-    """What the default call picks for this model (sampler, spacing)."""
-    plan = getattr(S, "default_plan", None)
-    if plan is None:
-        return f"{S.choose(None, None, den.parameterization)} {S.get(S.DEFAULT).spacing}"
-    return ", ".join(f"{n}: {' spacing='.join(plan(den, n))}" for n in NFES)
+PROBE_CPU: dict[int, float] = {}  # CPU seconds of the default call's probe, per step count
+
+
+def default_label(den, noise: torch.Tensor) -> str:
+    """What the default call picks for this model at each step count: the probe's plan
+    (difflab.samplers.probe), or the fixed default where the probe does not run."""
+    parts = []
+    for n in NFES:
+        t0 = time.process_time()
+        plan = S.default_plan(den, n, noise)
+        PROBE_CPU[n] = time.process_time() - t0
+        if plan is None:
+            parts.append(f"{n}: {S.choose(None, None, den.parameterization)}")
+            continue
+        choice = S.probe_plan(den, n, tuple(noise.shape[1:]), dtype=noise.dtype)
+        parts.append(f"{n}: {plan.sampler} final={plan.final} on {choice.grid_name}")
+    return "; ".join(parts)
 
 
 def run_model(args, spec: str) -> dict:
@@ -223,7 +235,8 @@ def run_model(args, spec: str) -> dict:
     print(spec, "reference self-error", ref_err, flush=True)
     fits = load_fits(ckpt) if ckpt is not None else {}
     fitted = sorted(fits)
-    auto = ("default call `difflab.sample(den, noise, steps=n)`: " + default_label(den))
+    auto = ("default call `difflab.sample(den, noise, steps=n)`: "
+            + default_label(den, noise))
     rows_dl: dict[str, dict[int, tuple[float, int]]] = {auto: {}}
 
     done: dict[tuple, str] = {}  # (sampler, grid) -> the row that ran it
@@ -329,6 +342,7 @@ def run_model(args, spec: str) -> dict:
             "prediction": den.parameterization.name,
             "schedule": den.schedule.config().get("type"), "ref_err": ref_err,
             "auto": auto, "before": before, "tuned": sorted(tuned),
+            "probe_cpu_s": {str(n): round(v, 2) for n, v in PROBE_CPU.items()},
             "difflab": {k: {str(n): list(v) for n, v in r.items()} for k, r in rows_dl.items()},
             "diffusers": {k: {str(n): list(v) for n, v in r.items()} for k, r in rows_df.items()}}
 

@@ -167,7 +167,7 @@ def test_fitted_solvers_run_when_passed_and_only_then():
     ``difflab.sample(den, noise, fit=fits[k])`` runs the fitted k-step solver (on held-out
     noise at least 3x below unipc on the same grid, the fit's starting point). Nothing is left
     on the denoiser: without ``fit=`` (a named sampler, a spacing, any step count, a guidance
-    transform) the call runs the classical default."""
+    transform) the call runs the classical sampler or the probe's plan (not a fit)."""
     from difflab import guidance
     from difflab.fitting import adaptive_grid, fit_solvers, reference_profile
 
@@ -201,7 +201,9 @@ def test_fitted_solvers_run_when_passed_and_only_then():
         assert rmse(x, ref) < e_base / 3, (k, rmse(x, ref), e_base)
     classical = S.sample(den, test, "dpmpp_2m", steps=5)
     assert S.choose(None) == S.choose("auto") == "dpmpp_2m"
-    assert torch.equal(S.sample(den, test, steps=5), classical)
+    probed = S.probe_plan(den, 5, (2,), dtype=test.dtype).plan  # the default call's plan
+    assert probed.coeffs is None and probed.sampler in ("unipc", "dpmpp_2m")
+    assert torch.equal(S.sample(den, test, steps=5), S.sample(den, test, fit=probed))
     assert torch.equal(S.sample(den, test, steps=5, spacing="log_snr"), classical)
     with pytest.raises(ValueError, match="brings its own grid"):
         S.sample(den, test, fit=fits[5], spacing="log_snr")
@@ -209,8 +211,11 @@ def test_fitted_solvers_run_when_passed_and_only_then():
         S.sample(den, test, steps=4, fit=fits[5])
     y = torch.zeros(512, dtype=torch.long)
     cfg = guidance.classifier_free(den, 1.0, uncond=mix.num_components)
-    assert torch.equal(S.sample(cfg, test, steps=5, cond=y),
+    assert torch.equal(S.sample(cfg, test, steps=5, cond=y, spacing="log_snr"),
                        S.sample(cfg, test, "dpmpp_2m", steps=5, cond=y))
+    probed = S.probe_plan(cfg, 5, (2,), cond=y, dtype=test.dtype).plan
+    assert torch.equal(S.sample(cfg, test, steps=5, cond=y),
+                       S.sample(cfg, test, fit=probed, cond=y))
 
 
 def test_cli_bespoke_from_a_spacing_needs_no_tuned_grid(tmp_path, capsys):

@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -224,17 +224,24 @@ def fit_store(checkpoint: str | os.PathLike, ema: bool = True) -> tuple[Path, Pa
 class Solver:
     """What a checkpoint is sampled with: ``sampler`` for ``steps`` steps on the ``spacing``
     rule's grid (None: the sampler's default), or as the ``fit`` stored with the checkpoint
-    (a tuned grid, or a fitted bespoke solver) says."""
+    (a tuned grid, or a fitted bespoke solver) says. ``sampler = "auto"`` with no fit: the
+    plan a probe of the model picks (:func:`difflab.samplers.default_plan`), which
+    :func:`sample_images` resolves once per run and returns as the Samples' solver with
+    ``probed`` set."""
 
     sampler: str
     steps: int
     spacing: str | None = None
     fit: Any = None  # a difflab.fitting.Fit (a SolverPlan)
+    probed: bool = False
 
     @property
     def source(self) -> str:
         """"fitted" (a bespoke solver fitted to the checkpoint), "tuned" (a grid tuned to it),
-        "spacing" (an explicit rule) or "default" (the sampler's default grid)."""
+        "probe" (the default call's probe of the model), "spacing" (an explicit rule) or
+        "default" (the sampler's default grid)."""
+        if self.probed or (self.sampler == "auto" and self.fit is None):
+            return "probe"
         if self.fit is not None:
             return "fitted" if self.fit.coeffs is not None else "tuned"
         return "spacing" if self.spacing is not None else "default"
@@ -258,7 +265,7 @@ def choose_solver(checkpoint: str | os.PathLike | None, sampler: str = "auto", s
     """
     from difflab.fitting import choose_fit
     from difflab.interop import is_diffusers_folder
-    from difflab.samplers import AUTO, SPACINGS, choose, names
+    from difflab.samplers import AUTO, MAX_PROBE_STEPS, SPACINGS, choose, names
 
     if sampler != AUTO and sampler not in names():
         raise ParameterError(f"unknown {param('sampler')} {sampler!r}; valid: {AUTO}, "
@@ -274,6 +281,9 @@ def choose_solver(checkpoint: str | os.PathLike | None, sampler: str = "auto", s
         fit = choose_fit(store, sampler, steps, spacing=spacing, ema=ema, weights=weights)
     prediction = None if checkpoint is None or is_diffusers_folder(checkpoint) else \
         _consistency_steps(checkpoint, steps)
+    if (sampler == AUTO and fit is None and spacing is None and prediction is None
+            and 1 < steps <= MAX_PROBE_STEPS):
+        return Solver(AUTO, steps)  # sample_images runs the probe's plan (difflab.sample's)
     return Solver(choose(sampler, fit, prediction), steps, spacing, fit)
 
 
@@ -348,7 +358,7 @@ def sample_images(model: Model, solver: Solver, count: int, *, seed: int = 0,
     (the module docstring says how a seed becomes noise). The one chunked sampling loop of the
     commands. The labels are ``model.guided.labels(count)`` (a Condition for a prompted
     diffusers model). A latent model's samples are decoded (``model.decode``)."""
-    from difflab.samplers import sample
+    from difflab.samplers import AUTO, DEFAULT, default_plan, sample
 
     if not isinstance(count, int) or count < 1:
         raise ParameterError(f"{param('count')} must be at least 1, got {count}")
@@ -357,6 +367,13 @@ def sample_images(model: Model, solver: Solver, count: int, *, seed: int = 0,
     device = model.device
     noise = torch.randn((count,) + model.shape, generator=torch.Generator().manual_seed(seed))
     labels = model.guided.labels(count)
+    if solver.sampler == AUTO and solver.fit is None:  # one probe plan for every chunk
+        with torch.no_grad():
+            first = None if labels is None else labels[:batch_size].to(device)
+            plan = default_plan(model.guided.denoiser, solver.steps,
+                                noise[:batch_size].to(device), first)
+        solver = (replace(solver, sampler=DEFAULT) if plan is None else
+                  replace(solver, sampler=plan.sampler, fit=plan, probed=True))
     counter = _NetCounter(getattr(model.denoiser, "net", None))
     chunks = []
     t0 = time.perf_counter()

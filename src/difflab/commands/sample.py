@@ -25,6 +25,7 @@ from difflab.commands.guidance import Guidance, add_guidance_args, guidance_from
 from difflab.commands.images import NPY_DTYPES, check_output, write_samples
 from difflab.commands.model import (
     Samples,
+    Solver,
     choose_solver,
     load_diffusers_model,
     load_model,
@@ -128,12 +129,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
     elif solver.source == "tuned":
         print(f"using the tuned {solver.sampler} {args.steps}-step grid of {args.checkpoint} "
               "(--spacing chooses a fixed rule)")
+    elif solver.source == "probe":
+        print(probe_message(solver))
     cycling = samples.labels is not None and args.label is None
     nrow = int(samples.labels.max()) + 1 if cycling and args.count > 1 else None
     write_samples(samples.images, out, npy_dtype=args.npy_dtype, nrow=nrow,
                   overwrite=args.overwrite)
     print(f"wrote {args.count} samples ({solver.sampler}, {args.steps} steps) to {out}")
     return 0
+
+
+def probe_message(solver: Solver) -> str:
+    """The line saying which plan the default call's probe chose."""
+    grid = ", ".join(f"{t:.3f}" for t in solver.fit.ts)
+    return (f"using {solver.sampler} on the {solver.steps}-step grid a probe of this model "
+            f"chose (t = {grid}; --sampler / --spacing choose a fixed one)")
 
 
 def cmd_sample_diffusers(args: argparse.Namespace) -> int:
@@ -165,6 +175,8 @@ def cmd_sample_diffusers(args: argparse.Namespace) -> int:
     if solver.source in ("fitted", "tuned"):
         print(f"using the {solver.source} {solver.sampler} {args.steps}-step solver stored "
               f"for {args.checkpoint}")
+    elif solver.source == "probe":
+        print(probe_message(solver))
     write_samples(samples.images, out, npy_dtype=args.npy_dtype, overwrite=args.overwrite)
     print(f"wrote {count} samples ({solver.sampler}, {args.steps} steps) to {out}")
     return 0

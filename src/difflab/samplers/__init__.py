@@ -23,7 +23,8 @@ bespoke            Shaul et al. 2024         steps       log_snr     fitted coef
 
 :func:`sample` runs what its arguments say, never state left on a denoiser: a named sampler,
 or a solver plan passed as ``fit=`` (:class:`SolverPlan`; a tuned grid or a fitted bespoke solver
-of :mod:`difflab.fitting` is one), and otherwise dpmpp_2m (:func:`choose`). :func:`step` is one
+of :mod:`difflab.fitting` is one), and otherwise the plan a probe of the model picks
+(:func:`default_plan`, :mod:`difflab.samplers.probe`; dpmpp_2m above 40 steps). :func:`step` is one
 solver step from t_from to t_to (distillation).
 
 ``difflab.samplers.get(name).nfe(steps)`` is the exact number of denoiser calls
@@ -49,7 +50,7 @@ from difflab.samplers import (  # noqa: F401  (register)
     euler,
     unipc,
 )
-from difflab.samplers.common import (
+from difflab.samplers.common import (  # noqa: F401
     FINAL_MODES,
     REGISTRY,
     EvalTimes,
@@ -58,13 +59,14 @@ from difflab.samplers.common import (
 )
 from difflab.samplers.onestep import STEPS, step
 from difflab.samplers.plan import SolverPlan
+from difflab.samplers.probe import MAX_PROBE_STEPS, ProbeChoice, probe_plan
 from difflab.samplers.timesteps import SPACINGS, timesteps
 
 __all__ = ["sample", "names", "get", "choose", "timesteps", "SPACINGS", "FINAL_MODES",
            "SamplerSpec", "SolverPlan", "randn_like", "EvalTimes", "with_eval_times", "step",
-           "STEPS", "DEFAULT", "AUTO"]
+           "STEPS", "DEFAULT", "AUTO", "probe_plan", "ProbeChoice", "default_plan"]
 
-DEFAULT = "dpmpp_2m"  # the sampler of a call that names none and passes no fit
+DEFAULT = "dpmpp_2m"  # a call naming no sampler, fit, grid or spacing above MAX_PROBE_STEPS
 AUTO = "auto"  # sampler=None or "auto": the fit's sampler if a fit is passed, else DEFAULT
 
 
@@ -107,6 +109,19 @@ def with_eval_times(denoiser: BaseDenoiser, ts: Sequence[float],
     return shifted if shifted.eval_ts else denoiser
 
 
+def default_plan(denoiser: BaseDenoiser, steps: int, noise: Tensor,
+                 cond: Any = None) -> SolverPlan | None:
+    """The plan of a call that names no sampler, fit, grid or spacing: for 1 < ``steps`` <=
+    :data:`MAX_PROBE_STEPS` the probe's choice for this model (:func:`probe_plan`: a cheap
+    training-free probe, cached per model, image shape and condition), else None (the
+    parameterisation's own sampler, e.g. consistency, or :data:`DEFAULT` on its grid)."""
+    if getattr(denoiser.parameterization, "default_sampler", None) or not 1 < steps <= \
+            MAX_PROBE_STEPS:
+        return None
+    return probe_plan(denoiser, steps, tuple(noise.shape[1:]), cond=cond, device=noise.device,
+                      dtype=noise.dtype).plan
+
+
 def sample(denoiser: BaseDenoiser, noise: Tensor, sampler: str | None = None,
            steps: int | None = None, *, spacing: str | None = None,
            grid: Tensor | Sequence[float] | None = None, fit: SolverPlan | None = None,
@@ -114,7 +129,10 @@ def sample(denoiser: BaseDenoiser, noise: Tensor, sampler: str | None = None,
            callback: Callable[[dict], None] | None = None, t_start: float = 1.0,
            **opts: Any) -> Tensor:
     """Draw x_0 from standard-normal ``noise`` with ``steps`` (default 10) steps of ``sampler``
-    (default: ``fit``'s sampler when a fit is passed, else dpmpp_2m; :func:`choose`).
+    (default: ``fit``'s sampler when a fit is passed; with no sampler, fit, grid or spacing,
+    the solver and grid a probe of this model picks, :func:`default_plan`, whose first call
+    per model, image shape, condition and step count costs extra network calls; else
+    dpmpp_2m; :func:`choose`).
 
     The grid is ``timesteps(schedule, steps, spacing or the sampler's default, t_start)``, or
     ``grid``: an explicit decreasing list (or tensor) of ``steps + 1`` times ending at 0, or
@@ -128,6 +146,11 @@ def sample(denoiser: BaseDenoiser, noise: Tensor, sampler: str | None = None,
     one per image) drives the noise stochastic samplers draw during sampling; ``opts`` are the
     sampler's options (see its docstring).
     """
+    if (sampler in (None, AUTO) and fit is None and grid is None and spacing is None
+            and t_start == 1.0):
+        fit = default_plan(denoiser, 10 if steps is None else steps, noise, cond)
+        if fit is not None:
+            steps = None
     sampler = choose(sampler, fit, denoiser.parameterization)
     spec = get(sampler)
     unknown = sorted(set(opts) - set(spec.options))
@@ -148,6 +171,10 @@ def sample(denoiser: BaseDenoiser, noise: Tensor, sampler: str | None = None,
             raise ValueError(f"this fit is for sampler={fit.sampler!r}, not {sampler!r}; leave "
                              "sampler out to run it (grid=fit.ts runs another sampler on its "
                              "grid)")
+        if fit.final is not None:
+            if "final" in opts:
+                raise ValueError("pass final in the fit or as an option, not both")
+            opts = {**opts, "final": fit.final}
         if fit.coeffs is not None:
             if "coeffs" in opts:
                 raise ValueError("pass coeffs in the fit or as an option, not both")

@@ -20,6 +20,8 @@ from typing import Any
 
 from torch import Tensor
 
+from difflab.samplers.common import FINAL_MODES
+
 __all__ = ["SolverPlan", "check_coeffs"]
 
 
@@ -45,13 +47,15 @@ class SolverPlan:
     ``sampler``: the registered sampler that runs it. ``ts``: its grid, ``steps + 1``
     decreasing times ending at t = 0. ``eval_ts``: the time the network is told at each grid
     time (None: the grid time itself). ``coeffs``: a bespoke solver's coefficients (None: the
-    sampler's own). Sequences are stored as tuples of floats, so a plan is immutable and can
-    be shared between threads."""
+    sampler's own). ``final``: the mode of the last step, to sigma = 0 (``FINAL_MODES``;
+    None: the sampler's own). Sequences are stored as tuples of floats, so a plan is
+    immutable and can be shared between threads."""
 
     sampler: str
     ts: tuple[float, ...]
     eval_ts: tuple[float, ...] | None = None
     coeffs: tuple[tuple[float, ...], ...] | None = None
+    final: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.sampler, str) or not self.sampler:
@@ -68,6 +72,9 @@ class SolverPlan:
                                  f"({len(ts)}), got {list(eval_ts[:6])}"
                                  f"{'...' if len(eval_ts) > 6 else ''}")
             object.__setattr__(self, "eval_ts", eval_ts)
+        if self.final is not None and self.final not in FINAL_MODES:
+            raise ValueError(f"final must be one of {list(FINAL_MODES)} or None, got "
+                             f"{self.final!r}")
         if self.coeffs is not None:
             coeffs = tuple(_floats(row) for row in self.coeffs)
             check_coeffs(coeffs, len(ts) - 1)

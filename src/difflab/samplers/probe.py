@@ -1,0 +1,375 @@
+"""The default call's plan: a cheap, training-free probe of *this* model picks the grid and solver.
+
+A grid chosen for one model family fails on another (issue #17: the log-SNR grid that suits a
+cosine / v model is 3-5x worse than diffusers' best on an eps / linear-beta model, where the
+uniform grid wins, and neither serves rectified flow or EDM). So :func:`probe_plan` measures
+the model instead of guessing from its schedule's name:
+
+1. **One fine probe solve.** ``draws`` fixed-seed noises (disjoint from any user's: their own
+   generator) are solved with UniPC on a fine grid whose density is the *sum* of the uniform,
+   log-SNR and Karras densities (``fine`` points of each, :func:`fine_grid`: dense wherever any
+   of the three is, with no near-duplicate points that would destabilise a multistep solver).
+   It keeps the states x_i and data predictions D_i = x0_hat(x_i, t_i) at every fine point.
+2. **Cheapest paths** over the fine points (Chen et al. 2024, "On the trajectory regularity of
+   ODE-based diffusion sampling", GITS: dynamic programming over teacher-forced step errors).
+   A step i -> k from the probe's own state, in the data-prediction form of
+   :mod:`difflab.samplers.common` (h = lam_k - lam_j, lam the half log-SNR),
+
+       first order:   x^_k = (sigma_k / sigma_i) x_i + alpha_k (1 - e^{-h}) D_i
+       multistep 2M:  x^_k = (sigma_k / sigma_j) x_j + alpha_k (1 - e^{-h})
+                             [(1 + 1 / (2 r)) D_j - D_i / (2 r)],   r = (lam_j - lam_i) / h
+
+   (DPM-Solver++(2M), Lu et al. 2022b, Alg. 2, with history point i), costs
+   c = g_k ||x^_k - x_k||_rms, where g_k = s / sqrt(alpha_k^2 s^2 + sigma_k^2) is the gain from
+   x_k to x_0 of the probability-flow map for data of std s (exact for Gaussian data: it makes
+   the errors of VP, VE and flow states comparable). Dynamic programming gives the n-step path
+   of least summed cost, over single points (first order) and over pairs (2M). The costs
+   come from the first half of the draws only.
+3. **Selection by rollout.** Teacher-forced costs do not see error *propagation*: on an
+   eps-prediction network at low SNR, x0_hat = (x - sigma eps_hat) / alpha amplifies a state
+   error by up to 1 / alpha, so a grid that is cheap step by step can roll out badly (measured:
+   the eps / linear model of docs/results/byom_defaults.md, where both paths lose to the
+   uniform grid). So the candidates, the two paths, the uniform, log-SNR and Karras grids and
+   two midpoints (uniform with the 2M path and with log-SNR), each run by unipc (both final
+   steps) and dpmpp_2m, are *rolled out* from the second half of the probe noise, and the one
+   whose output is closest to the fine solve's wins. Scoring on draws the paths were not
+   placed on matters: scored on their own draws, the paths looked 1.6x better than they
+   were on test noise (rectified flow, 20 steps) and were wrongly chosen.
+
+Cost: the fine solve (~3 ``fine`` calls on ``draws`` images), plus for each step count
+sum of the candidates' NFE (~14 n calls) on ``draws`` images, once per model, step count and
+condition; the plan is cached on the side (:func:`probe_plan`), keyed by the parameters'
+in-place version counters, so training the model invalidates it. Measured on four model
+families in docs/results/byom_defaults.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from difflab.denoiser import BaseDenoiser, Condition
+from difflab.samplers.common import REGISTRY, Grid
+from difflab.samplers.plan import SolverPlan
+from difflab.samplers.timesteps import timesteps
+
+__all__ = ["PROBE_DRAWS", "PROBE_FINE", "PROBE_SEED", "PROBE_SOLVERS", "MAX_PROBE_STEPS",
+           "ProbeTrajectory", "fine_grid", "probe_trajectory", "first_order_costs",
+           "multistep_costs", "cheapest_path", "cheapest_pair_path", "candidate_grids",
+           "ProbeChoice", "probe_plan", "clear_probe_cache"]
+
+PROBE_DRAWS = 24       # probe noises: the first half places the paths, the second selects
+PROBE_FINE = 60        # points of each family in the fine grid (3 x 60 in all)
+PROBE_SEED = 61_723    # the probe noise's own generator seed
+# (sampler, final-step mode): one call a step, stable at 5 calls
+PROBE_SOLVERS = (("unipc", "extrapolate"), ("unipc", "x0"), ("dpmpp_2m", "x0"))
+MAX_PROBE_STEPS = 40   # above this the fixed grids agree to well under the probe's own error
+FAMILIES = ("uniform", "log_snr", "karras")
+
+
+def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+    """Piecewise-linear interpolation of (xp, fp) at x; xp increasing (as numpy.interp)."""
+    i = torch.searchsorted(xp, x).clamp(1, len(xp) - 1)
+    x0, x1, f0, f1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
+    w = ((x - x0) / (x1 - x0).clamp_min(1e-300)).clamp(0, 1)
+    return f0 + w * (f1 - f0)
+
+
+def fine_grid(schedule: Any, fine: int = PROBE_FINE, t_start: float = 1.0) -> Tensor:
+    """The probe's fine grid: ``len(FAMILIES) * fine`` steps whose density in t is the sum of
+    the ``fine``-step uniform, log-SNR and Karras grids' densities (each family's fractional
+    grid index, summed, inverted at equal steps). Families a schedule cannot place (no finite
+    sigma_min) are left out."""
+    tt = torch.linspace(t_start, 0.0, 20_001, dtype=torch.float64)
+    count = torch.zeros_like(tt)
+    used = 0
+    for family in FAMILIES:
+        try:
+            g = timesteps(schedule, fine, family, t_start=t_start)
+        except ValueError:
+            continue
+        count += _interp(tt.flip(0), g.flip(0), torch.arange(fine, -1, -1,
+                                                              dtype=torch.float64)).flip(0)
+        used += 1
+    total = used * fine
+    q = torch.linspace(0.0, float(count[-1]), total + 1, dtype=torch.float64)
+    ts = _interp(q, count, tt)
+    ts[0], ts[-1] = t_start, 0.0
+    return ts
+
+
+@dataclass
+class ProbeTrajectory:
+    """The fine probe solve: grid ``ts`` (n + 1 times), ``grid`` (its coefficients), states
+    ``x[i]`` (x[0] = the scaled probe noise, x[n] the output) and predictions ``x0[i]`` at
+    ``ts[i]`` for i < n, the probe ``noise`` and ``cond``."""
+
+    ts: Tensor
+    grid: Grid
+    x: list[Tensor]
+    x0: list[Tensor]
+    noise: Tensor
+    cond: Any = None
+    costs: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def half(self) -> int:
+        """Draws [0, half) place the cheapest paths, draws [half, draws) score the rollouts:
+        a path fitted to the draws that judge it would win by overfitting them."""
+        return max(1, self.noise.shape[0] // 2)
+
+    @property
+    def n(self) -> int:
+        return len(self.ts) - 1
+
+    @property
+    def data_std(self) -> float:
+        """s: the std of the probe's outputs (the data std in the gain g_k)."""
+        return float(self.x[-1].double().std()) or 1.0
+
+
+@torch.no_grad()
+def probe_trajectory(denoiser: BaseDenoiser, noise: Tensor, cond: Any = None,
+                     fine: int = PROBE_FINE, solver: str = "unipc") -> ProbeTrajectory:
+    """Solve the probability-flow ODE from ``noise`` with ``solver`` on :func:`fine_grid`,
+    keeping every state and data prediction (module docstring, step 1)."""
+    schedule = denoiser.schedule
+    ts = fine_grid(schedule, fine)
+    n = len(ts) - 1
+    x0_T = noise * schedule.prior_std(1.0)
+    xs: list[Tensor | None] = [x0_T] + [None] * n
+    x0s: list[Tensor | None] = [None] * n
+
+    def record(step: dict[str, Any]) -> None:
+        i = step["i"]
+        x0s[i] = step["x0"].clone()
+        if i + 1 < n:
+            xs[i + 1] = step["x"].clone()
+
+    out = REGISTRY[solver].fn(denoiser, x0_T, ts, cond=cond, callback=record)
+    xs[n] = out
+    return ProbeTrajectory(ts, Grid(schedule, ts, noise), xs, x0s, noise, cond)  # type: ignore[arg-type]
+
+
+def _gram(traj: ProbeTrajectory) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gram matrix of [x_0 .. x_n, D_0 .. D_{n-1}] (mean over all numbers), and alpha, sigma,
+    lam and the gain g as float64 tensors."""
+    V = torch.stack([v[:traj.half].detach().double().flatten().cpu() for v in traj.x + traj.x0])
+    G = V @ V.T / V.shape[1]
+    g = traj.grid
+    alpha, sigma, lam = (torch.tensor(v, dtype=torch.float64) for v in (g.alpha, g.sigma, g.lam))
+    s = traj.data_std
+    gain = s / torch.sqrt(alpha ** 2 * s ** 2 + sigma ** 2)
+    return G, alpha, sigma, lam, gain
+
+
+def first_order_costs(traj: ProbeTrajectory) -> Tensor:
+    """C[i, k] (i < k, else inf): the gain-weighted RMS error of one first-order step from the
+    probe state x_i to t_k against the probe state x_k (module docstring, step 2)."""
+    if "first" in traj.costs:
+        return traj.costs["first"]
+    G, alpha, sigma, lam, gain = _gram(traj)
+    n = traj.n
+    D = n + 1  # offset of the predictions in the Gram matrix
+    C = torch.full((n + 1, n + 1), math.inf, dtype=torch.float64)
+    for i in range(n):
+        k = torch.arange(i + 1, n + 1)
+        a = sigma[k] / sigma[i]
+        b = -alpha[k] * torch.expm1(-(lam[k] - lam[i]))
+        e2 = (a ** 2 * G[i, i] + b ** 2 * G[D + i, D + i] + G[k, k] + 2 * a * b * G[i, D + i]
+              - 2 * a * G[i, k] - 2 * b * G[D + i, k])
+        C[i, k] = e2.clamp_min(0).sqrt() * gain[k]
+    traj.costs["first"] = C
+    return C
+
+
+def multistep_costs(traj: ProbeTrajectory) -> Tensor:
+    """C[i, j, k] (i < j < k, else inf): the gain-weighted RMS error of one DPM-Solver++(2M)
+    step j -> k with history point i, from probe states and predictions (module docstring).
+    A history point at lam = -inf (alpha = 0) gives the first-order step; the step to
+    sigma = 0 is x0_hat (DPM-Solver++'s last step)."""
+    if "multistep" in traj.costs:
+        return traj.costs["multistep"]
+    G, alpha, sigma, lam, gain = _gram(traj)
+    n = traj.n
+    D = n + 1
+    C = torch.full((n + 1, n + 1, n + 1), math.inf, dtype=torch.float64)
+    for j in range(1, n):
+        i = torch.arange(0, j)[:, None]
+        k = torch.arange(j + 1, n + 1)[None, :]
+        h = lam[k] - lam[j]
+        r = (lam[j] - lam[i]) / h
+        inv = torch.where(torch.isfinite(r), 0.5 / r, torch.zeros_like(r))
+        e1 = -alpha[k] * torch.expm1(-h)
+        a = (sigma[k] / sigma[j]).expand(j, -1)
+        b, c = e1 * (1 + inv), -e1 * inv
+        last = (k == n).expand(j, -1)  # x(0) = x0_hat(x_j)
+        a = torch.where(last, torch.zeros_like(a), a)
+        b = torch.where(last, torch.ones_like(b), b)
+        c = torch.where(last, torch.zeros_like(c), c)
+        e2 = (a ** 2 * G[j, j] + b ** 2 * G[D + j, D + j] + c ** 2 * G[D + i, D + i] + G[k, k]
+              + 2 * a * b * G[j, D + j] + 2 * a * c * G[j, D + i] - 2 * a * G[j, k]
+              + 2 * b * c * G[D + j, D + i] - 2 * b * G[D + j, k] - 2 * c * G[D + i, k])
+        C[:j, j, j + 1:] = e2.clamp_min(0).sqrt() * gain[k]
+    traj.costs["multistep"] = C
+    return C
+
+
+def cheapest_path(C: Tensor, steps: int) -> list[int]:
+    """The path 0 = p_0 < p_1 < .. < p_steps = n of least sum_m C[p_{m-1}, p_m] (dynamic
+    programming, O(steps n^2))."""
+    n = C.shape[0] - 1
+    if not 1 <= steps <= n:
+        raise ValueError(f"a path of {steps} steps needs 1 <= steps <= {n}")
+    best = torch.full((n + 1,), math.inf, dtype=torch.float64)
+    best[0] = 0.0
+    back = []
+    for _ in range(steps):
+        best, arg = (best[:, None] + C).min(0)
+        back.append(arg)
+    path = [n]
+    for arg in reversed(back):
+        path.append(int(arg[path[-1]]))
+    return path[::-1]
+
+
+def cheapest_pair_path(C1: Tensor, C2: Tensor, steps: int) -> list[int]:
+    """The path of least cost when the first step costs C1[0, p_1] and step m >= 2 costs
+    C2[p_{m-2}, p_{m-1}, p_m] (a two-step method): dynamic programming over the last two
+    points, O(steps n^3)."""
+    n = C1.shape[0] - 1
+    if not 1 <= steps <= n:
+        raise ValueError(f"a path of {steps} steps needs 1 <= steps <= {n}")
+    if steps == 1:
+        return [0, n]
+    best = torch.full((n + 1, n + 1), math.inf, dtype=torch.float64)  # [prev, cur]
+    best[0] = C1[0]
+    back = []
+    for _ in range(steps - 1):
+        best, arg = (best[:, :, None] + C2).min(0)  # [cur, next]
+        back.append(arg)
+    j, k = int(best[:, n].argmin()), n
+    path = [k, j]
+    for arg in reversed(back):
+        i = int(arg[j, k])
+        path.append(i)
+        j, k = i, j
+    return path[::-1]
+
+
+def candidate_grids(denoiser: BaseDenoiser, traj: ProbeTrajectory,
+                    steps: int) -> dict[str, Tensor]:
+    """The grids the rollout chooses from (module docstring, step 3), by name."""
+    out: dict[str, Tensor] = {}
+    for family in ("uniform", "log_snr"):  # Karras never won a rollout on four families
+        try:
+            out[family] = timesteps(denoiser.schedule, steps, family)
+        except ValueError:
+            continue
+    if steps < traj.n:
+        out["path"] = traj.ts[cheapest_path(first_order_costs(traj), steps)]
+        out["path_2m"] = traj.ts[cheapest_pair_path(first_order_costs(traj),
+                                                    multistep_costs(traj), steps)]
+    if "uniform" in out:  # midpoints: both grids decrease from t_start to 0, so does their mean
+        for name, other in (("uniform+path_2m", "path_2m"), ("uniform+log_snr", "log_snr")):
+            if other in out:
+                out[name] = (out["uniform"] + out[other]) / 2
+    unique: dict[str, Tensor] = {}
+    for name, ts in out.items():  # drop repeats (e.g. two equal paths)
+        if not any(torch.equal(ts, u) for u in unique.values()):
+            unique[name] = ts
+    return unique
+
+
+@dataclass(frozen=True)
+class ProbeChoice:
+    """What :func:`probe_plan` chose: the ``plan`` and every candidate's probe RMSE
+    (``scores[(sampler, grid name)]``)."""
+
+    plan: SolverPlan
+    grid_name: str
+    scores: dict[tuple[str, str, str], float]
+
+
+def _fingerprint(obj: Any) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, Tensor):
+        t = obj.detach().cpu().contiguous()
+        return (tuple(t.shape), str(t.dtype), hashlib.sha1(t.numpy().tobytes()).hexdigest())
+    if isinstance(obj, Condition):
+        return tuple((k, _fingerprint(v)) for k, v in sorted(obj.kwargs().items()))
+    return repr(obj)
+
+
+def _version(denoiser: BaseDenoiser) -> tuple[int, int]:
+    """Changes whenever a parameter is updated in place (an optimizer step) or replaced."""
+    params = list(denoiser.parameters())
+    return sum(p._version for p in params), sum(id(p) for p in params)
+
+
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def clear_probe_cache() -> None:
+    """Forget every cached probe and plan."""
+    _CACHE.clear()
+
+
+def _probe_cond(cond: Any, draws: int) -> Any:
+    if cond is None:
+        return None
+    cond = Condition.of(cond)
+    idx = torch.arange(draws) % cond.batch_size
+    return cond[idx]
+
+
+@torch.no_grad()
+def probe_plan(denoiser: BaseDenoiser, steps: int, shape: Sequence[int], *, cond: Any = None,
+               device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+               draws: int = PROBE_DRAWS, fine: int = PROBE_FINE,
+               solvers: Sequence[tuple[str, str]] = PROBE_SOLVERS) -> ProbeChoice:
+    """The plan the default call runs for ``steps`` steps on images of ``shape`` (C, H, W):
+    the candidate (solver, grid) whose rollout from the probe noise lands closest to the fine
+    probe solve (module docstring). ``cond``: the call's condition; the probe uses its first
+    rows (cycled to ``draws``). Cached per denoiser, shape, condition rows, step count and
+    parameter version; the probe solve itself is shared by every step count."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    pcond = _probe_cond(cond, draws)
+    key = (tuple(shape), _fingerprint(pcond), str(device), str(dtype), draws, fine,
+           _version(denoiser))
+    store = _CACHE.setdefault(denoiser, {})
+    if store.get("key") != key:
+        store.clear()
+        store["key"] = key
+    if steps in store:
+        return store[steps]
+    if "traj" not in store:
+        gen = torch.Generator().manual_seed(PROBE_SEED)
+        noise = torch.randn(draws, *shape, generator=gen, dtype=torch.float64).to(
+            device=device, dtype=dtype)
+        store["traj"] = probe_trajectory(denoiser, noise, pcond, fine)
+    traj: ProbeTrajectory = store["traj"]
+    held = slice(traj.half, None) if traj.noise.shape[0] > 1 else slice(None)
+    target = traj.x[-1][held]
+    x_T = traj.noise[held] * denoiser.schedule.prior_std(1.0)
+    cond_held = None if traj.cond is None else traj.cond[held]
+    scores: dict[tuple[str, str, str], float] = {}
+    grids = candidate_grids(denoiser, traj, steps)
+    for name, ts in grids.items():
+        for solver, final in solvers:
+            x = REGISTRY[solver].fn(denoiser, x_T, ts, cond=cond_held, final=final)
+            err = float((x - target).double().pow(2).mean().sqrt())
+            scores[solver, final, name] = err if math.isfinite(err) else math.inf
+    solver, final, name = min(scores, key=scores.__getitem__)
+    choice = ProbeChoice(SolverPlan(solver, grids[name], final=final), name, scores)
+    store[steps] = choice
+    return choice
