@@ -229,6 +229,8 @@ def generate_controlled(controlnets: str | os.PathLike | Sequence[str | os.PathL
     idx = [torch.arange(count) % len(c) for c in controls]
     per_image = [c[i].float() for c, i in zip(controls, idx)]
     dev = next(denoiser.parameters()).device
+    first = torch.cat([c[:batch_size] for c in per_image], 1).to(dev)
+    solver = solver.resolve(denoiser, noise[:batch_size].to(dev), Condition(control=first))
     chunks = []
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -246,6 +246,19 @@ class Solver:
             return "fitted" if self.fit.coeffs is not None else "tuned"
         return "spacing" if self.spacing is not None else "default"
 
+    def resolve(self, denoiser: Any, noise: Tensor, cond: Any = None) -> Solver:
+        """This solver with the probe's plan filled in when it is the default call's
+        (``sampler = "auto"``, no fit): resolved once, from the first chunk's noise shape and
+        condition, so every chunk of a run samples with the same plan."""
+        from difflab.samplers import AUTO, DEFAULT, default_plan
+
+        if self.sampler != AUTO or self.fit is not None:
+            return self
+        with torch.no_grad():
+            plan = default_plan(denoiser, self.steps, noise, cond)
+        return (replace(self, sampler=DEFAULT) if plan is None else
+                replace(self, sampler=plan.sampler, fit=plan, probed=True))
+
     def sample_kwargs(self) -> dict[str, Any]:
         """The arguments of :func:`difflab.sample` that select this solver."""
         return {"sampler": self.sampler, "steps": self.steps, "spacing": self.spacing,
@@ -358,7 +371,7 @@ def sample_images(model: Model, solver: Solver, count: int, *, seed: int = 0,
     (the module docstring says how a seed becomes noise). The one chunked sampling loop of the
     commands. The labels are ``model.guided.labels(count)`` (a Condition for a prompted
     diffusers model). A latent model's samples are decoded (``model.decode``)."""
-    from difflab.samplers import AUTO, DEFAULT, default_plan, sample
+    from difflab.samplers import sample
 
     if not isinstance(count, int) or count < 1:
         raise ParameterError(f"{param('count')} must be at least 1, got {count}")
@@ -367,13 +380,8 @@ def sample_images(model: Model, solver: Solver, count: int, *, seed: int = 0,
     device = model.device
     noise = torch.randn((count,) + model.shape, generator=torch.Generator().manual_seed(seed))
     labels = model.guided.labels(count)
-    if solver.sampler == AUTO and solver.fit is None:  # one probe plan for every chunk
-        with torch.no_grad():
-            first = None if labels is None else labels[:batch_size].to(device)
-            plan = default_plan(model.guided.denoiser, solver.steps,
-                                noise[:batch_size].to(device), first)
-        solver = (replace(solver, sampler=DEFAULT) if plan is None else
-                  replace(solver, sampler=plan.sampler, fit=plan, probed=True))
+    solver = solver.resolve(model.guided.denoiser, noise[:batch_size].to(device),
+                            None if labels is None else labels[:batch_size].to(device))
     counter = _NetCounter(getattr(model.denoiser, "net", None))
     chunks = []
     t0 = time.perf_counter()

@@ -582,7 +582,11 @@ class Trainer:
             cond = (torch.arange(n) % int(self.config["data"]["num_classes"])).to(self.device)
         fit = self.fits.get(int(tc["sample_steps"])) if tc["sampler"] == "auto" else None
         steps = None if fit is not None else int(tc["sample_steps"])
-        return difflab.sample(den, noise, sampler=tc["sampler"], steps=steps, fit=fit,
+        # auto without a fit: the classical default, not the probe (the weights change
+        # between monitoring grids, so each grid would pay for a new probe)
+        sampler = difflab.samplers.DEFAULT if tc["sampler"] == "auto" and fit is None \
+            else tc["sampler"]
+        return difflab.sample(den, noise, sampler=sampler, steps=steps, fit=fit,
                               cond=cond, generator=g)
 
     def fit_solvers(self, checkpoint: Path) -> dict[int, Any]:
