@@ -92,6 +92,21 @@ def reference(den, noise: torch.Tensor, steps: int) -> torch.Tensor:
     return S.get("dpm_solver_3").fn(den, noise * sch.prior_std(1.0), ts)
 
 
+def cached_reference(args, spec: str, den, noise: torch.Tensor, steps: int) -> torch.Tensor:
+    """:func:`reference`, read from / written to ``--ref-cache`` when one is given (a file per
+    model, seed, test size and step count)."""
+    if not args.ref_cache:
+        return reference(den, noise, steps)
+    name = "".join(c if c.isalnum() else "_" for c in spec)
+    path = Path(args.ref_cache) / f"{name}_seed{args.seed}_n{args.n}_steps{steps}.pt"
+    if path.exists():
+        return torch.load(path)
+    ref = reference(den, noise, steps)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ref, path)
+    return ref
+
+
 def diffusers_sample(cls, config: dict, model: NetModel, noise: torch.Tensor,
                      nfe: int) -> tuple[torch.Tensor, int]:
     """Run a scheduler with the largest step count whose NFE is <= nfe (as a pipeline does:
@@ -164,6 +179,11 @@ def diffusers_configs(den) -> list[tuple[str, object, dict]]:
     ptype = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[pred]
     base = dict(num_train_timesteps=len(den.schedule.betas),
                 trained_betas=den.schedule.betas.tolist(), prediction_type=ptype)
+    sc = den.schedule.config()
+    if sc.get("zero_terminal_snr"):  # as a diffusers user sets it up (alpha_bar_T = 2^-24)
+        base = dict(num_train_timesteps=sc["timesteps"], beta_start=sc["beta_start"],
+                    beta_end=sc["beta_end"], beta_schedule=sc["type"],
+                    rescale_betas_zero_snr=True, prediction_type=ptype)
     # (DDIM "leading", Euler karras and DPM++3M linspace were never best in earlier runs and
     # are left out to keep the run short on a shared 2-core CPU)
     cfgs = [("DDIM trailing clip_sample=False", D.DDIMScheduler,
@@ -229,8 +249,8 @@ def run_model(args, spec: str) -> dict:
     den.eval()
     noise = torch.randn(args.n, *shape, generator=torch.Generator().manual_seed(args.seed))
     with torch.no_grad():
-        ref = reference(den, noise, args.ref_steps)
-        ref_half = reference(den, noise, args.ref_steps // 2)
+        ref = cached_reference(args, spec, den, noise, args.ref_steps)
+        ref_half = cached_reference(args, spec, den, noise, args.ref_steps // 2)
     ref_err = rmse(ref, ref_half)
     print(spec, "reference self-error", ref_err, flush=True)
     fits = load_fits(ckpt) if ckpt is not None else {}
@@ -418,6 +438,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=32, help="test images (batch)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the test noise")
     ap.add_argument("--ref-steps", type=int, default=500)
+    ap.add_argument("--ref-cache", default="",
+                    help="a folder to keep the reference solves in (reused when present)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "samplers_real.md"))
     ap.add_argument("--json", default="", help="also write every number here")

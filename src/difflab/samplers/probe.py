@@ -344,12 +344,13 @@ def probe_plan(denoiser: BaseDenoiser, steps: int, shape: Sequence[int], *, cond
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     pcond = _probe_cond(cond, draws)
-    key = (tuple(shape), _fingerprint(pcond), str(device), str(dtype), draws, fine,
-           _version(denoiser))
-    store = _CACHE.setdefault(denoiser, {})
-    if store.get("key") != key:
-        store.clear()
-        store["key"] = key
+    device = torch.device("cpu" if device is None else device)
+    version = _version(denoiser)
+    stores = _CACHE.setdefault(denoiser, {})
+    for old in [k for k in stores if k[-1] != version]:  # trained since: forget
+        del stores[old]
+    key = (tuple(shape), _fingerprint(pcond), str(device), str(dtype), draws, fine, version)
+    store = stores.setdefault(key, {})
     if steps in store:
         return store[steps]
     if "traj" not in store:
