@@ -272,7 +272,9 @@ def choose_solver(checkpoint: str | os.PathLike | None, sampler: str = "auto", s
     An explicit ``spacing`` wins (``sampler`` on that rule's grid; "auto": dpmpp_2m).
     Otherwise the fit stored with the checkpoint for ``sampler`` and ``steps`` runs (for
     "auto": the bespoke solver fitted for ``steps``, else dpmpp_2m's tuned grid; the rule is
-    :func:`difflab.fitting.choose_fit`'s), else the sampler on its default grid.
+    :func:`difflab.fitting.choose_fit`'s), else the sampler on its default grid; "auto"
+    with no fit, spacing or consistency model for 2-40 steps: ``Solver("auto", steps)``, the
+    default call's probe plan, resolved by :meth:`Solver.resolve`.
     ``checkpoint=None``: no stored fits. Raises ParameterError for an unknown sampler or
     spacing, or steps < 1.
     """

@@ -42,7 +42,8 @@ def generate(checkpoint: str | os.PathLike, *, count: int = 64, steps: int = 10,
              guidance: Guidance | None = None, prompts: list[str] | None = None,
              negative_prompt: str | None = None, control: Any = None) -> Samples:
     """``count`` samples of a checkpoint (or run directory): ``sampler`` ("auto": the solver
-    fitted to the checkpoint for ``steps`` if there is one, else dpmpp_2m) for ``steps`` steps
+    fitted to the checkpoint for ``steps`` if there is one, else the probe's plan, else
+    dpmpp_2m) for ``steps`` steps
     on the ``spacing`` rule's grid (None: the grid stored with the checkpoint for that sampler
     and step count, else the sampler's default; :func:`~difflab.commands.model.choose_solver`),
     from ``seed``, guided by ``guidance``; its EMA weights unless ``ema=False``. Returns
@@ -82,7 +83,8 @@ def register(subparsers: Any) -> None:
                    help="sampler name (difflab.samplers.names()), or auto: the bespoke solver "
                         "fitted to the checkpoint for --steps (written by `difflab train` with "
                         "train.fit_steps or by `difflab tune-grid --sampler bespoke`) if there "
-                        "is one, else dpmpp_2m")
+                        "is one, else the plan a probe of the model picks (2-40 steps), "
+                        "else dpmpp_2m")
     s.add_argument("--steps", type=int, default=10, help="sampler steps")
     s.add_argument("--spacing", default=None, choices=SPACINGS,
                    help="time grid rule (default: the grid `difflab tune-grid` fitted for this "
