@@ -201,17 +201,32 @@ def _tune_bespoke(den: Any, ckpt: Path, noise: Any, ref: Any, profile: dict[str,
 def _tune_fast(den: Any, ckpt: Path, noise: Any, steps: Sequence[int], *, ema: bool, seed: int,
                reference_steps: int, batch_size: int, weights: Path,
                say: Callable[[str], None]) -> list[tuple[Any, Path]]:
-    """Bespoke solvers for all ``steps`` by the fast fit, each stored with the checkpoint."""
+    """Bespoke solvers for all ``steps`` by the fast fit, each stored with the checkpoint
+    where it beats the default call's probe plan on the calibration draws; where it does not,
+    nothing is stored (and a stored bespoke fit for that step count is removed), so
+    ``difflab sample`` runs the probe's plan: a fit never makes the default worse."""
     from difflab.fitting import fast_fit_solvers, save_fit
     from difflab.fitting.fast import describe_fast_fit
+    from difflab.fitting.store import remove_fit
+    from difflab.samplers import probe_plan
 
+    plans = {n: probe_plan(den, n, tuple(noise.shape[1:]), device=noise.device,
+                           dtype=noise.dtype).plan for n in steps if 1 < n <= 40}
     try:
         fits = fast_fit_solvers(den, list(steps), noise, reference_steps=reference_steps,
-                                batch_size=batch_size)
+                                batch_size=batch_size, plans=plans)
     except ValueError as e:  # a grid not nested in the reference grid
         raise ParameterError(f"{param('fast')}: {e}") from None
     done = []
     for fit in fits.values():
+        e_probe = fit.extra.get("rmse_probe")
+        if e_probe is not None and fit.rmse is not None and not fit.rmse < e_probe:
+            removed = remove_fit(ckpt, "bespoke", fit.steps, ema)
+            say(f"{describe_fast_fit(fit)}; not better than the default call's probe plan "
+                f"({e_probe:.4g} on the same draws): not stored"
+                + (", the stored one removed" if removed else "")
+                + f"; `difflab sample --steps {fit.steps}` runs the probe's plan")
+            continue
         fit = fit.with_(seed=seed)
         path = save_fit(ckpt, fit, ema=ema, weights=weights)
         say(f"{describe_fast_fit(fit)} -> {path}")

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +56,7 @@ from torch import Tensor
 from difflab.denoiser import BaseDenoiser
 from difflab.fitting.fit import Fit
 from difflab.fitting.reference import check_steps
-from difflab.samplers import get, sample, timesteps
+from difflab.samplers import SolverPlan, get, sample, timesteps
 from difflab.samplers.bespoke import BASES, solver_coefficients
 from difflab.samplers.common import Grid, predict
 
@@ -211,6 +211,7 @@ def fast_fit_solvers(denoiser: BaseDenoiser, steps: Sequence[int], noise: Tensor
                      ridge: float = FAST_RIDGE, validate: bool = True, polish: int = 0,
                      reference: FineReference | None = None, cond: Any = None,
                      batch_size: int | None = None, t_start: float = 1.0,
+                     plans: Mapping[int, SolverPlan] | None = None,
                      log: Callable[[str], None] | None = None) -> dict[int, Fit]:
     """Fit a bespoke solver for each step count in ``steps`` on the calibration ``noise`` by
     teacher forcing and ridge least squares from one reference solve (module docstring).
@@ -221,6 +222,9 @@ def fast_fit_solvers(denoiser: BaseDenoiser, steps: Sequence[int], noise: Tensor
     ``validate``: roll the fitted and the base solver out on the calibration draws
     (``rmse``, ``rmse_base``; the base coefficients are kept where the fit is not better).
     ``polish``: L-BFGS iterations of the full objective from the ridge fit (0: none).
+    ``plans``: competing plans by step count (e.g. the default call's probe plans); with
+    ``validate``, each is rolled out on the calibration draws too and its RMSE kept as
+    ``extra["rmse_probe"]``, so a caller can prefer it where the fit is not better.
     Returns ``{n: Fit}``: sampler "bespoke", the grid, its own times as evaluation times, the
     coefficients, and how they were made (``calibration``, ``reference_steps``, ``spacing`` =
     ``family``, ``iterations`` of the polish, ``extra["method"] = "fast"``, the teacher-forced
@@ -265,6 +269,9 @@ def fast_fit_solvers(denoiser: BaseDenoiser, steps: Sequence[int], noise: Tensor
             if not e_fit < e_base:  # the base solver itself if the fit is not better
                 fit = fit.with_(coeffs=base_rows, extra={**fit.extra, "kept_base": True})
             fit = fit.with_(rmse=min(e_fit, e_base), rmse_base=e_base)
+            if plans is not None and k in plans:
+                e_plan = _rmse(denoiser, noise, out, cond, batch_size, fit=plans[k])
+                fit = fit.with_(extra={**fit.extra, "rmse_probe": e_plan})
         if polish > 0:
             from difflab.fitting.bespoke import tune_solver
 

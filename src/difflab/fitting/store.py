@@ -37,7 +37,7 @@ from difflab.fitting.fit import Fit
 from difflab.samplers import AUTO, DEFAULT
 
 __all__ = ["FITS", "FORMAT", "LEGACY_GRIDS", "fit_key", "weights_file", "weights_sha256",
-           "save_fit", "load_fit", "load_fits", "choose_fit"]
+           "save_fit", "remove_fit", "load_fit", "load_fits", "choose_fit"]
 
 FITS = "fits.json"
 FORMAT = "difflab-fits-1"
@@ -117,6 +117,18 @@ def save_fit(ckpt_dir: PathLike, fit: Fit, *, ema: bool = True,
     data = {"format": FORMAT, "fits": entries}
     path = ckpt / FITS
     return files.write_json(path, data, indent=1, what="fits file")
+
+
+def remove_fit(ckpt_dir: PathLike, sampler: str, steps: int, ema: bool = True) -> bool:
+    """Remove the ``sampler`` fit for ``steps`` (EMA or raw weights) from ``fits.json``;
+    whether there was one."""
+    ckpt = Path(ckpt_dir)
+    entries = _entries(ckpt)
+    if entries.pop(fit_key(sampler, steps, ema), None) is None:
+        return False
+    files.write_json(ckpt / FITS, {"format": FORMAT, "fits": entries}, indent=1,
+                     what="fits file")
+    return True
 
 
 def load_fit(ckpt_dir: PathLike, sampler: str, steps: int, ema: bool = True, *,
