@@ -196,3 +196,37 @@ def test_cli_tune_grid_fast_stores_the_fits(tmp_path, capsys):
                      "--out", str(tmp_path / f"x{n}.npy")]) == 0
         said = capsys.readouterr().out
         assert ("bespoke" in said) == (key in entries), said
+
+
+def test_cli_tune_grid_fast_keeps_the_probe_where_the_fit_loses(tmp_path, capsys, monkeypatch):
+    """Where the fast fit is not better than the probe's plan on the calibration draws,
+    nothing is stored, a stored bespoke fit for that step count is removed, and the command
+    says so; ``difflab sample`` then runs the probe's plan."""
+    import json
+
+    from conftest import mlp_checkpoint
+
+    import difflab.fitting as fitting
+    from difflab.cli import main
+    from difflab.fitting import FITS
+
+    ckpt = mlp_checkpoint(tmp_path / "ck")
+    assert main(["tune-grid", str(ckpt), "--fast", "--steps", "2", "4", "--count", "8",
+                 "--reference-steps", "20"]) == 0
+    real = fitting.fast_fit_solvers
+
+    def losing(*args, **kwargs):  # the same fits, with a probe plan that did better
+        fits = real(*args, **kwargs)
+        return {n: f.with_(extra={**f.extra, "rmse_probe": f.rmse / 2}) if n == 4 else f
+                for n, f in fits.items()}
+
+    monkeypatch.setattr(fitting, "fast_fit_solvers", losing)
+    capsys.readouterr()
+    assert main(["tune-grid", str(ckpt), "--fast", "--steps", "2", "4", "--count", "8",
+                 "--reference-steps", "20", "--overwrite"]) == 0
+    out = capsys.readouterr().out
+    assert "not stored, the stored one removed; `difflab sample --steps 4` runs the probe" in out
+    assert sorted(json.loads((ckpt / FITS).read_text())["fits"]) == ["bespoke/2/ema"]
+    assert main(["sample", str(ckpt), "--steps", "4", "--count", "3",
+                 "--out", str(tmp_path / "x.npy")]) == 0
+    assert "a probe of this model chose" in capsys.readouterr().out
