@@ -250,14 +250,14 @@ class Solver:
         """This solver with the probe's plan filled in when it is the default call's
         (``sampler = "auto"``, no fit): resolved once, from the first chunk's noise shape and
         condition, so every chunk of a run samples with the same plan."""
-        from difflab.samplers import AUTO, DEFAULT, default_plan
+        from difflab.samplers import AUTO, choose, default_plan
 
         if self.sampler != AUTO or self.fit is not None:
             return self
-        with torch.no_grad():
-            plan = default_plan(denoiser, self.steps, noise, cond)
-        return (replace(self, sampler=DEFAULT) if plan is None else
-                replace(self, sampler=plan.sampler, fit=plan, probed=True))
+        plan = default_plan(denoiser, self.steps, noise, cond)
+        if plan is None:  # out of the probe's step range: what sample() runs there
+            return replace(self, sampler=choose(None, None, denoiser.parameterization))
+        return replace(self, sampler=plan.sampler, fit=plan, probed=True)
 
     def sample_kwargs(self) -> dict[str, Any]:
         """The arguments of :func:`difflab.sample` that select this solver."""
@@ -273,14 +273,14 @@ def choose_solver(checkpoint: str | os.PathLike | None, sampler: str = "auto", s
     Otherwise the fit stored with the checkpoint for ``sampler`` and ``steps`` runs (for
     "auto": the bespoke solver fitted for ``steps``, else dpmpp_2m's tuned grid; the rule is
     :func:`difflab.fitting.choose_fit`'s), else the sampler on its default grid; "auto"
-    with no fit, spacing or consistency model for 2-40 steps: ``Solver("auto", steps)``, the
-    default call's probe plan, resolved by :meth:`Solver.resolve`.
+    with no fit, spacing or consistency model: ``Solver("auto", steps)``, the default call's
+    plan (the probe's for 2-40 steps), resolved by :meth:`Solver.resolve`.
     ``checkpoint=None``: no stored fits. Raises ParameterError for an unknown sampler or
     spacing, or steps < 1.
     """
     from difflab.fitting import choose_fit
     from difflab.interop import is_diffusers_folder
-    from difflab.samplers import AUTO, MAX_PROBE_STEPS, SPACINGS, choose, names
+    from difflab.samplers import AUTO, SPACINGS, choose, names
 
     if sampler != AUTO and sampler not in names():
         raise ParameterError(f"unknown {param('sampler')} {sampler!r}; valid: {AUTO}, "
@@ -296,9 +296,8 @@ def choose_solver(checkpoint: str | os.PathLike | None, sampler: str = "auto", s
         fit = choose_fit(store, sampler, steps, spacing=spacing, ema=ema, weights=weights)
     prediction = None if checkpoint is None or is_diffusers_folder(checkpoint) else \
         _consistency_steps(checkpoint, steps)
-    if (sampler == AUTO and fit is None and spacing is None and prediction is None
-            and 1 < steps <= MAX_PROBE_STEPS):
-        return Solver(AUTO, steps)  # sample_images runs the probe's plan (difflab.sample's)
+    if sampler == AUTO and fit is None and spacing is None and prediction is None:
+        return Solver(AUTO, steps)  # the default call's plan, resolved by Solver.resolve
     return Solver(choose(sampler, fit, prediction), steps, spacing, fit)
 
 

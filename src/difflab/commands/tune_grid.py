@@ -208,10 +208,9 @@ def _tune_fast(den: Any, ckpt: Path, noise: Any, steps: Sequence[int], *, ema: b
     from difflab.fitting import fast_fit_solvers, save_fit
     from difflab.fitting.fast import describe_fast_fit
     from difflab.fitting.store import remove_fit
-    from difflab.samplers import probe_plan
+    from difflab.samplers import default_plan
 
-    plans = {n: probe_plan(den, n, tuple(noise.shape[1:]), device=noise.device,
-                           dtype=noise.dtype).plan for n in steps if 1 < n <= 40}
+    plans = {n: plan for n in steps if (plan := default_plan(den, n, noise)) is not None}
     try:
         fits = fast_fit_solvers(den, list(steps), noise, reference_steps=reference_steps,
                                 batch_size=batch_size, plans=plans)

@@ -50,7 +50,7 @@ from difflab.samplers import (  # noqa: F401  (register)
     euler,
     unipc,
 )
-from difflab.samplers.common import (  # noqa: F401
+from difflab.samplers.common import (
     FINAL_MODES,
     REGISTRY,
     EvalTimes,

@@ -59,7 +59,7 @@ import torch
 from torch import Tensor
 
 from difflab.denoiser import BaseDenoiser, Condition
-from difflab.samplers.common import REGISTRY, Grid
+from difflab.samplers.common import REGISTRY, Grid, first_order
 from difflab.samplers.plan import SolverPlan
 from difflab.samplers.timesteps import timesteps
 
@@ -120,7 +120,7 @@ class ProbeTrajectory:
     x0: list[Tensor]
     noise: Tensor
     cond: Any = None
-    costs: dict[str, Tensor] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)  # Gram matrix, step costs
 
     @property
     def half(self) -> int:
@@ -161,68 +161,87 @@ def probe_trajectory(denoiser: BaseDenoiser, noise: Tensor, cond: Any = None,
     return ProbeTrajectory(ts, Grid(schedule, ts, noise), xs, x0s, noise, cond)  # type: ignore[arg-type]
 
 
-def _gram(traj: ProbeTrajectory) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gram matrix of [x_0 .. x_n, D_0 .. D_{n-1}] (mean over all numbers), and alpha, sigma,
-    lam and the gain g as float64 tensors."""
-    V = torch.stack([v[:traj.half].detach().double().flatten().cpu() for v in traj.x + traj.x0])
-    G = V @ V.T / V.shape[1]
-    g = traj.grid
-    alpha, sigma, lam = (torch.tensor(v, dtype=torch.float64) for v in (g.alpha, g.sigma, g.lam))
-    s = traj.data_std
-    gain = s / torch.sqrt(alpha ** 2 * s ** 2 + sigma ** 2)
-    return G, alpha, sigma, lam, gain
+@dataclass
+class _Terms:
+    """What every step cost needs, computed once per trajectory: the Gram matrix ``G`` of
+    [x_0 .. x_n, D_0 .. D_{n-1}] over the first half of the draws (mean over all numbers;
+    D_i sits at row ``off + i``), the first-order step's (sigma_k / sigma_i, alpha_k
+    (1 - e^{-h})) for every i < k (:func:`~difflab.samplers.common.first_order`), lam, and
+    the gain g_k."""
+
+    G: Tensor
+    off: int
+    ratio: Tensor
+    c: Tensor
+    lam: Tensor
+    gain: Tensor
+
+
+def _terms(traj: ProbeTrajectory) -> _Terms:
+    if "terms" not in traj.cache:
+        V = torch.stack([v[:traj.half].detach().double().flatten().cpu()
+                         for v in traj.x + traj.x0])
+        g, n = traj.grid, traj.n
+        ratio = torch.zeros(n + 1, n + 1, dtype=torch.float64)
+        c = torch.zeros(n + 1, n + 1, dtype=torch.float64)
+        for i in range(n):
+            for k in range(i + 1, n + 1):
+                ratio[i, k], c[i, k] = first_order(g, i, k)
+        alpha, sigma = (torch.tensor(v, dtype=torch.float64) for v in (g.alpha, g.sigma))
+        s = traj.data_std
+        traj.cache["terms"] = _Terms(V @ V.T / V.shape[1], n + 1, ratio, c,
+                                     torch.tensor(g.lam, dtype=torch.float64),
+                                     s / torch.sqrt(alpha ** 2 * s ** 2 + sigma ** 2))
+    return traj.cache["terms"]
+
+
+def _step_rms(t: _Terms, i: Tensor | int, j: int, k: Tensor, a: Tensor, b: Tensor,
+              c: Tensor | float) -> Tensor:
+    """g_k ||a x_j + b D_j + c D_i - x_k||_rms from the Gram matrix, broadcast over i and k
+    (e^2 to ~1e-15 absolute, so e to ~1e-7)."""
+    G, Dj, Di = t.G, t.off + j, t.off + i
+    e2 = (a ** 2 * G[j, j] + b ** 2 * G[Dj, Dj] + c ** 2 * G[Di, Di] + G[k, k]
+          + 2 * a * b * G[j, Dj] + 2 * a * c * G[j, Di] - 2 * a * G[j, k]
+          + 2 * b * c * G[Dj, Di] - 2 * b * G[Dj, k] - 2 * c * G[Di, k])
+    return e2.clamp_min(0).sqrt() * t.gain[k]
 
 
 def first_order_costs(traj: ProbeTrajectory) -> Tensor:
     """C[i, k] (i < k, else inf): the gain-weighted RMS error of one first-order step from the
     probe state x_i to t_k against the probe state x_k (module docstring, step 2)."""
-    if "first" in traj.costs:
-        return traj.costs["first"]
-    G, alpha, sigma, lam, gain = _gram(traj)
-    n = traj.n
-    D = n + 1  # offset of the predictions in the Gram matrix
-    C = torch.full((n + 1, n + 1), math.inf, dtype=torch.float64)
-    for i in range(n):
-        k = torch.arange(i + 1, n + 1)
-        a = sigma[k] / sigma[i]
-        b = -alpha[k] * torch.expm1(-(lam[k] - lam[i]))
-        e2 = (a ** 2 * G[i, i] + b ** 2 * G[D + i, D + i] + G[k, k] + 2 * a * b * G[i, D + i]
-              - 2 * a * G[i, k] - 2 * b * G[D + i, k])
-        C[i, k] = e2.clamp_min(0).sqrt() * gain[k]
-    traj.costs["first"] = C
-    return C
+    if "first" not in traj.cache:
+        t, n = _terms(traj), traj.n
+        C = torch.full((n + 1, n + 1), math.inf, dtype=torch.float64)
+        for i in range(n):
+            k = torch.arange(i + 1, n + 1)
+            C[i, k] = _step_rms(t, i, i, k, t.ratio[i, k], t.c[i, k], 0.0)
+        traj.cache["first"] = C
+    return traj.cache["first"]
 
 
 def multistep_costs(traj: ProbeTrajectory) -> Tensor:
     """C[i, j, k] (i < j < k, else inf): the gain-weighted RMS error of one DPM-Solver++(2M)
-    step j -> k with history point i, from probe states and predictions (module docstring).
-    A history point at lam = -inf (alpha = 0) gives the first-order step; the step to
-    sigma = 0 is x0_hat (DPM-Solver++'s last step)."""
-    if "multistep" in traj.costs:
-        return traj.costs["multistep"]
-    G, alpha, sigma, lam, gain = _gram(traj)
-    n = traj.n
-    D = n + 1
-    C = torch.full((n + 1, n + 1, n + 1), math.inf, dtype=torch.float64)
-    for j in range(1, n):
-        i = torch.arange(0, j)[:, None]
-        k = torch.arange(j + 1, n + 1)[None, :]
-        h = lam[k] - lam[j]
-        r = (lam[j] - lam[i]) / h
-        inv = torch.where(torch.isfinite(r), 0.5 / r, torch.zeros_like(r))
-        e1 = -alpha[k] * torch.expm1(-h)
-        a = (sigma[k] / sigma[j]).expand(j, -1)
-        b, c = e1 * (1 + inv), -e1 * inv
-        last = (k == n).expand(j, -1)  # x(0) = x0_hat(x_j)
-        a = torch.where(last, torch.zeros_like(a), a)
-        b = torch.where(last, torch.ones_like(b), b)
-        c = torch.where(last, torch.zeros_like(c), c)
-        e2 = (a ** 2 * G[j, j] + b ** 2 * G[D + j, D + j] + c ** 2 * G[D + i, D + i] + G[k, k]
-              + 2 * a * b * G[j, D + j] + 2 * a * c * G[j, D + i] - 2 * a * G[j, k]
-              + 2 * b * c * G[D + j, D + i] - 2 * b * G[D + j, k] - 2 * c * G[D + i, k])
-        C[:j, j, j + 1:] = e2.clamp_min(0).sqrt() * gain[k]
-    traj.costs["multistep"] = C
-    return C
+    step j -> k with history point i, from probe states and predictions (module docstring;
+    the extrapolation D = (1 + 1/(2r)) D_j - D_i / (2r) of
+    :func:`~difflab.samplers.dpmpp.data_prediction_multistep`). A history point at
+    lam = -inf (alpha = 0) gives the first-order step; the step to sigma = 0 is x0_hat
+    (DPM-Solver++'s last step)."""
+    if "multistep" not in traj.cache:
+        t, n = _terms(traj), traj.n
+        C = torch.full((n + 1, n + 1, n + 1), math.inf, dtype=torch.float64)
+        for j in range(1, n):
+            i = torch.arange(0, j)[:, None]
+            k = torch.arange(j + 1, n + 1)[None, :]
+            inv = (t.lam[k] - t.lam[j]) / (2 * (t.lam[j] - t.lam[i]))  # 1 / (2r)
+            inv = torch.where(torch.isfinite(inv), inv, torch.zeros_like(inv))
+            a, e1 = t.ratio[j, k].expand(j, -1), t.c[j, k]
+            b, c = e1 * (1 + inv), -e1 * inv
+            last = (k == n).expand(j, -1)  # x(0) = x0_hat(x_j): a = 0, b = 1, c = 0
+            b = torch.where(last, torch.ones_like(b), b)
+            c = torch.where(last, torch.zeros_like(c), c)
+            C[:j, j, j + 1:] = _step_rms(t, i, j, k, a, b, c)
+        traj.cache["multistep"] = C
+    return traj.cache["multistep"]
 
 
 def cheapest_path(C: Tensor, steps: int) -> list[int]:
