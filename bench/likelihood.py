@@ -83,12 +83,14 @@ def train(name: str, out: Path, steps: int, device: str = "cpu",
             "last_logs": {k: float(v) for k, v in trainer.last_logs.items()}}
 
 
-def ode_batch(den, x: torch.Tensor, *, rtol: float, seed: int, solver: str = "dopri5"):
-    """The ODE likelihood of one batch: 1 Rademacher probe, uniform dequantisation, rtol = atol,
-    the dequantisation noise and probe from a CPU generator of ``seed``."""
+def ode_batch(den, x: torch.Tensor, *, rtol: float, seed: int, solver: str = "dopri5",
+              dequantize: str = "uniform"):
+    """The ODE likelihood of one batch: 1 Rademacher probe, ``dequantize`` (uniform or by the
+    decoder), rtol = atol (or the multistep solver's default steps), the dequantisation noise
+    and probe from a CPU generator of ``seed``."""
     from difflab.likelihood import log_likelihood
 
-    return log_likelihood(den, x, probes=1, rtol=rtol, atol=rtol, dequantize="uniform",
+    return log_likelihood(den, x, probes=1, rtol=rtol, atol=rtol, dequantize=dequantize,
                           generator=torch.Generator().manual_seed(seed), solver=solver)
 
 
@@ -177,26 +179,31 @@ def vlb_only(name: str, ckpt: str, x: torch.Tensor, time_samples: int) -> dict:
 
 
 def paired(name: str, ckpt: str, x: torch.Tensor, *, rtol: float, time_samples: int,
-           batch: int = 16, centers: bool = False) -> dict:
+           batch: int = 16, centers: bool = False, dequantize: str = "uniform",
+           solver: str = "dopri5") -> dict:
     """ODE bits/dim minus VLB bits/dim on the same images: the paired difference's mean and
     standard error (the images' own spread cancels, which the two separate standard errors
     of the table do not). VLB: the chain's own bound where the model has one, else the
-    continuous bound; ``time_samples`` antithetic times per image. ``centers``: also the ODE
-    density at the bin centres times the bin volume (log p(x) + D log(2/256), the midpoint
-    rule for the bin's probability: no Jensen gap of uniform dequantisation, but no bound)."""
+    continuous bound; ``time_samples`` antithetic times per image. ``dequantize``: the ODE's
+    ("uniform" or "decoder"). ``centers``: also the ODE density at the bin centres times the
+    bin volume (log p(x) + D log(2/256), the midpoint rule for the bin's probability: no
+    Jensen gap of uniform dequantisation, but no bound)."""
     from difflab.objectives import variational_bound
     from difflab.train.checkpoint import load_denoiser
 
     den, _ = load_denoiser(ckpt)
     steps = "chain" if den.schedule.num_steps is not None else None
-    ode = torch.cat([ode_batch(den, xb, rtol=rtol, seed=100 + i).bits_per_dim
+    t0 = time.process_time()
+    ode = torch.cat([ode_batch(den, xb, rtol=rtol, seed=100 + i, solver=solver,
+                               dequantize=dequantize).bits_per_dim
                      for i, xb in enumerate(x.split(batch))])
+    ode_cpu = (time.process_time() - t0) / len(x)
     vlb = torch.cat([variational_bound(den, xb, steps=steps, time_samples=time_samples,
                                        generator=torch.Generator().manual_seed(500 + i)
                                        ).bits_per_dim for i, xb in enumerate(x.split(100))])
     d = ode - vlb
     n = len(d)
-    extra = {}
+    extra = {"dequantize": dequantize, "solver": solver, "ode_cpu_s_per_image": ode_cpu}
     if centers:
         from difflab.likelihood import BIN_WIDTH, bits_per_dim, log_likelihood
 
@@ -205,7 +212,7 @@ def paired(name: str, ckpt: str, x: torch.Tensor, *, rtol: float, time_samples: 
             den, xb, probes=1, rtol=rtol, atol=rtol,
             generator=torch.Generator().manual_seed(100 + i)).log_likelihood
             + D * math.log(BIN_WIDTH), D) for i, xb in enumerate(x.split(batch))])
-        extra = {"ode_centers_bpd": float(mid.mean()),
+        extra |= {"ode_centers_bpd": float(mid.mean()),
                  "ode_centers_minus_vlb": float((mid - vlb).mean()),
                  "ode_centers_minus_vlb_se": float((mid - vlb).std() / math.sqrt(n))}
     return {**extra, "model": name, "n": n, "rtol": rtol, "vlb_form": steps or "continuous",
@@ -263,6 +270,9 @@ def main(argv: list[str] | None = None) -> None:
                          "term of its bound once, no time-sampling noise)")
     ap.add_argument("--centers", action="store_true",
                     help="with --paired: also the ODE density at the bin centres")
+    ap.add_argument("--dequantize", default="uniform", choices=["uniform", "decoder"],
+                    help="with --paired: the ODE's dequantisation")
+    ap.add_argument("--ode-solver", default="dopri5", help="with --paired: dopri5 | multistep")
     ap.add_argument("--ode-seconds", type=float, default=None, metavar="S",
                     help="each ODE measurement starts no new batch after S seconds")
     args = ap.parse_args(argv)
@@ -291,8 +301,11 @@ def main(argv: list[str] | None = None) -> None:
             p = args.out / f"{name}.json"
             r = json.loads(p.read_text())
             key = f"paired_{args.paired}x{args.time_samples}"
+            if args.dequantize != "uniform" or args.ode_solver != "dopri5":
+                key += f"_{args.dequantize}_{args.ode_solver}"
             r[key] = paired(name, r["train"]["checkpoint"], x[:args.paired], rtol=args.rtol,
-                            time_samples=args.time_samples, centers=args.centers)
+                            time_samples=args.time_samples, centers=args.centers,
+                            dequantize=args.dequantize, solver=args.ode_solver)
             p.write_text(json.dumps(r, indent=1))
             print(name, r[key], file=sys.stderr, flush=True)
         return

@@ -138,3 +138,21 @@ def test_eval_nll_on_a_tiny_hybrid_checkpoint(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(run), "--nll", "--probes", "0"]) != 0
     assert "--probes must be an integer >= 1" in capsys.readouterr().err
+    # the multistep solver in two worker processes gives the numbers of one process (each
+    # batch has its own generator), with steps + 1 calls a batch
+    figures = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"nll_{workers}.json"
+        assert main(["eval", str(run), "--nll", "--count", "8", "--batch-size", "4",
+                     "--nll-solver", "multistep", "--nll-steps", "12", "--workers", workers,
+                     "--dequantize", "decoder", "--out", str(out)]) == 0
+        figures.append(json.loads(out.read_text())["ode"])
+    assert figures[0]["bits_per_dim"] == figures[1]["bits_per_dim"]
+    assert figures[0]["nfe"] == 2 * 13 and figures[1]["workers"] == 2
+    assert "12 multistep steps" in capsys.readouterr().out
+    for flags, message in [(["--nll-solver", "rk4"], "--nll-solver must be one of"),
+                           (["--nll-steps", "1"], "--nll-steps must be an integer >= 2"),
+                           (["--dequantize", "cells"], "--dequantize must be 'uniform' or"),
+                           (["--workers", "0"], "--workers must be an integer >= 1")]:
+        assert main(["eval", str(run), "--nll", *flags]) != 0
+        assert message in capsys.readouterr().err

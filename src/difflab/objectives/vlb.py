@@ -80,7 +80,7 @@ from difflab.objectives.core import DiffusionObjective, Objective, Weighting
 from difflab.schedules import NoiseSchedule
 
 __all__ = ["variational_bound", "VLBResult", "VLBObjective", "HybridObjective", "vlb_grid",
-           "start_time", "gamma_and_rate", "DECODERS", "SIGMA_START", "BINS"]
+           "start_time", "gamma_and_rate", "decoder_nll", "DECODERS", "SIGMA_START", "BINS"]
 
 F64 = torch.float64
 LN2 = math.log(2.0)
@@ -286,10 +286,19 @@ def _decoder(denoiser: BaseDenoiser, x: Tensor, eps_0: Tensor, cond: Any, decode
         return _ddpm_decoder(denoiser, x, grid, eps_0, cond)
     gamma_0 = gamma_and_rate(denoiser.schedule, torch.tensor(t0 if grid is None else
                                                              float(grid[0]), dtype=F64))[0]
-    gamma_0 = gamma_0.to(x.device)
+    return decoder_nll(x, eps_0, gamma_0.to(x.device), decoder)
+
+
+def decoder_nll(x: Tensor, eps_0: Tensor, gamma_0: Tensor, decoder: str) -> Tensor:
+    """-log p(x | z_0) per example (nats) at z_0 = alpha_0 (x + sigma~_0 eps_0), sigma~_0^2 =
+    exp(gamma_0), of the ``"vdm"`` decoder over the 256 bins or the ``"gaussian"`` one,
+    -log N(x; z_0 / alpha_0, sigma~_0^2) = 0.5 D log(2 pi sigma~_0^2) + 0.5 |eps_0|^2 (module
+    docstring). The gaussian figure is also -log q(z_0 / alpha_0 | x), the forward process's own
+    density, which :func:`difflab.likelihood.log_likelihood` uses to dequantise by the decoder."""
     if decoder == "vdm":
         return _vdm_decoder(gamma_0, x, eps_0)
-    # gaussian: -log N(x; z_0 / alpha_0, sigma~_0^2) = 0.5 log(2 pi sigma~^2) + 0.5 eps_0^2
+    if decoder != "gaussian":
+        raise ValueError(f"decoder_nll takes decoder 'vdm' or 'gaussian', got {decoder!r}")
     D = x[0].numel()
     return 0.5 * D * (math.log(2 * math.pi) + gamma_0) + 0.5 * _sum(eps_0.to(F64) ** 2)
 
