@@ -4,6 +4,7 @@ tightest, NFE and CPU seconds per image; and the extrapolated time of the full 1
 
     python bench/likelihood_rtol.py CHECKPOINT --count 16 --rtols 1e-2 3e-3 1e-3 1e-4 1e-5
     python bench/likelihood_rtol.py CHECKPOINT --solver bosh3 --rtols 3e-2 1e-2 --reference 1e-4
+    python bench/likelihood_rtol.py CHECKPOINT --solver multistep --steps 20 30 40 --reference 1e-4
 
 ``--reference R``: the differences are taken to a Dormand-Prince solve at rtol R (else to the
 tightest rtol of the list, with ``--solver``).
@@ -27,7 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--rtols", type=float, nargs="+", default=[1e-2, 3e-3, 1e-3, 1e-4, 1e-5])
     ap.add_argument("--out", default=None)
-    ap.add_argument("--solver", default="dopri5", help="dopri5 | bosh3")
+    ap.add_argument("--solver", default="dopri5", help="dopri5 | bosh3 | multistep")
+    ap.add_argument("--steps", type=int, nargs="+", default=[30],
+                    help="--solver multistep: its step counts (instead of --rtols)")
     ap.add_argument("--reference", type=float, default=None, metavar="R",
                     help="compare to a dopri5 solve at rtol R")
     ap.add_argument("--profile", type=int, default=0, metavar="B",
@@ -64,26 +67,34 @@ def main(argv: list[str] | None = None) -> None:
                           "forward_and_vjp_ms_per_image": both}))
         return
     x = test_images(args.count)
-    def solve(rtol: float, solver: str) -> dict:
+    def solve(setting: float, solver: str) -> dict:
+        """setting: the rtol, or the multistep solver's steps"""
         t0 = time.process_time()
         bpd, nfe = [], 0
         for i, xb in enumerate(x.split(args.batch_size)):
-            r = ode_batch(den, xb, rtol=rtol, seed=100 + i, solver=solver)
+            r = (ode_batch(den, xb, rtol=1e-3, seed=100 + i, solver=solver, steps=int(setting))
+                 if solver == "multistep" else
+                 ode_batch(den, xb, rtol=setting, seed=100 + i, solver=solver))
             bpd.append(r.bits_per_dim)
             nfe += r.nfe
         cpu = (time.process_time() - t0) / len(x)
         return {"bpd": torch.cat(bpd), "nfe": nfe, "cpu_s_per_image": cpu}
 
-    rows = {rtol: solve(rtol, args.solver) for rtol in args.rtols}
+    if args.solver == "multistep" and args.reference is None:
+        ap.error("--solver multistep needs --reference R (a dopri5 solve to compare with)")
+    settings = args.steps if args.solver == "multistep" else args.rtols
+    rows = {setting: solve(setting, args.solver) for setting in settings}
     ref = (solve(args.reference, "dopri5") if args.reference is not None
            else rows[min(args.rtols)])["bpd"]
     out = []
-    for rtol, r in rows.items():
+    for setting, r in rows.items():
         d = (r["bpd"] - ref).abs()
-        out.append({"solver": args.solver, "rtol": rtol, "bpd_mean": float(r["bpd"].mean()),
+        key = "steps" if args.solver == "multistep" else "rtol"
+        out.append({"solver": args.solver, key: setting, "bpd_mean": float(r["bpd"].mean()),
                     "mean_diff_vs_tightest": float((r["bpd"] - ref).mean()),  # the bias
                     "max_abs_diff_vs_tightest": float(d.max()),
                     "mean_abs_diff_vs_tightest": float(d.mean()),
+                    "diff_se": float((r["bpd"] - ref).std() / len(x) ** 0.5),
                     "nfe_per_batch": r["nfe"] / len(x.split(args.batch_size)),
                     "cpu_s_per_image": r["cpu_s_per_image"],
                     "est_10k_minutes_1_thread": r["cpu_s_per_image"] * 10000 / 60,

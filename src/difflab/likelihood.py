@@ -55,11 +55,15 @@ nodes (the Adams-Moulton form of UniPC's corrector, Zhao et al. 2023: no extra c
 divergence's D log(sigma_end / sigma_start) is exact (also for Gaussian probes, whose noise it
 removes), and int alpha v^T (dx0_hat/dx) v dl is a composite 4-point Lagrange quadrature over the
 nodes. The nodes are l_i = l_start + (l_end - l_start) (i / steps)^1.5 (:data:`GRID_POWER`):
-smaller steps near the data, where the smoothed density changes fastest. Measured (bench/
-likelihood_rtol.py, 32 Fashion-MNIST test images each, against Dormand-Prince at rtol 1e-4):
-30 steps are within 0.005 bits/dim of it on average on the three models it was tuned on and
-cost 31 calls against Dormand-Prince's 50-110 at rtol 1e-2 .. 1e-3 (docs/benchmarks.md,
-"likelihood"). It has no error control: check it against the adaptive solver on a new model.
+smaller steps near the data, where the smoothed density changes fastest. On the exact 64-D
+mixture the error falls at third order (tests/test_likelihood.py). Measured on trained U-Nets
+(bench/likelihood_rtol.py, 32 Fashion-MNIST test images each, against Dormand-Prince at rtol
+1e-4): at 30 steps the mean difference is within 0.005 bits/dim on the three models the grid
+was chosen on, at 20-40 steps within 0.01, for 31 calls against Dormand-Prince's 50-110 at
+rtol 1e-2 .. 1e-3 (docs/benchmarks.md, "likelihood"). What limits it there is the network, not
+the order: the divergence along a path of these chain-trained networks is rough in time (jumps
+of ~3% between nodes 0.06 apart in l), so the error does not fall steadily with the steps. It
+has no error control: check it against the adaptive solver on a new model.
 
 **The divergence.** ``exact_divergence=True``: tr(df/dx) by autograd, one vector-Jacobian
 product per dimension (the batch is replicated D times and one backward pass gives every
