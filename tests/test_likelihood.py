@@ -315,17 +315,17 @@ def test_multistep_converges_at_third_order_in_64d(kind):
 def test_multistep_weights_integrate_polynomials_exactly():
     """The Gauss-Legendre weights of the Lagrange basis: sum_j w_j p(l_j) equals the exact
     integral of e^{l - shift} p(l) for a quadratic p (3 nodes), and of p for a cubic (4)."""
-    from difflab.likelihood import _lagrange_integrals
+    from difflab.likelihood.solvers import lagrange_integrals
 
     nodes, a, b, shift = [0.3, -0.4, -1.2], 0.3, -0.9, -0.9
-    w = _lagrange_integrals(nodes, a, b, shift=shift)
+    w = lagrange_integrals(nodes, a, b, shift=shift)
     # int e^{l - s} (1 + 2 l + 3 l^2) dl = e^{l - s} (3 l^2 - 4 l + 5) (antiderivative)
     exact = math.exp(b - shift) * (3 * b * b - 4 * b + 5) - math.exp(a - shift) * (
         3 * a * a - 4 * a + 5)
     assert sum(wj * (1 + 2 * lj + 3 * lj * lj) for wj, lj in zip(w, nodes)) == pytest.approx(
         exact, rel=1e-12)
     nodes4 = [0.0, 0.5, 1.5, 2.0]
-    w4 = _lagrange_integrals(nodes4, 0.5, 1.5)
+    w4 = lagrange_integrals(nodes4, 0.5, 1.5)
     assert sum(wj * lj**3 for wj, lj in zip(w4, nodes4)) == pytest.approx(
         (1.5**4 - 0.5**4) / 4, rel=1e-12)
 
