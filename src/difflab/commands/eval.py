@@ -227,8 +227,9 @@ def register(subparsers: Any) -> None:
                      help="--nll: dopri5 (adaptive, --rtol; default), bosh3, or multistep "
                           "(--nll-steps fixed steps: steps + 1 calls, ~3x cheaper at 0.005 "
                           "bits/dim on Fashion-MNIST; no error control)")
-    nll.add_argument("--nll-steps", type=int, default=30,
-                     help="--nll-solver multistep: its steps (default 30)")
+    nll.add_argument("--nll-steps", type=int, default=None,
+                     help="--nll-solver multistep: its steps (default "
+                          "difflab.likelihood.MULTISTEP_STEPS)")
     nll.add_argument("--workers", type=int, default=1,
                      help="--nll on CPU: solve the ODE in this many processes of one thread "
                           "each (default 1)")

@@ -6,8 +6,8 @@ variational bound (:func:`difflab.objectives.variational_bound`: the continuous 
 DDPM chain's own discrete bound with DDPM's decoder).
 
     nll(checkpoint, *, split="test", count=1000, probes=1, rtol=1e-3, batch_size=250, seed=0,
-        ema=True, device="cpu", vlb=True, solver="dopri5", steps=30, dequantize="uniform",
-        on_batch=None) -> dict
+        ema=True, device="cpu", vlb=True, solver="dopri5", steps=None, dequantize="uniform",
+        workers=1, on_batch=None) -> dict
 
 Each figure is the mean over the ``count`` images (a fixed random subset of the split, chosen by
 ``seed``) with its standard error over them (the spread of the per-image estimates: it covers
@@ -37,10 +37,11 @@ __all__ = ["nll", "print_nll"]
 
 
 def _check(count: int, probes: int, rtol: float, batch_size: int, solver: str, steps: int,
-           dequantize: str) -> None:
-    from difflab.likelihood import SOLVERS
+           dequantize: str, workers: int, device: str | torch.device) -> None:
+    from difflab.likelihood import DEQUANTIZE, SOLVERS
 
-    for name, value in (("count", count), ("probes", probes), ("batch_size", batch_size)):
+    for name, value in (("count", count), ("probes", probes), ("batch_size", batch_size),
+                        ("workers", workers)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ParameterError(f"{param(name)} must be an integer >= 1, got {value!r}")
     if not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol > 0):
@@ -50,9 +51,11 @@ def _check(count: int, probes: int, rtol: float, batch_size: int, solver: str, s
                              f"{solver!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise ParameterError(f"{param('nll_steps')} must be an integer >= 2, got {steps!r}")
-    if dequantize not in ("uniform", "decoder"):
-        raise ParameterError(f"{param('dequantize')} must be 'uniform' or 'decoder', got "
-                             f"{dequantize!r}")
+    if dequantize not in DEQUANTIZE[1:]:
+        choices = " or ".join(repr(d) for d in DEQUANTIZE[1:])
+        raise ParameterError(f"{param('dequantize')} must be {choices}, got {dequantize!r}")
+    if workers > 1 and torch.device(device).type != "cpu":
+        raise ParameterError(f"{param('workers')} > 1 runs CPU processes; on {device} use one")
 
 
 _WORKER: dict[str, Any] = {}  # a worker process's denoiser (loaded once by _init_worker)
@@ -86,23 +89,22 @@ def _summary(values: list[torch.Tensor], seconds: float) -> dict[str, float]:
 def nll(checkpoint: str | os.PathLike, *, split: str = "test", count: int = 1000,
         probes: int = 1, rtol: float = 1e-3, batch_size: int = 250, seed: int = 0,
         ema: bool = True, device: str | torch.device = "cpu", vlb: bool = True,
-        solver: str = "dopri5", steps: int = 30, dequantize: str = "uniform",
+        solver: str = "dopri5", steps: int | None = None, dequantize: str = "uniform",
         workers: int = 1, on_batch: Callable[[dict[str, Any]], None] | None = None
         ) -> dict[str, Any]:
     """Bits/dim of the checkpoint's model on ``count`` images of ``split`` (module docstring);
-    ``rtol`` is the adaptive ODE solver's (atol = rtol), ``steps`` the multistep solver's;
+    ``rtol`` is the adaptive ODE solver's (atol = rtol), ``steps`` the multistep solver's
+    (None: :data:`difflab.likelihood.MULTISTEP_STEPS`);
     ``dequantize`` applies to 8-bit data sets; ``workers`` processes solve the ODE (module
     docstring). Returns {"checkpoint", "split", "count",
     "ode": {bits_per_dim, stderr, nfe, seconds, ...}, "vlb": {...} | None, "vlb_chain": ...}."""
+    from difflab.likelihood import MULTISTEP_STEPS
     from difflab.objectives import variational_bound
     from difflab.train.checkpoint import load_denoiser
     from difflab.train.trainer import load_training_data
 
-    _check(count, probes, rtol, batch_size, solver, steps, dequantize)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ParameterError(f"{param('workers')} must be an integer >= 1, got {workers!r}")
-    if workers > 1 and torch.device(device).type != "cpu":
-        raise ParameterError(f"{param('workers')} > 1 runs CPU processes; on {device} use one")
+    steps = MULTISTEP_STEPS if steps is None else steps
+    _check(count, probes, rtol, batch_size, solver, steps, dequantize, workers, device)
     denoiser, config = load_denoiser(checkpoint, ema=ema, device=device)
     data = config.get("data") or {}
     if not data.get("name"):

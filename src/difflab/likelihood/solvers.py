@@ -99,7 +99,7 @@ def embedded_rk(fun: Callable[[float, State], State], t0: float, t1: float, y0: 
                  ) -> tuple[State, Stats]:
     """Integrate dy/dt = fun(t, y) from t0 to t1 (either direction) with an embedded pair of
     :data:`TABLEAUS` (Dormand-Prince 5(4) by default); y is a tuple of tensors with the batch
-    first (module docstring)."""
+    first (:mod:`difflab.likelihood`'s docstring)."""
     tab = TABLEAUS[solver]
     q = 1.0 / (tab.low + 1)
     nfe = 0
@@ -158,7 +158,7 @@ def embedded_rk(fun: Callable[[float, State], State], t0: float, t1: float, y0: 
 
 
 # ------------------------------------------------------------------------------------------
-# the fixed-step exponential multistep solver (module docstring)
+# the fixed-step exponential multistep solver (difflab.likelihood's docstring)
 # ------------------------------------------------------------------------------------------
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(8)
 
@@ -191,8 +191,9 @@ def exponential_multistep(schedule: NoiseSchedule, network: Callable[[Tensor, fl
                            tuple[Tensor, Tensor]], x: Tensor, ls: Sequence[float]
                            ) -> tuple[Tensor, Tensor, int]:
     """x at the last node and int div_x (dx/dl) dl over the nodes ``ls`` (half log-SNR) by the
-    predictor-corrector of the module docstring. ``network(x, t)`` returns x0_hat(x, t) and
-    v^T (dx0_hat/dx) v per probe column, (B, k). Returns (x_end, integral (B, k), NFE)."""
+    predictor-corrector of :mod:`difflab.likelihood`'s docstring. ``network(x, t)`` returns
+    x0_hat(x, t) and v^T (dx0_hat/dx) v per probe column, (B, k). Returns (x_end, integral
+    (B, k), NFE)."""
     with torch.no_grad():
         ts = [float(schedule.t_from_log_snr(torch.tensor(2 * lam, dtype=F64))) for lam in ls]
         alpha, sigma = (c.tolist() for c in schedule.alpha_sigma(torch.tensor(ts, dtype=F64)))
