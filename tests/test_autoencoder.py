@@ -97,3 +97,30 @@ def test_calibration_gives_unit_std_latents():
     assert s_sample != s
     with pytest.raises(ValueError, match="positive"):
         ae.calibrate_scale(torch.full((1, 1, 64, 64), float("nan")))
+
+
+def test_replicate_padding_keeps_a_constant_canvas_constant():
+    """With replicate padding every 3x3 convolution sees a constant image as constant (its
+    border is the background), so an empty canvas (all -1) encodes to a spatially constant
+    latent and decodes to a constant image; zero padding makes its border differ (the bright
+    frame that drew the f = 4 preset's corner pixels above the evaluator's threshold)."""
+    torch.manual_seed(0)
+    x = torch.full((1, 1, 32, 32), -1.0)
+    for mode in ("replicate", "zeros"):
+        ae = AutoencoderKL(in_channels=1, channel_mult=(1, 2, 2), padding_mode=mode,
+                           mid_attention=True, **SMALL)
+        with torch.no_grad():
+            mean = ae.encode(x).mean
+            out = ae.decode(mean)
+        spread_z = (mean - mean[..., :1, :1]).abs().max().item()
+        spread_x = (out - out[..., :1, :1]).abs().max().item()
+        if mode == "replicate":
+            assert spread_z < 1e-5 and spread_x < 1e-5
+        else:
+            assert spread_z > 1e-3 and spread_x > 1e-3
+    assert ae.config["padding_mode"] == "zeros"
+    # configs written before the option rebuild with LDM's zero padding
+    old = {k: v for k, v in ae.config.items() if k != "padding_mode"}
+    assert nets.build(old).config["padding_mode"] == "zeros"
+    with pytest.raises(ValueError, match="padding_mode"):
+        AutoencoderKL(padding_mode="circular")
