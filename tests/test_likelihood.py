@@ -445,3 +445,77 @@ def test_bad_input_names_the_parameter():
         log_likelihood(den, torch.zeros(3))
     with pytest.raises(RuntimeError, match="max_steps"):
         log_likelihood(den, x, max_steps=3, exact_divergence=True)
+
+
+# --- the ODE's density is not bounded by the VLB ------------------------------------------
+class _ScaledScoreNet(torch.nn.Module):
+    """eps_hat(z, t) = sigma (1 - e) z: the score s(z) = -(1 - e) z at every t. For data
+    N(0, 1) on a VP schedule the true score is -z (e = 0); with e != 0 no forward process
+    has these marginals, so the ODE and the diffusion's bound describe different models."""
+
+    def __init__(self, schedule, e: float):
+        super().__init__()
+        self.schedule, self.e = schedule, e
+
+    def forward(self, z: torch.Tensor, net_t: torch.Tensor) -> torch.Tensor:
+        t = self.schedule.t_from_net_time(net_t.to(F64))
+        sigma = self.schedule.alpha_sigma(t)[1].reshape(-1, *([1] * (z.ndim - 1)))
+        return (sigma * (1 - self.e) * z.to(F64)).to(z.dtype)
+
+
+@pytest.mark.parametrize("e", [0.0, 0.2])
+def test_the_ode_density_can_exceed_the_variational_bound(e):
+    """Issue #21 asks that the ODE's bits/dim never exceed the VLB. That holds for the exact
+    model but is no theorem (Lu et al. 2022, "Maximum likelihood training for score-based
+    diffusion ODEs by high-order denoising score matching", Sec. 3: first-order score matching
+    does not bound the ODE's KL). Closed forms for s(z) = -(1 - e) z on data N(0, 1), VP,
+    L = log(alpha_0^2 / alpha_1^2) = int_0^1 beta dt:
+
+      ODE:  dz/dt = f z - g^2 s / 2 = -e beta z / 2, so z_1 = z_0 e^{-e L / 2} and
+            -log p(x) = log(2 pi) / 2 + alpha_0^2 x^2 e^{-e L} / 2 + e L / 2 - log alpha_0
+            (excess over the truth ~ (e L)^2 / 4);
+      VLB:  E(eps - eps_hat)^2 = alpha^2 + e^2 sigma^2, so the diffusion term grows by
+            (1/2) int gamma' e^2 sigma^2 dt = e^2 L / 2 (gamma' sigma^2 = beta).
+
+    Here gamma runs from -6 to 10, L = 10.0: at e = 0.2 the ODE's excess is 0.57 nats, the
+    bound's 0.20, so the ODE's NLL lies 0.37 nats above the VLB, far beyond either's error
+    (for small e the ratio of the two excesses is L / 2). Both figures come from
+    difflab's code (log_likelihood with the exact divergence, variational_bound by Monte
+    Carlo) and match the closed forms."""
+    from difflab.denoiser import Denoiser
+    from difflab.objectives import variational_bound
+    from difflab.objectives.vlb import gamma_and_rate
+
+    schedule = schedules.learned(gamma_0=-6.0, gamma_1=10.0, hidden=16, seed=0)
+    schedule.requires_grad_(False)
+    den = Denoiser(_ScaledScoreNet(schedule, e), schedule, "eps")
+    x = torch.randn(400, 1, generator=torch.Generator().manual_seed(0), dtype=F64)
+    with torch.no_grad():
+        g0, g1 = (float(gamma_and_rate(schedule, torch.tensor(t, dtype=F64))[0])
+                  for t in (0.0, 1.0))
+    a0_sq, a1_sq = 1 / (1 + math.exp(g0)), 1 / (1 + math.exp(g1))
+    L = math.log(a0_sq / a1_sq)
+
+    ode = log_likelihood(den, x, exact_divergence=True, rtol=1e-8, atol=1e-8)
+    assert float(ode.t_min) == 0.0  # sigma(0) > 0: the ODE starts at t = 0
+    closed = (0.5 * math.log(2 * math.pi) + 0.5 * a0_sq * x[:, 0] ** 2 * math.exp(-e * L)
+              + 0.5 * e * L - 0.5 * math.log(a0_sq))
+    assert torch.allclose(-ode.log_likelihood, closed, atol=1e-5)
+
+    vlb = variational_bound(den, x.repeat(50, 1), decoder="gaussian", time_samples=4,
+                            generator=torch.Generator().manual_seed(1)).total
+    se = float(vlb.std() / math.sqrt(len(vlb)))
+    # the closed form of the bound: exact model's (prior + decoder + diffusion) + e^2 L / 2
+    prior = 0.5 * ((1 - a1_sq) + a1_sq - math.log(1 - a1_sq) - 1)
+    recon = 0.5 * (math.log(2 * math.pi) + g0) + 0.5
+    diffusion = 0.5 * math.log((1 + math.exp(-g0)) / (1 + math.exp(-g1))) + 0.5 * e * e * L
+    bound = prior + recon + diffusion
+    assert abs(float(vlb.mean()) - bound) < 4 * se
+    truth = 0.5 * math.log(2 * math.pi) + 0.5  # E -log N(x; 0, 1)
+    assert bound > truth  # the bound bounds the diffusion's own model
+    gap = closed.repeat(50) - vlb  # ODE NLL - VLB, paired on the same x
+    gap_se = float(gap.std() / math.sqrt(len(gap)))
+    if e == 0:
+        assert float(gap.mean()) < 3 * gap_se  # the exact model: ODE NLL = truth <= bound
+    else:
+        assert float(gap.mean()) > 0.1 and float(gap.mean()) > 10 * gap_se
