@@ -1,9 +1,11 @@
-"""Bits/dim on the Fashion-MNIST test set for four models trained with one budget:
+"""Bits/dim on the Fashion-MNIST test set for the models trained with one budget:
 
     (a) cosine   the preset (cosine chain, v-prediction, min-SNR) on the usual loss
     (b) cosine   the same model trained on the continuous VLB (train.objective=vlb)
     (c) learned  VDM's learned schedule on the VLB (schedule.kind=learned, train.objective=vlb)
     (d) hybrid   the learned-variance DDPM (train.objective=hybrid: L_simple + 0.001 L_vlb)
+    (e) learned  (c) with VDM's network input, the normalised gamma(t) instead of t
+                 (schedule time_input="gamma"; run it by name: --model e_learned_vlb_gamma_input)
 
 For each: the probability-flow ODE's bits/dim (difflab.likelihood.log_likelihood, 1 Hutchinson
 probe, uniform dequantisation, its standard error over the images), the VLB's bits/dim
@@ -39,6 +41,9 @@ MODELS = {
     "a_cosine_simple": [],
     "b_cosine_vlb": ["train.objective=vlb"],
     "c_learned_vlb": ["schedule.kind=learned", "train.objective=vlb"],
+    # (c) with VDM's network input: the normalised gamma(t) instead of t (LearnedSchedule)
+    "e_learned_vlb_gamma_input": ['schedule={"type": "learned", "time_input": "gamma"}',
+                                  "train.objective=vlb"],
     "d_hybrid_learned_variance": ["train.objective=hybrid"],
 }
 

@@ -119,6 +119,37 @@ def test_config_and_state_dict_round_trip():
         schedules.learned(hidden=0)
 
 
+def test_time_input_gamma_tells_the_network_the_noise_level():
+    """time_input="gamma" (VDM's ScoreUNet input): net_time = time_scale (gamma(t) - gamma_0') /
+    (gamma_1' - gamma_0') with the initial endpoints fixed, so after the schedule changes a
+    given network input still means the same gamma; t_from_net_time inverts it; it carries
+    no gradient into the schedule; configs without the key read as time_input="t"."""
+    s = schedules.learned(gamma_0=-10.0, gamma_1=6.0, hidden=32, init_std=1.0, seed=2,
+                          time_input="gamma")
+    t = torch.linspace(0, 1, 33, dtype=F64)
+    with torch.no_grad():
+        assert torch.allclose(s.net_time(t), 1000 * (s.gamma(t) + 10) / 16, atol=1e-9)
+        assert float(s.net_time(0.0)) == pytest.approx(0.0, abs=1e-9)
+        assert float(s.net_time(1.0)) == pytest.approx(1000.0)
+        assert torch.allclose(s.t_from_net_time(s.net_time(t)), t, atol=1e-9)
+        before = s.net_time(t)
+        for p in s.parameters():  # "train" it: endpoints and interior move
+            p.add_(0.3 * torch.randn(p.shape, dtype=F64, generator=torch.Generator()
+                                     .manual_seed(p.numel())))
+        after = s.net_time(t)
+        assert (after - before).abs().max() > 10  # the same t now means another level...
+        assert torch.allclose(after, 1000 * (s.gamma(t) + 10) / 16, atol=1e-9)  # ...and says so
+    tt = t.clone().requires_grad_(True)
+    assert not s.net_time(tt).requires_grad
+    cfg = json.loads(json.dumps(s.config()))
+    assert cfg["time_input"] == "gamma" and schedules.from_config(cfg).time_input == "gamma"
+    old = {k: v for k, v in cfg.items() if k != "time_input"}
+    assert schedules.from_config(old).time_input == "t"
+    assert "time_input" not in schedules.learned().config()
+    with pytest.raises(ValueError, match="time_input"):
+        schedules.learned(time_input="sigma")
+
+
 def test_gradients_reach_every_parameter_and_training_keeps_the_invariants():
     s = randomised(1, scale=1.0)
     t = torch.rand(64, dtype=F64, generator=torch.Generator().manual_seed(0))

@@ -38,7 +38,9 @@ from torch import Tensor, nn
 
 from difflab.schedules.base import NoiseSchedule, ScaledTime, _as_tensor, register
 
-__all__ = ["LearnedSchedule", "learned"]
+__all__ = ["LearnedSchedule", "learned", "TIME_INPUTS"]
+
+TIME_INPUTS = ("t", "gamma")  # the network's time input (LearnedSchedule, time_input)
 
 
 @register
@@ -52,7 +54,16 @@ class LearnedSchedule(ScaledTime, NoiseSchedule):
             schedule starts almost linear in gamma); b2 starts at 0.
         seed: seed of the initial weights, so that ``from_config(config())`` rebuilds the
             same untrained schedule; a trained one is restored by ``load_state_dict``.
-        time_scale: the network's time input is ``time_scale * t``.
+        time_scale: the network's time input is ``time_scale * t`` (or ``time_scale *`` the
+            normalised gamma, below).
+        time_input: what the network is told: ``"t"`` (the time itself), or ``"gamma"``:
+            the noise level (gamma(t) - gamma_0') / (gamma_1' - gamma_0') with the *initial*
+            endpoints gamma_0', gamma_1' as fixed constants, as VDM's score network receives
+            it (their ``ScoreUNet``: ``t = (g_t - gamma_min) / (gamma_max - gamma_min)``).
+            With "t", every update of the schedule changes the noise level the network sees
+            at a given input, so a network trained while the schedule moved is fitted to
+            earlier schedules at each t; with "gamma" a given input always means the same
+            noise level.
 
     Parameters (``state_dict``): ``gamma_0``, ``log_gamma_span`` (gamma_1 = gamma_0 +
     exp(log_gamma_span)), ``w2``, ``b2``, ``w3`` (float64). ``config()`` holds the constructor
@@ -64,8 +75,11 @@ class LearnedSchedule(ScaledTime, NoiseSchedule):
     type_name = "learned"
 
     def __init__(self, gamma_0: float = -13.3, gamma_1: float = 5.0, hidden: int = 1024,
-                 init_std: float = 0.01, seed: int = 0, time_scale: float = 1000.0):
+                 init_std: float = 0.01, seed: int = 0, time_scale: float = 1000.0,
+                 time_input: str = "t"):
         super().__init__()
+        if time_input not in TIME_INPUTS:
+            raise ValueError(f"time_input must be one of {TIME_INPUTS}, got {time_input!r}")
         gamma_0, gamma_1, init_std = float(gamma_0), float(gamma_1), float(init_std)
         if not (math.isfinite(gamma_0) and math.isfinite(gamma_1) and gamma_0 < gamma_1):
             raise ValueError(f"need finite gamma_0 < gamma_1, got gamma_0={gamma_0}, "
@@ -79,6 +93,7 @@ class LearnedSchedule(ScaledTime, NoiseSchedule):
         self._init = {"gamma_0": gamma_0, "gamma_1": gamma_1, "hidden": hidden,
                       "init_std": init_std, "seed": int(seed)}
         self.time_scale = float(time_scale)
+        self.time_input = time_input
         f64 = torch.float64
         g = torch.Generator().manual_seed(int(seed))
         self.gamma_0 = nn.Parameter(torch.tensor(gamma_0, dtype=f64))
@@ -215,7 +230,32 @@ class LearnedSchedule(ScaledTime, NoiseSchedule):
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments (the *initial* endpoints); weights: ``state_dict()``."""
-        return {"type": self.type_name, **self._init, "time_scale": self.time_scale}
+        cfg = {"type": self.type_name, **self._init, "time_scale": self.time_scale}
+        if self.time_input != "t":  # configs written before the option read as "t"
+            cfg["time_input"] = self.time_input
+        return cfg
+
+    # -- the network's time input -------------------------------------------------------------
+    def net_time(self, t: Tensor | float) -> Tensor:
+        """``time_scale * t``, or with ``time_input="gamma"`` ``time_scale * (gamma(t) -
+        gamma_0') / (gamma_1' - gamma_0')`` (the initial endpoints; class docstring). A
+        conditioning signal: no gradient flows through it into the schedule, whose endpoints
+        and interior train through alpha, sigma and gamma' alone (objectives.vlb)."""
+        if self.time_input == "t":
+            return super().net_time(t)
+        t64, dtype = _as_tensor(t)
+        g0, g1 = self._init["gamma_0"], self._init["gamma_1"]
+        with torch.no_grad():
+            gamma = self._gamma_and_rate(t64.detach())[0]
+        return (self.time_scale * (gamma - g0) / (g1 - g0)).to(dtype)
+
+    def t_from_net_time(self, net_t: Tensor | float) -> Tensor:
+        if self.time_input == "t":
+            return super().t_from_net_time(net_t)
+        n64, dtype = _as_tensor(net_t)
+        g0, g1 = self._init["gamma_0"], self._init["gamma_1"]
+        gamma = g0 + (g1 - g0) * n64 / self.time_scale
+        return self.t_from_log_snr(-gamma).to(dtype)
 
     def extra_repr(self) -> str:
         gamma_0, gamma_1 = float(self.gamma_0.detach()), float(self.gamma_1.detach())
@@ -224,6 +264,7 @@ class LearnedSchedule(ScaledTime, NoiseSchedule):
 
 
 def learned(gamma_0: float = -13.3, gamma_1: float = 5.0, hidden: int = 1024,
-            init_std: float = 0.01, seed: int = 0, time_scale: float = 1000.0) -> LearnedSchedule:
+            init_std: float = 0.01, seed: int = 0, time_scale: float = 1000.0,
+            time_input: str = "t") -> LearnedSchedule:
     """VDM's learned schedule; see :class:`LearnedSchedule`."""
-    return LearnedSchedule(gamma_0, gamma_1, hidden, init_std, seed, time_scale)
+    return LearnedSchedule(gamma_0, gamma_1, hidden, init_std, seed, time_scale, time_input)
