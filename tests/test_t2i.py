@@ -210,6 +210,20 @@ def test_sample_prompt_grid_and_prompts_file_npy(run, tmp_path, capsys):
     assert "wrote 3 images" in capsys.readouterr().out
 
 
+def test_sample_count_cycles_prompts_and_conflicts_with_per_prompt(run, tmp_path, capsys):
+    """--count N with prompts: sample i takes prompt i mod P (as a diffusers folder's); it was
+    silently ignored before. --count with --per-prompt is a clear error."""
+    out = tmp_path / "c.npy"
+    assert main(["sample", str(run), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+                 "--count", "5", "--steps", "2", "--out", str(out)]) == 0
+    assert np.load(out).shape == (5, 64, 64, 1)
+    assert "wrote 5 images (prompt i mod 2)" in capsys.readouterr().out
+    assert main(["sample", str(run), "--prompt", PROMPTS[0], "--count", "3", "--per-prompt",
+                 "2", "--out", str(tmp_path / "d.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "--count" in err and "--per-prompt" in err and not (tmp_path / "d.npy").exists()
+
+
 def test_eval_reports_adherence_table(run, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a large bag in the top left\na small coat in the center\n")

@@ -92,7 +92,9 @@ def register(subparsers: Any) -> None:
     s.add_argument("--seed", type=int, default=0,
                    help="seed of the noise (one seed gives the same images whatever "
                         "--batch-size, and the same as `difflab eval --save-samples`)")
-    s.add_argument("--count", type=int, default=64, help="number of samples")
+    s.add_argument("--count", type=int, default=None,
+                   help=f"number of samples (default: {DEFAULT_COUNT}; with --prompt / "
+                        "--prompts-file: sample i takes prompt i mod P)")
     s.add_argument("--out", default="samples.png", help="output: grid .png, .npy, or directory")
     s.add_argument("--npy-dtype", choices=NPY_DTYPES, default="uint8",
                    help="array type for a .npy output")
@@ -107,9 +109,15 @@ def register(subparsers: Any) -> None:
     s.set_defaults(func=cmd_sample)
 
 
+DEFAULT_COUNT = 64  # difflab sample's --count
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from difflab.interop import is_diffusers_folder
 
+    args.count_given = args.count is not None  # text-to-image: --count or --per-prompt
+    if args.count is None:
+        args.count = DEFAULT_COUNT
     if is_diffusers_folder(args.checkpoint):
         return cmd_sample_diffusers(args)
     if args.prompt or args.prompts_file or is_text_to_image(args.checkpoint):

@@ -361,10 +361,19 @@ def cmd_sample_t2i(args: argparse.Namespace) -> int:
                              f"{param('prompts_file')} FILE")
     base = read_prompts(args.prompts_file) if args.prompts_file else _check(args.prompt,
                                                                              "prompt")
-    per = args.per_prompt or (1 if args.prompts_file else 4)
-    if per < 1:
-        raise ParameterError(f"{param('per_prompt')} must be >= 1, got {per}")
-    prompts = [p for p in base for _ in range(per)]
+    count = args.count if getattr(args, "count_given", False) else None
+    if count is not None and args.per_prompt:
+        raise ParameterError(f"give {param('count')} (sample i takes prompt i mod P) or "
+                             f"{param('per_prompt')}, not both")
+    if count is not None:
+        if count < 1:
+            raise ParameterError(f"{param('count')} must be >= 1, got {count}")
+        per, prompts = 1, [base[i % len(base)] for i in range(count)]
+    else:
+        per = args.per_prompt or (1 if args.prompts_file else 4)
+        if per < 1:
+            raise ParameterError(f"{param('per_prompt')} must be >= 1, got {per}")
+        prompts = [p for p in base for _ in range(per)]
     from difflab.commands.images import check_output
 
     overwrite = bool(getattr(args, "overwrite", False))
@@ -381,7 +390,8 @@ def cmd_sample_t2i(args: argparse.Namespace) -> int:
     else:
         write_samples(images, out, npy_dtype=getattr(args, "npy_dtype", "uint8"),
                       overwrite=overwrite)
-    print(f"wrote {len(prompts)} images ({len(base)} prompts x {per}) to {out}")
+    how = f"{len(base)} prompts x {per}" if count is None else f"prompt i mod {len(base)}"
+    print(f"wrote {len(prompts)} images ({how}) to {out}")
     return 0
 
 
