@@ -193,7 +193,8 @@ def test_library_errors_name_parameters_and_the_cli_prints_flags(tmp_path, capsy
         (["tune-grid", str(run), "--eval-times-only", "--no-eval-times"],
          "--eval-times-only and --no-eval-times exclude each other"),
         (["train-classifier", "--like", str(tmp_path / "nope")], "--like "),
-        (["demo", "--data", "imagenet"], "unknown demo --data 'imagenet'; valid: auto"),
+        (["demo", "--data", "imagenet", "--out", str(tmp_path / "demo")],  # not the cwd's run
+         "unknown demo --data 'imagenet'; valid: auto"),
     ):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
