@@ -89,15 +89,15 @@ def train(name: str, out: Path, steps: int, device: str = "cpu",
 
 
 def ode_batch(den, x: torch.Tensor, *, rtol: float, seed: int, solver: str = "dopri5",
-              dequantize: str = "uniform", steps: int = 30):
+              dequantize: str = "uniform", steps: int | None = None):
     """The ODE likelihood of one batch: 1 Rademacher probe, ``dequantize`` (uniform or by the
-    decoder), rtol = atol (or the multistep solver's default steps), the dequantisation noise
-    and probe from a CPU generator of ``seed``."""
-    from difflab.likelihood import log_likelihood
+    decoder), rtol = atol (or the multistep solver's ``steps``, default its MULTISTEP_STEPS),
+    the dequantisation noise and probe from a CPU generator of ``seed``."""
+    from difflab.likelihood import MULTISTEP_STEPS, log_likelihood
 
     return log_likelihood(den, x, probes=1, rtol=rtol, atol=rtol, dequantize=dequantize,
                           generator=torch.Generator().manual_seed(seed), solver=solver,
-                          steps=steps)
+                          steps=MULTISTEP_STEPS if steps is None else steps)
 
 
 def ode_figures(den, x: torch.Tensor, *, rtol: float, batch: int = 16, device: str = "cpu",
