@@ -1,5 +1,5 @@
-"""Networks: config round trips, conditioning, zero-init, adaLN-Zero, attention equivariance,
-gradient flow."""
+"""Networks: config round trips, conditioning, zero-init, adaLN-Zero, attention equivariance and
+its forward-mode derivative, gradient flow."""
 
 from __future__ import annotations
 
@@ -182,6 +182,28 @@ def test_self_attention_is_permutation_equivariant():
     w = torch.softmax(q @ k.transpose(-1, -2) / 2.0, -1)
     ref = attn.proj((w @ v).transpose(1, 2).reshape(2, 5, 8))
     assert torch.allclose(attn(x), ref, atol=1e-6)
+
+
+def test_attention_jacobian_vector_product_under_forward_mode_ad():
+    # forward-mode AD (second-order score matching's JVP) takes the explicit softmax path: its
+    # value equals the fused kernel's, its tangent a central difference, with a mask too, and
+    # reverse mode runs through the tangent
+    from torch.autograd import forward_ad as fwAD
+
+    torch.manual_seed(0)
+    attn = Attention(8, 2, context_dim=6).double()
+    x, ctx = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(2, 3, 6, dtype=torch.float64)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    dx = torch.randn_like(x)
+    with fwAD.dual_level():
+        out, jv = fwAD.unpack_dual(attn(fwAD.make_dual(x, dx), ctx, mask))
+    assert torch.allclose(out, attn(x, ctx, mask), atol=1e-12)
+    h = 1e-6
+    fd = (attn(x + h * dx, ctx, mask) - attn(x - h * dx, ctx, mask)) / (2 * h)
+    assert torch.allclose(jv, fd, atol=1e-8)
+    jv.pow(2).sum().backward()
+    assert all(m.weight.grad is not None for m in (attn.q, attn.kv, attn.proj))  # not proj's
+    # bias: a constant offset has no Jacobian
 
 
 def test_spatial_attention_block_identity_at_init_and_equivariant():

@@ -1,5 +1,6 @@
 """The variational bound (difflab.objectives.vlb): closed forms on a Gaussian, the discrete bound's
-limit, the learned schedule trained by the trainer and restored from its checkpoint, bad input."""
+limit, the learned schedule trained by the trainer and restored from its checkpoint, bad input;
+the second-order score matching term's closed form on a Gaussian."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import pytest
 import torch
 
 from difflab import schedules
+from difflab.denoiser import BaseDenoiser, Prediction
 from difflab.objectives import VLBObjective, variational_bound
-from difflab.objectives.vlb import gamma_and_rate, vlb_grid
+from difflab.objectives.vlb import gamma_and_rate, second_order_dsm, vlb_grid
 from difflab.schedules.learned import LearnedSchedule
 from difflab.toy import GaussianMixture
 
@@ -178,3 +180,92 @@ def test_variance_trick_changes_only_the_interior_gradient():
     for n in ("gamma_0", "log_gamma_span"):  # endpoints: the bound's gradient either way
         assert torch.allclose(grads[True][n], grads[False][n], rtol=1e-6, atol=1e-12), n
     assert not torch.allclose(grads[True]["w2"], grads[False]["w2"])
+
+
+class _LinearEps(BaseDenoiser):
+    """eps_hat(z_t) = k z_t: on data N(0, c^2) the exact denoiser is k* = sigma / (alpha^2 c^2
+    + sigma^2), and r = eps - k z_t ~ N(0, 1 - 2 k sigma + k^2 (alpha^2 c^2 + sigma^2))."""
+
+    def __init__(self, schedule, k: float):
+        super().__init__()
+        self.schedule = schedule
+        self.k = torch.nn.Parameter(torch.tensor(k, dtype=F64))
+
+    def predict(self, x, t, cond=None):
+        gamma = gamma_and_rate(self.schedule, t)[0]
+        a, s = (torch.sigmoid(-gamma).sqrt().view(-1, 1), torch.sigmoid(gamma).sqrt().view(-1, 1))
+        return Prediction(x, None, self.k * x, a, s)
+
+
+def test_second_order_dsm_has_its_closed_form_and_vanishes_in_gradient_at_the_exact_model():
+    # 1-D data N(0, c^2), fixed time: with a = 1 - sigma k and r ~ N(0, s_r^2) the term is
+    # gamma' (a - r^2)^2 (F = v (a - r^2), v^2 = 1, D = 1), mean gamma' (a^2 - 2 a s_r^2 + 3 s_r^4);
+    # its gradient in k reaches the Jacobian only (r has none): -2 sigma gamma' (a - s_r^2),
+    # zero at k* exactly (Cov[eps | z] = 1 - sigma k*, Lu et al. 2022)
+    c, n, u = 0.6, 400_000, 0.4
+    schedule = schedules.cosine()
+    g = torch.Generator().manual_seed(5)
+    x = c * torch.randn(n, 1, generator=g, dtype=F64)
+    eps = torch.randn(n, 1, generator=g, dtype=F64)
+    v = torch.randint(0, 2, (n, 1), generator=g).to(F64) * 2 - 1
+    gamma, rate = (float(q) for q in gamma_and_rate(schedule, torch.tensor(u, dtype=F64)))
+    alpha2, sigma = 1 / (1 + math.exp(gamma)), math.sqrt(1 / (1 + math.exp(-gamma)))
+    k_star = sigma / (alpha2 * c * c + sigma * sigma)
+    for k in (0.7 * k_star, k_star):
+        den = _LinearEps(schedule, k)
+        term = second_order_dsm(den, x, torch.full((n,), u, dtype=F64), eps, v)
+        a = 1 - sigma * k
+        s2 = 1 - 2 * k * sigma + k * k * (alpha2 * c * c + sigma * sigma)
+        se = float(term.detach().std()) / math.sqrt(n)
+        assert abs(float(term.mean()) - rate * (a * a - 2 * a * s2 + 3 * s2 * s2)) < 4 * se
+        term.mean().backward()
+        r2 = (eps - k * (math.sqrt(alpha2) * x + sigma * eps)) ** 2
+        se_grad = float((-2 * sigma * rate * (a - r2)).std()) / math.sqrt(n)
+        expected = -2 * sigma * rate * (a - s2)
+        assert abs(float(den.k.grad) - expected) < 4 * se_grad
+        if k == k_star:
+            assert abs(expected) < 1e-12
+        else:
+            assert abs(expected) > 20 * se_grad  # a test that can fail: the wrong k is seen
+
+
+def test_vlb_objective_with_the_second_order_term_trains_a_unet():
+    # the term runs through a U-Net with attention (forward-mode AD: a JVP per example), adds
+    # to the loss, is logged apart from the bound and reaches every network weight
+    from difflab.train.checkpoint import build_net
+
+    torch.manual_seed(0)
+    net = build_net({"type": "unet", "image_size": 8, "in_channels": 1, "out_channels": 1,
+                     "model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
+                     "attention_resolutions": [4], "num_heads": 2})
+    schedule = LearnedSchedule(gamma_0=-8.0, gamma_1=5.0, hidden=16, init_std=0.5).float()
+    x = (torch.randint(0, 256, (4, 1, 8, 8), generator=torch.Generator().manual_seed(1))
+         .float() * 2 / 255 - 1)
+    out = {}
+    for lam in (0.0, 1.0):
+        obj = VLBObjective(schedule, "v", second_order=lam)
+        loss, logs = obj({"net": net, "schedule": schedule}, {"image": x},
+                         torch.Generator().manual_seed(3))
+        out[lam] = (float(loss), logs)
+    assert "dsm2_bpd" in out[1.0][1] and "dsm2_bpd" not in out[0.0][1]
+    # the same times and noise: the bound is unchanged, the loss is bound + lambda term
+    assert out[1.0][1]["vlb_bpd"] == pytest.approx(float(out[0.0][1]["vlb_bpd"]), rel=1e-6)
+    assert out[1.0][0] == pytest.approx(float(out[1.0][1]["vlb_bpd"] + out[1.0][1]["dsm2_bpd"]),
+                                        rel=1e-5)
+    net.zero_grad()
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    with pytest.raises(ValueError, match="second_order"):
+        VLBObjective(schedule, "v", second_order=-1.0)
+    with pytest.raises(ValueError, match="discrete"):
+        VLBObjective(schedules.cosine(), "v", steps=10, second_order=1.0)
+
+
+def test_a_resumed_run_takes_a_train_key_newer_than_its_config():
+    # `difflab train --resume --set train.second_order=1` on a run made before the key existed
+    from difflab.commands.validate import ParameterError, check_overrides
+
+    old = {"kind": "diffusion", "train": {"objective": "vlb", "lr": 2e-3}}
+    check_overrides(old, ["train.second_order=1.0"])
+    with pytest.raises(ParameterError, match="did you mean train.second_order"):
+        check_overrides(old, ["train.second_ordr=1.0"])

@@ -97,8 +97,9 @@ DATA_KEYS = ("name", "resolution", "channels", "num_classes", "split", "n", "pat
 
 
 def config_keys(config: dict[str, Any]) -> set[str]:
-    """Every dotted key a config may set: its own keys, the constructor arguments of its
-    network and schedule types, the data keys."""
+    """Every dotted key a config may set: its own keys, a diffusion config's train keys (also
+    those added since a resumed run was made), the constructor arguments of its network and
+    schedule types, the data keys."""
     from difflab.nets.registry import NET_TYPES, build
     from difflab.schedules.base import SCHEDULE_TYPES
 
@@ -112,6 +113,10 @@ def config_keys(config: dict[str, Any]) -> set[str]:
                     walk(v, prefix + k + ".")
 
     walk(config, "")
+    if config.get("kind", "diffusion") == "diffusion" and isinstance(config.get("train"), dict):
+        from difflab.train.config import TRAIN_DEFAULTS
+
+        keys.update(f"train.{k}" for k in TRAIN_DEFAULTS)  # keys newer than a resumed run
     net = config.get("net")
     if isinstance(net, dict):
         if net.get("type") not in NET_TYPES:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import forward_ad as fwAD
 
 __all__ = [
     "timestep_embedding", "TimeEmbedding", "LabelEmbedding", "label_embedding", "embed_labels",
@@ -167,8 +168,20 @@ class Attention(nn.Module):
         q = self.q(x).view(B, N, H, C // H).transpose(1, 2)
         k, v = self.kv(src).view(B, src.shape[1], 2, H, C // H).permute(2, 0, 3, 1, 4)
         attn_mask = None if mask is None else mask.to(torch.bool)[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        if _dual(q) or _dual(k):  # forward-mode AD: the fused kernels have no JVP formula
+            w = (q @ k.transpose(-2, -1)) * (C // H) ** -0.5
+            if attn_mask is not None:
+                w = w.masked_fill(~attn_mask, float("-inf"))
+            w = (w - w.amax(-1, keepdim=True).detach()).exp()  # softmax's own JVP works in
+            out = (w / w.sum(-1, keepdim=True)) @ v  # place, which reverse mode then rejects
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+def _dual(x: Tensor) -> bool:
+    """Whether x carries a forward-mode tangent (inside ``torch.autograd.forward_ad``)."""
+    return fwAD.unpack_dual(x).tangent is not None
 
 
 class AttentionBlock(nn.Module):

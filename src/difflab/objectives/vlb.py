@@ -80,7 +80,8 @@ from difflab.objectives.core import DiffusionObjective, Objective, Weighting
 from difflab.schedules import NoiseSchedule
 
 __all__ = ["variational_bound", "VLBResult", "VLBObjective", "HybridObjective", "vlb_grid",
-           "start_time", "gamma_and_rate", "decoder_nll", "DECODERS", "SIGMA_START", "BINS"]
+           "start_time", "gamma_and_rate", "decoder_nll", "second_order_dsm", "DECODERS",
+           "SIGMA_START", "BINS"]
 
 F64 = torch.float64
 LN2 = math.log(2.0)
@@ -264,6 +265,49 @@ def _diffusion_term(denoiser: BaseDenoiser, x: Tensor, u: Tensor, eps: Tensor, c
     return N * _gaussian_kl(x, pred.x0, tr, log_var)
 
 
+def second_order_dsm(denoiser: BaseDenoiser, x: Tensor, u: Tensor, eps: Tensor, v: Tensor,
+                     t0: float = 0.0, cond: Any = None) -> Tensor:
+    """Lu et al. 2022's second-order denoising score matching term per example (continuous
+    time, likelihood-weighted like the diffusion term), for training the probability-flow
+    ODE's own likelihood.
+
+    The second-order Tweedie identity (Meng et al. 2021, Eq. 5; Lu et al. 2022, "Maximum
+    Likelihood Training for Score-Based Diffusion ODEs by High-Order Denoising Score
+    Matching", Sec. 4, in score form sigma^2 grad s + I) gives the posterior covariance of the
+    noise from the Jacobian of its mean eps_hat = E[eps | z_t]:
+
+        Cov[eps | z_t] = I - sigma_t d eps_hat / d z_t,
+
+    so with r = sg(eps - eps_hat(z_t)) (the first-order residual, no gradient) the matrix
+    sigma_t J + r r^T - I is zero in expectation for the exact denoiser. With a Rademacher
+    probe v and F = v - sigma_t J v - (r^T v) r (J v by forward-mode AD: one
+    Jacobian-vector product), the term is
+
+        L_2 = 0.5 (1 - t_0) gamma'(t) (||F||^2 + (v^T F)^2) / D,
+
+    Lu et al.'s Frobenius and trace losses (their ``losses_2_frob + losses_2``, which divide by
+    D^2 against a first-order loss divided by D) on the diffusion term's scale, at u's times
+    t = t_0 + (1 - t_0) u and the same eps. First-order matching bounds the KL of the SDE's
+    model only; the ODE's KL also needs the score's Jacobian right (Lu et al., Thm. 4.2).
+    The schedule enters with no gradient: a learned one is trained by the bound alone.
+    """
+    from torch.autograd import forward_ad as fwAD
+
+    t = t0 + (1 - t0) * u.to(F64)
+    with torch.no_grad():
+        gamma_t, rate = gamma_and_rate(denoiser.schedule, t)
+    gamma_t, rate = gamma_t.to(x.device), rate.to(x.device)
+    alpha, sigma = _alpha_sigma(gamma_t)
+    z = _shape(alpha, x) * x + _shape(sigma, x) * eps
+    with fwAD.dual_level():
+        out = _predict(denoiser, fwAD.make_dual(z, v), t, alpha, sigma, cond).eps
+        eps_hat, jv = fwAD.unpack_dual(out)
+    r = (eps - eps_hat).detach()
+    f = v - _shape(sigma, x) * jv - _shape(_sum(r * v), x) * r
+    D = x[0].numel()
+    return (1 - t0) * 0.5 * rate * ((_sum(f ** 2) + _sum(v * f) ** 2) / D).to(F64)
+
+
 def _ddpm_decoder(denoiser: BaseDenoiser, x: Tensor, grid: Tensor, eps_0: Tensor,
                   cond: Any) -> Tensor:
     """-log p(x | z_{t_0}) of DDPM's network decoder (module docstring), nats."""
@@ -401,6 +445,9 @@ class VLBObjective(Objective):
         decoder: as :func:`variational_bound` (default "vdm"; "ddpm" for ``"chain"``).
         variance_trick: train the learned schedule's interior on the variance (VDM); False:
             on the bound itself (where it has no effect in expectation).
+        second_order: weight lambda of :func:`second_order_dsm` added to the loss (Lu et al.
+            2022: it trains the probability-flow ODE's likelihood, which the bound alone does
+            not bound); 0 (default): the bound alone. Continuous time only.
     """
 
     kind = "diffusion"
@@ -408,8 +455,13 @@ class VLBObjective(Objective):
 
     def __init__(self, schedule: NoiseSchedule, prediction: str | param.Parameterization = "eps",
                  *, sigma_data: float = 0.5, steps: int | str | None = None,
-                 decoder: str | None = None, variance_trick: bool = True):
+                 decoder: str | None = None, variance_trick: bool = True,
+                 second_order: float = 0.0):
         _check_schedule(schedule)
+        if second_order < 0 or (second_order and steps is not None):
+            raise ValueError(f"second_order must be >= 0, and 0 for a discrete bound (steps="
+                             f"{steps!r}); got {second_order!r}")
+        self.second_order = float(second_order)
         self.schedule = schedule
         kw = {"sigma_data": sigma_data} if prediction == "edm" else {}
         self.parameterization = param.get(prediction, **kw)
@@ -431,7 +483,9 @@ class VLBObjective(Objective):
         x0 = batch["image"]
         return {"x0": x0, "u": antithetic_times(x0.shape[0], generator),
                 "eps": torch.randn(x0.shape, generator=generator),
-                "eps_0": torch.randn(x0.shape, generator=generator)}
+                "eps_0": torch.randn(x0.shape, generator=generator),
+                **({"probe": torch.randint(0, 2, x0.shape, generator=generator).float() * 2 - 1}
+                   if self.second_order else {})}
 
     def loss(self, modules: Mapping[str, nn.Module], batch: dict[str, Any]
              ) -> tuple[Tensor, dict[str, Any]]:
@@ -455,6 +509,7 @@ class VLBObjective(Objective):
         diff = _diffusion_term(den, x, batch["u"], batch["eps"], None, grid, t0, interior)
         scale["s"] = 2 * diff.detach() / norm
         total = (prior + recon + diff) / norm
+        loss = total.mean()
         logs: dict[str, Any] = {"vlb_bpd": total.detach().mean(),
                                 "diffusion_bpd": diff.detach().mean() / norm,
                                 "prior_bpd": prior.detach().mean() / norm,
@@ -462,11 +517,16 @@ class VLBObjective(Objective):
         if self.learned and hasattr(self.schedule, "gamma_1"):
             logs["gamma_0"] = float(self.schedule.gamma_0.detach())
             logs["gamma_1"] = float(self.schedule.gamma_1.detach())
-        return total.mean().float(), logs
+        if self.second_order:
+            l2 = second_order_dsm(den, x, batch["u"], batch["eps"], batch["probe"], t0) / norm
+            loss = loss + self.second_order * l2.mean()
+            logs["dsm2_bpd"] = l2.detach().mean()
+        return loss.float(), logs
 
     def config(self) -> dict[str, Any]:
         return {"kind": self.kind, "objective": "vlb", "steps": self.steps,
-                "decoder": self.decoder_name, "variance_trick": self.variance_trick}
+                "decoder": self.decoder_name, "variance_trick": self.variance_trick,
+                "second_order": self.second_order}
 
 
 class HybridObjective(DiffusionObjective):

@@ -60,6 +60,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "objective": "simple",      # simple (the denoising loss) | vlb (the variational bound;
                                 # trains a learned schedule) | hybrid (learned variances)
     "vlb_steps": None,          # vlb: None (continuous time), N steps, or "chain"
+    "second_order": 0.0,        # vlb: weight of Lu et al.'s second-order score matching term
     "lambda_vlb": 0.001,        # hybrid: L_simple + lambda_vlb L_vlb
     "weighting": "none",        # none | min_snr | edm
     "min_snr_gamma": 5.0,
@@ -141,7 +142,7 @@ _NUMBERS: dict[str, tuple[type, float | None, bool, float | None]] = {
     "min_snr_gamma": (float, 0, True, None), "p_uncond": (float, 0, False, 1),
     "sample_every": (int, 0, False, None), "sample_steps": (int, 1, False, None),
     "fit_count": (int, 1, False, None), "fit_iters": (int, 1, False, None),
-    "grid_size": (int, 0, False, None),
+    "grid_size": (int, 0, False, None), "second_order": (float, 0, False, None),
 }
 _OPTIONAL = ("max_minutes", "max_cpu_minutes", "threads")  # None: no limit / torch's choice
 

@@ -148,7 +148,8 @@ def _diffusion_objective(config: dict[str, Any]) -> Objective:
                               gamma=float(tc.get("min_snr_gamma", 5.0)),
                               sigma_data=float(config.get("sigma_data", 0.5)))
     if tc.get("objective", "simple") == "vlb":
-        return VLBObjective(schedule, parameterization, steps=tc.get("vlb_steps"))
+        return VLBObjective(schedule, parameterization, steps=tc.get("vlb_steps"),
+                            second_order=float(tc.get("second_order", 0.0)))
     if tc.get("objective", "simple") == "hybrid":
         return HybridObjective(schedule, parameterization, target=tc.get("target"),
                                weighting=weighting, lambda_vlb=float(tc.get("lambda_vlb", 0.001)))
