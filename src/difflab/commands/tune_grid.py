@@ -7,9 +7,12 @@ noise drawn from ``--seed``) and stores the :class:`~difflab.fitting.Fit` beside
 ``--sampler bespoke`` fits a bespoke solver's coefficients (:func:`difflab.fitting.tune_solver`)
 on the grid of its base solver (``--base``, default unipc: the fit already stored, else tuned
 first), stored as the ``bespoke/<steps>/<weights>`` entry. ``--fast`` fits bespoke solvers
-for all ``--steps`` (default 5 10 20) from one reference solve by teacher forcing and ridge
-least squares (:func:`difflab.fitting.fast_fit_solvers`: seconds to a minute on a CPU, where
-the full fit takes many minutes; docs/results/fit_fast.md), stored as the same entries.
+for all ``--steps`` (default 5 10 20) from one reference solve by ridge least squares, each on
+the grid and from the coefficients of the default call's probe plan, row by row on its own
+rollout (:func:`difflab.fitting.fast_fit_solvers`, ``objective="rollout"``; a step count with
+no probe plan by teacher forcing on the uniform grid: about a minute on a CPU, where the full
+fit takes many minutes; docs/results/fit_fast.md), stored as the same entries where they beat
+the probe plan on the calibration draws.
 
 ``difflab sample`` and ``difflab eval`` then run that fit for that sampler, step count and
 weights (EMA or raw) by default (:func:`difflab.commands.model.choose_solver`), and say so;
@@ -209,15 +212,25 @@ def _tune_fast(den: Any, ckpt: Path, noise: Any, steps: Sequence[int], *, ema: b
     from difflab.fitting.fast import describe_fast_fit
     from difflab.fitting.store import remove_fit
     from difflab.samplers import default_plan
+    from difflab.samplers.bespoke import BASES
 
     plans = {n: plan for n in steps if (plan := default_plan(den, n, noise)) is not None}
+    roll = [n for n in steps
+            if n in plans and plans[n].sampler in BASES and plans[n].coeffs is None]
+    rest = [n for n in steps if n not in roll]  # no probe plan there: the uniform grid
+    fits = {}
     try:
-        fits = fast_fit_solvers(den, list(steps), noise, reference_steps=reference_steps,
-                                batch_size=batch_size, plans=plans)
+        if roll:  # on the probe plan's own grid, fitted on its own rollout
+            fits.update(fast_fit_solvers(den, roll, noise, reference_steps=reference_steps,
+                                         batch_size=batch_size, plans=plans,
+                                         objective="rollout"))
+        if rest:
+            fits.update(fast_fit_solvers(den, rest, noise, reference_steps=reference_steps,
+                                         batch_size=batch_size, plans=plans))
     except ValueError as e:  # a grid not nested in the reference grid
         raise ParameterError(f"{param('fast')}: {e}") from None
     done = []
-    for fit in fits.values():
+    for fit in (fits[n] for n in steps):
         e_probe = fit.extra.get("rmse_probe")
         if e_probe is not None and fit.rmse is not None and not fit.rmse < e_probe:
             removed = remove_fit(ckpt, "bespoke", fit.steps, ema)
@@ -261,7 +274,8 @@ def register(subparsers: Any) -> None:
                    help="seed of the calibration noise (keep it apart from sampling seeds)")
     p.add_argument("--reference-steps", type=int, default=None,
                    help="dpm_solver_3 steps of the reference solution (default 100; with "
-                        "--fast dpmpp_3m steps on the uniform grid, default 240)")
+                        "--fast dpmpp_3m steps on the probe's fine grid, plus the plans' "
+                        "points, default 240)")
     p.add_argument("--max-evals", type=int, default=None,
                    help="sampler runs per grid (default: 40 x steps, at least 200)")
     p.add_argument("--batch-size", type=int, default=256, help="samples per network batch")
@@ -285,8 +299,9 @@ def register(subparsers: Any) -> None:
                    help="--sampler bespoke: L-BFGS iterations of the coefficient fit")
     p.add_argument("--fast", action="store_true",
                    help="fit bespoke solvers for all --steps from one reference solve by "
-                        "teacher forcing and ridge least squares (seconds to a minute on a "
-                        "CPU; no grid tuning, no L-BFGS): difflab.fitting.fast_fit_solvers")
+                        "ridge least squares on the default call's probe plans, row by row "
+                        "on their own rollout (about a minute on a CPU; no grid tuning, no "
+                        "L-BFGS): difflab.fitting.fast_fit_solvers")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a fit already stored beside a diffusers folder (default: "
                         "refuse)")

@@ -37,9 +37,23 @@ and where the fit's rollout is not better than the base's, the base coefficients
 (as the full fit does). ``polish`` > 0 then runs that many L-BFGS iterations of the full
 objective (:func:`~difflab.fitting.bespoke.tune_solver`) from the ridge fit.
 
+**The rollout objective** (``objective="rollout"``, what ``difflab tune-grid --fast`` runs)
+removes that mismatch at no extra cost. It fits on the grids of given plans (the default
+call's probe plans), from their own solvers' coefficients, and the rows one after another on
+the solver's *own* rollout: D_0 = x0_hat(x_T); row 1 is fitted, x_1 = c_1 x_T + d_10 D_0 made
+with it; D_1 = x0_hat(x_1); row 2 is fitted on (x_T, D_0, D_1); and so on. Each row then sees
+at calibration exactly the features it will see at sampling time, so what is fitted is what
+runs (a fit of all rows on one base rollout, then rolled out, diverged on the eps / DDPM
+model: its later D_k are made at states the fit moved). One pass: n network calls per draw,
+and the calibration RMSE of the fit is its output's distance to the reference, with no
+further rollout. The reference is solved on the probe's fine grid (:func:`~difflab.samplers.
+probe.fine_grid`, at least ``reference_steps`` steps) merged with the plans' grids, so every
+plan's grid is nested in it whatever its spacing.
+
 Network calls per draw: the reference solve (``reference_steps`` with dpmpp_3m), plus sum(n)
 where the reference solver is not one that evaluates at its states, plus 2 sum(n) with
-``validate``, plus the polish. Measurements: docs/results/fit_fast.md.
+``validate``, plus the polish; with the rollout objective the reference solve plus 2 sum(n)
+(the fitting pass and the plan's rollout). Measurements: docs/results/fit_fast.md.
 """
 
 from __future__ import annotations
@@ -57,7 +71,7 @@ from difflab.denoiser import BaseDenoiser
 from difflab.fitting.fit import Fit
 from difflab.fitting.reference import check_steps
 from difflab.samplers import SolverPlan, get, sample, timesteps
-from difflab.samplers.bespoke import BASES, solver_coefficients
+from difflab.samplers.bespoke import BASES, combine, solver_coefficients
 from difflab.samplers.common import Grid, predict
 
 __all__ = ["fast_fit_solvers", "FineReference", "fine_reference", "nested_indices",
@@ -112,12 +126,14 @@ def nested_indices(fine_ts: Sequence[float], grid: Sequence[float],
 def fine_reference(denoiser: BaseDenoiser, noise: Tensor, reference_steps: int = 240, *,
                    family: str = "uniform", keep: Sequence[int] | None = None,
                    solver: str = "dpmpp_3m", cond: Any = None, batch_size: int | None = None,
-                   t_start: float = 1.0) -> FineReference:
+                   t_start: float = 1.0, grid: Sequence[float] | None = None) -> FineReference:
     """Solve the ODE from ``noise`` with ``solver`` on the ``reference_steps``-step ``family``
-    grid, keeping the states (and, for :data:`REUSING_SOLVERS`, the predictions at them) at
-    the fine indices ``keep`` (default all); the output is always kept."""
-    ts = timesteps(denoiser.schedule, reference_steps, family, t_start=t_start)
-    n = reference_steps
+    grid (or the explicit fine ``grid``), keeping the states (and, for
+    :data:`REUSING_SOLVERS`, the predictions at them) at the fine indices ``keep`` (default
+    all); the output is always kept."""
+    ts = (timesteps(denoiser.schedule, reference_steps, family, t_start=t_start)
+          if grid is None else torch.as_tensor(list(grid), dtype=torch.float64))
+    n = len(ts) - 1
     want = set(range(n + 1) if keep is None else keep) | {0, n}
     xs: dict[int, list[Tensor]] = {i: [] for i in want}
     x0s: dict[int, list[Tensor]] = {i: [] for i in want if i < n}
@@ -164,6 +180,17 @@ def teacher_forced_predictions(denoiser: BaseDenoiser, ref: FineReference, idx: 
     return D
 
 
+def _ridge_row(g: Tensor, r: Tensor, base_row: Sequence[float], ridge: float) -> Tensor:
+    """argmin_c c^T g c - 2 c^T r + ridge s ||c - base_row||^2 with s = mean(diag g) (float64):
+    one row's ridge least squares from its Gram matrix g = F F^T / N and r = F y / N."""
+    b = torch.tensor(list(base_row), dtype=torch.float64)
+    if b.numel() != g.shape[0]:
+        raise ValueError(f"base row {g.shape[0] - 1} has {b.numel()} numbers, needs "
+                         f"{g.shape[0]}")
+    lam = ridge * (float(g.diagonal().mean()) or 1.0)
+    return torch.linalg.solve(g + lam * torch.eye(len(b), dtype=torch.float64), r + lam * b)
+
+
 def ridge_coefficients(x_T: Tensor, D: Sequence[Tensor], targets: Sequence[Tensor],
                        base: Sequence[Sequence[float]], ridge: float = FAST_RIDGE
                        ) -> tuple[list[list[float]], list[float], list[float]]:
@@ -182,16 +209,42 @@ def ridge_coefficients(x_T: Tensor, D: Sequence[Tensor], targets: Sequence[Tenso
     for j in range(1, n + 1):
         g, r = G[:j + 1, :j + 1], R[:j + 1, j - 1]
         b = torch.tensor(base[j - 1], dtype=torch.float64)
-        if b.numel() != j + 1:
-            raise ValueError(f"base row {j} has {b.numel()} numbers, needs {j + 1}")
-        s = float(g.diagonal().mean()) or 1.0
-        lam = ridge * s
-        c = torch.linalg.solve(g + lam * torch.eye(j + 1, dtype=torch.float64), r + lam * b)
-
+        c = _ridge_row(g, r, base[j - 1], ridge)
         rows.append(c.tolist())
         for v, acc in ((c, mse), (b, mse_base)):  # ||y - A v||^2 / N from the Gram matrix
             acc.append(max(float(yy[j - 1] - 2 * v @ r + v @ g @ v), 0.0))
     return rows, mse, mse_base
+
+
+@torch.no_grad()
+def rollout_coefficients(denoiser: BaseDenoiser, ts: Sequence[float], noise: Tensor,
+                         targets: Sequence[Tensor], base: Sequence[Sequence[float]],
+                         ridge: float = FAST_RIDGE, cond: Any = None,
+                         batch_size: int | None = None) -> tuple[list[list[float]], Tensor]:
+    """The rows fitted one after another on the solver's own rollout from ``noise`` (module
+    docstring): row j minimises ||targets[j-1] - c_j x_T - sum_k d_jk D_k||^2 / N + ridge s_j
+    ||row - base[j-1]||^2 with the D_k made at the states the fitted rows 1 .. j-1 reached.
+    One network call per grid point and draw. Returns ``(rows, x_n)``: the rows and the
+    fitted solver's output on the calibration draws."""
+    n = len(ts) - 1
+    if len(targets) != n or len(base) != n:
+        raise ValueError(f"a {n}-step grid needs {n} targets and {n} base rows")
+    x_T = noise * denoiser.schedule.prior_std(float(ts[0]))
+    chunk = batch_size or x_T.shape[0]
+    grids = [Grid(denoiser.schedule, torch.as_tensor(list(ts), dtype=torch.float64),
+                  x_T[a:a + chunk]) for a in range(0, x_T.shape[0], chunk)]
+    x, D, rows = x_T, [], []
+    for j in range(1, n + 1):
+        D.append(torch.cat([
+            predict(denoiser, x[a:a + chunk], g, j - 1,
+                    None if cond is None else cond[a:a + chunk]).x0
+            for a, g in zip(range(0, x.shape[0], chunk), grids)]))
+        F = torch.stack([x_T.reshape(-1)] + [d.reshape(-1) for d in D]).to(torch.float64)
+        y = targets[j - 1].reshape(-1).to(torch.float64)
+        row = _ridge_row(F @ F.T / y.numel(), F @ y / y.numel(), base[j - 1], ridge).tolist()
+        rows.append(row)
+        x = combine(row, x_T, D)
+    return rows, x
 
 
 def _rmse(denoiser: BaseDenoiser, noise: Tensor, ref: Tensor, cond: Any,
@@ -212,6 +265,7 @@ def fast_fit_solvers(denoiser: BaseDenoiser, steps: Sequence[int], noise: Tensor
                      reference: FineReference | None = None, cond: Any = None,
                      batch_size: int | None = None, t_start: float = 1.0,
                      plans: Mapping[int, SolverPlan] | None = None,
+                     objective: str = "teacher_forcing",
                      log: Callable[[str], None] | None = None) -> dict[int, Fit]:
     """Fit a bespoke solver for each step count in ``steps`` on the calibration ``noise`` by
     teacher forcing and ridge least squares from one reference solve (module docstring).
@@ -225,6 +279,12 @@ def fast_fit_solvers(denoiser: BaseDenoiser, steps: Sequence[int], noise: Tensor
     ``plans``: competing plans by step count (e.g. the default call's probe plans); with
     ``validate``, each is rolled out on the calibration draws too and its RMSE kept as
     ``extra["rmse_probe"]``, so a caller can prefer it where the fit is not better.
+    ``objective``: ``"teacher_forcing"`` (above) or ``"rollout"`` (module docstring): each
+    step count's grid and base coefficients are then its plan's (``plans`` must hold every
+    step count, each run by a solver of :data:`~difflab.samplers.bespoke.BASES`), the
+    reference is solved on the probe's fine grid of ``reference_steps`` points merged with the
+    plans' grids, and the rows are fitted on the fitted solver's own rollout; ``family``,
+    ``base`` and ``polish`` do not apply.
     Returns ``{n: Fit}``: sampler "bespoke", the grid, its own times as evaluation times, the
     coefficients, and how they were made (``calibration``, ``reference_steps``, ``spacing`` =
     ``family``, ``iterations`` of the polish, ``extra["method"] = "fast"``, the teacher-forced
@@ -235,6 +295,12 @@ def fast_fit_solvers(denoiser: BaseDenoiser, steps: Sequence[int], noise: Tensor
     if not ridge > 0:
         raise ValueError(f"ridge must be > 0 (it keeps the rows near {base}'s), got {ridge}")
     ks = [check_steps(int(k)) for k in steps]
+    if objective == "rollout":
+        return _rollout_fits(denoiser, ks, noise, plans, reference_steps=reference_steps,
+                             reference_solver=reference_solver, ridge=ridge, cond=cond,
+                             batch_size=batch_size, t_start=t_start, log=log)
+    if objective != "teacher_forcing":
+        raise ValueError(f"objective must be 'teacher_forcing' or 'rollout', got {objective!r}")
     schedule = denoiser.schedule
     t0 = time.perf_counter()
     fine_ts = (timesteps(schedule, reference_steps, family, t_start=t_start).tolist()
@@ -290,13 +356,74 @@ def fast_fit_solvers(denoiser: BaseDenoiser, steps: Sequence[int], noise: Tensor
     return fits
 
 
+def _rollout_fits(denoiser: BaseDenoiser, ks: Sequence[int], noise: Tensor,
+                  plans: Mapping[int, SolverPlan] | None, *, reference_steps: int,
+                  reference_solver: str, ridge: float, cond: Any, batch_size: int | None,
+                  t_start: float, log: Callable[[str], None] | None) -> dict[int, Fit]:
+    """:func:`fast_fit_solvers` with ``objective="rollout"``."""
+    from difflab.samplers.probe import FAMILIES, fine_grid
+
+    missing = [k for k in ks if plans is None or k not in plans]
+    if missing:
+        raise ValueError(f"the rollout objective fits on given plans' grids; none for "
+                         f"{missing} steps")
+    assert plans is not None
+    for k in ks:
+        if plans[k].sampler not in BASES or plans[k].coeffs is not None:
+            raise ValueError(f"the {k}-step plan runs {plans[k].sampler!r}, not a linear "
+                             f"solver of {list(BASES)}: nothing to fit from")
+    schedule = denoiser.schedule
+    t0 = time.perf_counter()
+    fine = set(fine_grid(schedule, max(1, -(-reference_steps // len(FAMILIES))),
+                         t_start=t_start).tolist())
+    for k in ks:
+        fine |= set(plans[k].ts)
+    fine_ts = sorted(fine, reverse=True)
+    index = {k: nested_indices(fine_ts, plans[k].ts) for k in ks}
+    keep = sorted({i for idx in index.values() for i in idx})
+    reference = fine_reference(denoiser, noise, grid=fine_ts, keep=keep,
+                               solver=reference_solver, cond=cond, batch_size=batch_size)
+    t_ref = time.perf_counter() - t0
+    out = reference.x[reference.steps]
+    fits = {}
+    for k in ks:
+        t1 = time.perf_counter()
+        plan = plans[k]
+        opts = {} if plan.final is None else {"final": plan.final}
+        base_rows = solver_coefficients(plan.sampler, schedule, plan.ts, **opts)
+        targets = [reference.x[i] for i in index[k][1:]]
+        rows, x_n = rollout_coefficients(denoiser, plan.ts, noise, targets, base_rows, ridge,
+                                         cond, batch_size)
+        e_fit = math.sqrt(float((x_n - out).to(torch.float64).pow(2).mean()))
+        e_plan = _rmse(denoiser, noise, out, cond, batch_size, fit=plan)
+        fit = Fit("bespoke", list(plan.ts), list(plan.ts), rows, base=plan.sampler,
+                  spacing="probe", calibration=int(noise.shape[0]),
+                  reference_steps=reference.steps, fit_times=False, iterations=0,
+                  rmse=min(e_fit, e_plan), rmse_base=e_plan,
+                  extra={"method": "fast", "objective": "rollout", "ridge": ridge,
+                         "reference_solver": reference.solver, "rmse_probe": e_plan,
+                         **({"plan_final": plan.final} if plan.final else {})})
+        if not e_fit < e_plan:  # the plan's own coefficients where the fit is not better
+            fit = fit.with_(coeffs=base_rows, extra={**fit.extra, "kept_base": True})
+        seconds = time.perf_counter() - t1 + t_ref / len(ks)
+        fits[k] = fit.with_(extra={**fit.extra, "seconds": round(seconds, 3),
+                                   "reference_seconds": round(t_ref, 3)})
+        if log is not None:
+            log(describe_fast_fit(fits[k]))
+    return fits
+
+
 def describe_fast_fit(fit: Fit) -> str:
     """One line on a :func:`fast_fit_solvers` result."""
     ex = fit.extra
     line = (f"bespoke {fit.steps} steps ({fit.nfe} NFE), fast fit on the {fit.spacing} grid "
             f"({fit.calibration} draws, {fit.reference_steps}-step {ex.get('reference_solver')}"
-            f" reference): teacher-forced RMSE {ex.get('tf_rmse', math.nan):.4g} ({fit.base} "
-            f"{ex.get('tf_rmse_base', math.nan):.4g})")
+            " reference)")
+    if "tf_rmse" in ex:
+        line += (f": teacher-forced RMSE {ex['tf_rmse']:.4g} ({fit.base} "
+                 f"{ex.get('tf_rmse_base', math.nan):.4g})")
+    else:
+        line += f", rows fitted on its own rollout from {fit.base}'s"
     if fit.rmse is not None:
         line += f", calibration RMSE {fit.rmse:.4g}"
         if fit.rmse_base is not None:

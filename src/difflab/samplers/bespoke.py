@@ -30,7 +30,7 @@ from difflab.denoiser import BaseDenoiser, Prediction, TimePoint
 from difflab.samplers.common import REGISTRY, Grid, predict, register
 from difflab.samplers.plan import check_coeffs
 
-__all__ = ["sample_bespoke", "solver_coefficients", "run_linear", "BASES"]
+__all__ = ["sample_bespoke", "solver_coefficients", "run_linear", "combine", "BASES"]
 
 BASES = ("unipc", "dpmpp_3m", "dpmpp_2m", "ddim", "euler")  # one call per grid point
 
@@ -78,7 +78,7 @@ def solver_coefficients(sampler: str, schedule: Any, ts: Sequence[float] | Tenso
     return [row[: j + 2].tolist() for j, row in enumerate(rows)]
 
 
-def _combine(row: Sequence[Any], x_T: Tensor, D: Sequence[Tensor]) -> Tensor:
+def combine(row: Sequence[Any], x_T: Tensor, D: Sequence[Tensor]) -> Tensor:
     """c x_T + sum_k d_k D_k (numbers or 0-d tensors: the fit differentiates through it)."""
     x = row[0] * x_T
     for d, D_k in zip(row[1:], D):
@@ -94,7 +94,7 @@ def run_linear(x0_at: Callable[[Tensor, int], Tensor], x: Tensor,
     x_T, D = x, []
     for i, row in enumerate(rows):
         D.append(x0_at(x, i))
-        x = _combine(row, x_T, D)
+        x = combine(row, x_T, D)
         if callback is not None:
             callback({"i": i, "t": times[i], "x": x, "x0": D[-1]})
     return x
