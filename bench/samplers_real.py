@@ -253,7 +253,13 @@ def run_model(args, spec: str) -> dict:
         ref_half = cached_reference(args, spec, den, noise, args.ref_steps // 2)
     ref_err = rmse(ref, ref_half)
     print(spec, "reference self-error", ref_err, flush=True)
-    fits = load_fits(ckpt) if ckpt is not None else {}
+    if spec.startswith("diffusers:"):  # fits stored beside the folder (difflab tune-grid)
+        from difflab.commands.model import fit_store
+
+        store, weights = fit_store(spec.split(":", 1)[1])
+        fits = load_fits(store, weights=weights) if store.is_dir() else {}
+    else:
+        fits = load_fits(ckpt) if ckpt is not None else {}
     fitted = sorted(fits)
     auto = ("default call `difflab.sample(den, noise, steps=n)`: "
             + default_label(den, noise))

@@ -217,7 +217,7 @@ def test_second_order_dsm_has_its_closed_form_and_vanishes_in_gradient_at_the_ex
         a = 1 - sigma * k
         s2 = 1 - 2 * k * sigma + k * k * (alpha2 * c * c + sigma * sigma)
         se = float(term.detach().std()) / math.sqrt(n)
-        assert abs(float(term.mean()) - rate * (a * a - 2 * a * s2 + 3 * s2 * s2)) < 4 * se
+        assert abs(float(term.detach().mean()) - rate * (a * a - 2 * a * s2 + 3 * s2 * s2)) < 4 * se
         term.mean().backward()
         r2 = (eps - k * (math.sqrt(alpha2) * x + sigma * eps)) ** 2
         se_grad = float((-2 * sigma * rate * (a - r2)).std()) / math.sqrt(n)
