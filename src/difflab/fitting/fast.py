@@ -348,11 +348,7 @@ def fast_fit_solvers(denoiser: BaseDenoiser, steps: Sequence[int], noise: Tensor
                             iterations=polished.iterations,
                             extra={**fit.extra, "objective": "teacher_forcing+lbfgs",
                                    "rmse_ridge": polished.rmse_base})
-        seconds = time.perf_counter() - t1 + t_ref / len(ks)
-        fits[k] = fit.with_(extra={**fit.extra, "seconds": round(seconds, 3),
-                                   "reference_seconds": round(t_ref, 3)})
-        if log is not None:
-            log(describe_fast_fit(fits[k]))
+        fits[k] = _timed(fit, t1, t_ref / len(ks), t_ref, log)
     return fits
 
 
@@ -405,12 +401,20 @@ def _rollout_fits(denoiser: BaseDenoiser, ks: Sequence[int], noise: Tensor,
                          **({"plan_final": plan.final} if plan.final else {})})
         if not e_fit < e_plan:  # the plan's own coefficients where the fit is not better
             fit = fit.with_(coeffs=base_rows, extra={**fit.extra, "kept_base": True})
-        seconds = time.perf_counter() - t1 + t_ref / len(ks)
-        fits[k] = fit.with_(extra={**fit.extra, "seconds": round(seconds, 3),
-                                   "reference_seconds": round(t_ref, 3)})
-        if log is not None:
-            log(describe_fast_fit(fits[k]))
+        fits[k] = _timed(fit, t1, t_ref / len(ks), t_ref, log)
     return fits
+
+
+def _timed(fit: Fit, t1: float, ref_share: float, t_ref: float,
+           log: Callable[[str], None] | None) -> Fit:
+    """``fit`` with its seconds (since ``t1``, plus its share of the reference solve) and the
+    reference's, logged."""
+    fit = fit.with_(extra={**fit.extra,
+                           "seconds": round(time.perf_counter() - t1 + ref_share, 3),
+                           "reference_seconds": round(t_ref, 3)})
+    if log is not None:
+        log(describe_fast_fit(fit))
+    return fit
 
 
 def describe_fast_fit(fit: Fit) -> str:
