@@ -51,6 +51,11 @@ quantities is multiplied by 2 L_diffusion of its example, done here by a gradien
 (``LearnedSchedule.gamma_and_rate(t, interior=)``). Times are antithetic (VDM's low-discrepancy
 sampler): t_b = (u_0 + b / B) mod 1, u_0 ~ U(0, 1) once per global batch.
 
+**The ODE's own likelihood** is not bounded by this bound (Lu et al. 2022):
+``VLBObjective(second_order=lambda)`` adds their second-order denoising score matching term
+(:func:`second_order_dsm`), which trains the Jacobian of eps_hat as well
+(``train.second_order``; measured in docs/results/likelihood.md, session 14).
+
 **Learned variances** (Nichol & Dhariwal 2021, Sec. 3.1): :class:`HybridObjective` trains a
 ``Denoiser(..., learned_variance=True)`` on L_simple + lambda L_vlb (lambda = 0.001), L_vlb's
 term at the drawn step in bits per dimension with a stop-gradient on the mean (x0_hat), so the
