@@ -209,14 +209,12 @@ def _tune_fast(den: Any, ckpt: Path, noise: Any, steps: Sequence[int], *, ema: b
     nothing is stored (and a stored bespoke fit for that step count is removed), so
     ``difflab sample`` runs the probe's plan: a fit never makes the default worse."""
     from difflab.fitting import fast_fit_solvers, save_fit
-    from difflab.fitting.fast import describe_fast_fit
+    from difflab.fitting.fast import describe_fast_fit, rollout_fittable
     from difflab.fitting.store import remove_fit
     from difflab.samplers import default_plan
-    from difflab.samplers.bespoke import BASES
 
     plans = {n: plan for n in steps if (plan := default_plan(den, n, noise)) is not None}
-    roll = [n for n in steps
-            if n in plans and plans[n].sampler in BASES and plans[n].coeffs is None]
+    roll = [n for n in steps if n in plans and rollout_fittable(plans[n])]
     rest = [n for n in steps if n not in roll]  # no probe plan there: the uniform grid
     fits = {}
     try:

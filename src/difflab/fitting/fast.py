@@ -75,6 +75,7 @@ from difflab.samplers.bespoke import BASES, combine, solver_coefficients
 from difflab.samplers.common import Grid, predict
 
 __all__ = ["fast_fit_solvers", "FineReference", "fine_reference", "nested_indices",
+           "rollout_coefficients", "rollout_fittable",
            "teacher_forced_predictions", "ridge_coefficients", "describe_fast_fit",
            "REUSING_SOLVERS", "FAST_RIDGE"]
 
@@ -352,6 +353,13 @@ def fast_fit_solvers(denoiser: BaseDenoiser, steps: Sequence[int], noise: Tensor
     return fits
 
 
+def rollout_fittable(plan: SolverPlan) -> bool:
+    """Whether the rollout objective can fit from ``plan``: a linear solver of
+    :data:`~difflab.samplers.bespoke.BASES` (one call per grid point) with its own
+    coefficients."""
+    return plan.sampler in BASES and plan.coeffs is None
+
+
 def _rollout_fits(denoiser: BaseDenoiser, ks: Sequence[int], noise: Tensor,
                   plans: Mapping[int, SolverPlan] | None, *, reference_steps: int,
                   reference_solver: str, ridge: float, cond: Any, batch_size: int | None,
@@ -365,7 +373,7 @@ def _rollout_fits(denoiser: BaseDenoiser, ks: Sequence[int], noise: Tensor,
                          f"{missing} steps")
     assert plans is not None
     for k in ks:
-        if plans[k].sampler not in BASES or plans[k].coeffs is not None:
+        if not rollout_fittable(plans[k]):
             raise ValueError(f"the {k}-step plan runs {plans[k].sampler!r}, not a linear "
                              f"solver of {list(BASES)}: nothing to fit from")
     schedule = denoiser.schedule
