@@ -11,6 +11,7 @@ from difflab import samplers as S
 from difflab import schedules
 from difflab.fitting import Fit, choose_fit, load_fit, save_fit, solver_coefficients
 from difflab.fitting.fast import (
+    EVAL_SHIFTS,
     FineReference,
     fast_fit_solvers,
     fine_reference,
@@ -259,20 +260,46 @@ def test_rollout_fit_of_a_point_mass_is_its_plan():
                for i in range(1, 7)]
     for base in ("unipc", "dpmpp_2m"):
         rows0 = solver_coefficients(base, sch, ts)
-        rows, x_n = rollout_coefficients(den, ts, noise, targets, rows0, ridge=1e-3)
+        rows, taus, x_n = rollout_coefficients(den, ts, noise, targets, rows0, ridge=1e-3)
+        assert taus == ts
         for got, want in zip(rows, rows0):
             assert got == pytest.approx(want, rel=1e-6, abs=1e-8)
         torch.testing.assert_close(x_n, mu.expand_as(x_n))
+
+
+def test_rollout_fit_with_evaluation_times_runs_as_fitted():
+    """The evaluation times chosen with each row are the ones sampling tells the network:
+    the stored fit, run by ``difflab.sample``, reproduces the fitting pass's output exactly;
+    the first time (t = 1) moves only toward the data, where t' <= t_0; and each row's
+    residual is at most that of the grid's own time (the grid time is always a candidate)."""
+    from difflab.fitting import Fit
+    from difflab.fitting.fast import EVAL_SHIFTS, rollout_coefficients
+
+    sch, den = _mixture()
+    noise = torch.randn(16, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ts = timesteps(sch, 6, "uniform").tolist()
+    fine = fine_reference(den, noise, 600, family="uniform", keep=list(range(0, 601, 100)))
+    targets = [fine.x[i] for i in range(100, 601, 100)]  # the accurate state at each t_j
+    rows0 = solver_coefficients("unipc", sch, ts)
+    rows, taus, x_n = rollout_coefficients(den, ts, noise, targets, rows0, shifts=EVAL_SHIFTS)
+    assert len(taus) == len(ts) and taus[-1] == ts[-1] and taus[0] <= ts[0]
+    assert any(abs(a - b) > 1e-12 for a, b in zip(taus, ts))
+    fit = Fit("bespoke", ts, taus, rows, base="unipc")
+    torch.testing.assert_close(S.sample(den, noise, fit=fit), x_n, rtol=0, atol=1e-12)
+    _, _, x_fixed = rollout_coefficients(den, ts, noise, targets, rows0)
+    ref = targets[-1]
+    assert rmse(x_n, ref) < rmse(x_fixed, ref)
 
 
 def test_rollout_fit_beats_the_probe_plan_on_held_out_noise():
     """On the exact 16-D mixture (DDPM linear betas, eps): fitted on 16 calibration draws,
     on 256 other draws the fitted 5- and 10-step solvers are closer to the accurate solution
     than the default call's probe plan they start from, at the same NFE (0.61x and 0.74x);
-    each kept the plan's grid; the network calls are the reference solve plus two per grid
-    point (the fitting pass and the plan's rollout). At 20 steps (not asserted) the fit
-    gains on its calibration draws (0.0026 -> 0.0009) and not on the others (1.02x): 16
-    numbers per draw are few equations for 21 unknowns; images give 784 or more."""
+    each kept the plan's grid and, scored on held-out halves, its grid times (evaluation
+    times chosen with the rows scored worse there); every network call is
+    accounted for. At 20 steps (not asserted) the fit gains on its calibration draws (0.0026
+    -> 0.0009) but not on held-out halves (0.0046), so the plan is kept: 16 numbers per draw
+    are few equations for 21 unknowns; images give 784 or more."""
     sch, den = _mixture()
     steps = [5, 10]
     plans = _plans(den, steps)
@@ -283,11 +310,21 @@ def test_rollout_fit_beats_the_probe_plan_on_held_out_noise():
     fits = fast_fit_solvers(den, steps, cal, plans=plans, objective="rollout",
                             reference_steps=180)
     n_ref = next(iter(fits.values())).reference_steps
-    assert den.net.calls - calls == n_ref + 2 * sum(steps)
+    # the reference; then per step count the plan's rollout; each variant (the grid's own
+    # times: one call per point; evaluation times chosen with the rows: one per candidate, from
+    # t_0 = 1 only the shifts toward the data) fitted on each half and rolled out on the
+    # other; the chosen variant fitted on all draws
+    first = sum(f >= 0 for f in EVAL_SHIFTS)
+    passes = {(0.0,): {n: n for n in steps},
+              EVAL_SHIFTS: {n: first + len(EVAL_SHIFTS) * (n - 1) for n in steps}}
+    want = n_ref + sum(n + sum(2 * (p[n] + n) for p in passes.values())
+                       + passes[tuple(fits[n].extra["eval_shifts"])][n] for n in steps)
+    assert den.net.calls - calls == want
     assert n_ref >= 180
     for k, fit in fits.items():
         assert fit.sampler == "bespoke" and list(fit.ts) == list(plans[k].ts)
         assert fit.extra["objective"] == "rollout" and fit.base == plans[k].sampler
+        assert list(fit.extra["eval_shifts"]) == [0.0] and list(fit.eval_ts) == list(fit.ts)
         assert fit.rmse < fit.rmse_base == fit.extra["rmse_probe"]
         e_fit = rmse(S.sample(den, test, fit=fit), ref)
         e_plan = rmse(S.sample(den, test, fit=plans[k]), ref)

@@ -9,10 +9,12 @@ on the grid of its base solver (``--base``, default unipc: the fit already store
 first), stored as the ``bespoke/<steps>/<weights>`` entry. ``--fast`` fits bespoke solvers
 for all ``--steps`` (default 5 10 20) from one reference solve by ridge least squares, each on
 the grid and from the coefficients of the default call's probe plan, row by row on its own
-rollout (:func:`difflab.fitting.fast_fit_solvers`, ``objective="rollout"``; a step count with
-no probe plan by teacher forcing on the uniform grid: about a minute on a CPU, where the full
-fit takes many minutes; docs/results/fit_fast.md), stored as the same entries where they beat
-the probe plan on the calibration draws.
+rollout, with the time the network is told at each point chosen with its row where that
+scores better on held-out calibration draws (:func:`difflab.fitting.fast_fit_solvers`,
+``objective="rollout"``; a step count with no probe plan by teacher forcing on the uniform
+grid: about a minute on a CPU, where the full fit takes many minutes;
+docs/results/fit_fast.md), stored as the same entries where they beat the probe plan on
+held-out calibration draws.
 
 ``difflab sample`` and ``difflab eval`` then run that fit for that sampler, step count and
 weights (EMA or raw) by default (:func:`difflab.commands.model.choose_solver`), and say so;
@@ -40,6 +42,7 @@ import torch
 from difflab.commands.common import HelpFormatter, ParameterError, param, set_threads
 from difflab.commands.guidance import is_conditional
 from difflab.commands.model import fit_store, load_model
+from difflab.fitting.fast import FAST_CALIBRATION
 
 __all__ = ["tune_checkpoint", "register", "cmd_tune_grid"]
 
@@ -266,8 +269,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--steps", type=int, nargs="+", default=None,
                    help="step counts (one grid each; default 10, with --fast 5 10 20)")
     p.add_argument("--count", type=int, default=None,
-                   help="calibration samples (default 64; with --fast 16: each sample gives "
-                        "an equation per pixel and grid point to the few coefficients)")
+                   help="calibration samples (default 64; with --fast 32: fitted in two "
+                        "halves, each scored on the other, then on all)")
     p.add_argument("--seed", type=int, default=1000,
                    help="seed of the calibration noise (keep it apart from sampling seeds)")
     p.add_argument("--reference-steps", type=int, default=None,
@@ -314,7 +317,7 @@ def cmd_tune_grid(args: argparse.Namespace) -> int:
     steps = args.steps or ([5, 10, 20] if args.fast else [10])
     reference_steps = (args.reference_steps if args.reference_steps is not None
                        else 240 if args.fast else 100)
-    count = args.count if args.count is not None else 16 if args.fast else 64
+    count = args.count if args.count is not None else FAST_CALIBRATION if args.fast else 64
     tune_checkpoint(args.checkpoint, sampler=sampler, steps=steps, count=count,
                     seed=args.seed, reference_steps=reference_steps,
                     max_evals=args.max_evals, batch_size=args.batch_size, ema=not args.no_ema,

@@ -72,17 +72,21 @@ from difflab.fitting.fit import Fit
 from difflab.fitting.reference import check_steps
 from difflab.samplers import SolverPlan, get, sample, timesteps
 from difflab.samplers.bespoke import BASES, combine, solver_coefficients
-from difflab.samplers.common import Grid, predict
+from difflab.samplers.common import EvalTimes, Grid, predict
 
 __all__ = ["fast_fit_solvers", "FineReference", "fine_reference", "nested_indices",
            "rollout_coefficients", "rollout_fittable",
            "teacher_forced_predictions", "ridge_coefficients", "describe_fast_fit",
-           "REUSING_SOLVERS", "FAST_RIDGE"]
+           "REUSING_SOLVERS", "FAST_RIDGE", "EVAL_SHIFTS", "FAST_CALIBRATION"]
 
 # Reference solvers whose callback's x0 is the network's prediction at the very state the
 # callback reported one step before (no corrector): the teacher-forced D_k are read off them.
 REUSING_SOLVERS = ("dpmpp_3m", "dpmpp_2m")
 FAST_RIDGE = 1e-3  # the default ridge weight (relative to each row's Gram diagonal)
+# The rollout objective's evaluation-time candidates, as fractions of the step toward the next
+# grid time (docs/results/fit_fast.md, session 15: wider sets overfit 16 calibration draws).
+EVAL_SHIFTS = (-0.15, 0.0, 0.15)
+FAST_CALIBRATION = 24  # calibration draws of `difflab tune-grid --fast` (two folds of 12)
 
 
 @dataclass
@@ -221,12 +225,18 @@ def ridge_coefficients(x_T: Tensor, D: Sequence[Tensor], targets: Sequence[Tenso
 def rollout_coefficients(denoiser: BaseDenoiser, ts: Sequence[float], noise: Tensor,
                          targets: Sequence[Tensor], base: Sequence[Sequence[float]],
                          ridge: float = FAST_RIDGE, cond: Any = None,
-                         batch_size: int | None = None) -> tuple[list[list[float]], Tensor]:
+                         batch_size: int | None = None, shifts: Sequence[float] = (0.0,),
+                         ) -> tuple[list[list[float]], list[float], Tensor]:
     """The rows fitted one after another on the solver's own rollout from ``noise`` (module
     docstring): row j minimises ||targets[j-1] - c_j x_T - sum_k d_jk D_k||^2 / N + ridge s_j
     ||row - base[j-1]||^2 with the D_k made at the states the fitted rows 1 .. j-1 reached.
-    One network call per grid point and draw. Returns ``(rows, x_n)``: the rows and the
-    fitted solver's output on the calibration draws."""
+
+    ``shifts``: the evaluation time of D_{j-1} is chosen with row j (module docstring): for
+    each f, the network is told t' = t_{j-1} + f (t_j - t_{j-1}) (where alpha, sigma > 0 and
+    t' <= t_0), row j is fitted on that D_{j-1}, and the f whose row leaves the least residual
+    is kept. One network call per grid point, shift and draw. Returns ``(rows, eval_ts,
+    x_n)``: the rows, the evaluation time of each grid time, and the fitted solver's output
+    on the calibration draws."""
     n = len(ts) - 1
     if len(targets) != n or len(base) != n:
         raise ValueError(f"a {n}-step grid needs {n} targets and {n} base rows")
@@ -234,18 +244,39 @@ def rollout_coefficients(denoiser: BaseDenoiser, ts: Sequence[float], noise: Ten
     chunk = batch_size or x_T.shape[0]
     grids = [Grid(denoiser.schedule, torch.as_tensor(list(ts), dtype=torch.float64),
                   x_T[a:a + chunk]) for a in range(0, x_T.shape[0], chunk)]
-    x, D, rows = x_T, [], []
+    told = EvalTimes(denoiser, {})
+
+    def x0_at(x: Tensor, i: int, tau: float) -> Tensor:
+        parts = []
+        for a, g in zip(range(0, x.shape[0], chunk), grids):
+            c = None if cond is None else cond[a:a + chunk]
+            parts.append(predict(denoiser, x[a:a + chunk], g, i, c) if tau == ts[i] else
+                         told.predict_told(x[a:a + chunk], g.points[i], tau, c))
+        return torch.cat([p.x0 for p in parts])
+
+    g0 = grids[0]
+    x, D, rows, eval_ts = x_T, [], [], []
     for j in range(1, n + 1):
-        D.append(torch.cat([
-            predict(denoiser, x[a:a + chunk], g, j - 1,
-                    None if cond is None else cond[a:a + chunk]).x0
-            for a, g in zip(range(0, x.shape[0], chunk), grids)]))
-        F = torch.stack([x_T.reshape(-1)] + [d.reshape(-1) for d in D]).to(torch.float64)
+        movable = bool(g0.alpha[j - 1] > 0) and bool(g0.sigma[j - 1] > 0)
+        taus = {float(ts[j - 1]) + f * (float(ts[j]) - float(ts[j - 1]))
+                for f in (shifts if movable else ())} | {float(ts[j - 1])}
         y = targets[j - 1].reshape(-1).to(torch.float64)
-        row = _ridge_row(F @ F.T / y.numel(), F @ y / y.numel(), base[j - 1], ridge).tolist()
-        rows.append(row)
-        x = combine(row, x_T, D)
-    return rows, x
+        best: tuple[float, float, Tensor, Tensor] | None = None
+        for tau in sorted(t for t in taus if t <= float(ts[0])):
+            D_j = x0_at(x, j - 1, tau)
+            F = torch.stack([x_T.reshape(-1)] + [d.reshape(-1) for d in D + [D_j]]).to(
+                torch.float64)
+            row = _ridge_row(F @ F.T / y.numel(), F @ y / y.numel(), base[j - 1], ridge)
+            residual = float((y - row @ F).pow(2).mean())
+            if best is None or residual < best[0]:
+                best = (residual, tau, D_j, row)
+        assert best is not None
+        _, tau, D_j, row = best
+        D.append(D_j)
+        eval_ts.append(tau)
+        rows.append(row.tolist())
+        x = combine(rows[-1], x_T, D)
+    return rows, eval_ts + [float(ts[n])], x
 
 
 def _rmse(denoiser: BaseDenoiser, noise: Tensor, ref: Tensor, cond: Any,
@@ -267,6 +298,7 @@ def fast_fit_solvers(denoiser: BaseDenoiser, steps: Sequence[int], noise: Tensor
                      batch_size: int | None = None, t_start: float = 1.0,
                      plans: Mapping[int, SolverPlan] | None = None,
                      objective: str = "teacher_forcing",
+                     eval_shifts: Sequence[float] = EVAL_SHIFTS,
                      log: Callable[[str], None] | None = None) -> dict[int, Fit]:
     """Fit a bespoke solver for each step count in ``steps`` on the calibration ``noise`` by
     teacher forcing and ridge least squares from one reference solve (module docstring).
@@ -299,7 +331,8 @@ def fast_fit_solvers(denoiser: BaseDenoiser, steps: Sequence[int], noise: Tensor
     if objective == "rollout":
         return _rollout_fits(denoiser, ks, noise, plans, reference_steps=reference_steps,
                              reference_solver=reference_solver, ridge=ridge, cond=cond,
-                             batch_size=batch_size, t_start=t_start, log=log)
+                             batch_size=batch_size, t_start=t_start,
+                             eval_shifts=eval_shifts, log=log)
     if objective != "teacher_forcing":
         raise ValueError(f"objective must be 'teacher_forcing' or 'rollout', got {objective!r}")
     schedule = denoiser.schedule
@@ -363,7 +396,8 @@ def rollout_fittable(plan: SolverPlan) -> bool:
 def _rollout_fits(denoiser: BaseDenoiser, ks: Sequence[int], noise: Tensor,
                   plans: Mapping[int, SolverPlan] | None, *, reference_steps: int,
                   reference_solver: str, ridge: float, cond: Any, batch_size: int | None,
-                  t_start: float, log: Callable[[str], None] | None) -> dict[int, Fit]:
+                  t_start: float, eval_shifts: Sequence[float],
+                  log: Callable[[str], None] | None) -> dict[int, Fit]:
     """:func:`fast_fit_solvers` with ``objective="rollout"``."""
     from difflab.samplers.probe import FAMILIES, fine_grid
 
@@ -396,21 +430,69 @@ def _rollout_fits(denoiser: BaseDenoiser, ks: Sequence[int], noise: Tensor,
         opts = {} if plan.final is None else {"final": plan.final}
         base_rows = solver_coefficients(plan.sampler, schedule, plan.ts, **opts)
         targets = [reference.x[i] for i in index[k][1:]]
-        rows, x_n = rollout_coefficients(denoiser, plan.ts, noise, targets, base_rows, ridge,
-                                         cond, batch_size)
+        plan_mse = _sampled_mse(denoiser, noise, out, cond, batch_size, plan)
+        e_plan = math.sqrt(float(plan_mse.mean()))
+        # each variant (the grid's own times; evaluation times chosen with the rows) scored on
+        # draws it was not fitted on: two folds, each fitted on one half, rolled out on the other
+        held = {shifts: _two_fold_mse(denoiser, plan, noise, targets, out, base_rows, ridge,
+                                      cond, batch_size, shifts)
+                for shifts in dict.fromkeys([(0.0,), tuple(eval_shifts)])}
+        held_out = {v: math.sqrt(float(m.mean())) for v, m in held.items()}
+        shifts = min(held_out, key=held_out.__getitem__)
+        rows, taus, x_n = rollout_coefficients(denoiser, plan.ts, noise, targets, base_rows,
+                                               ridge, cond, batch_size, shifts)
         e_fit = math.sqrt(float((x_n - out).to(torch.float64).pow(2).mean()))
-        e_plan = _rmse(denoiser, noise, out, cond, batch_size, fit=plan)
-        fit = Fit("bespoke", list(plan.ts), list(plan.ts), rows, base=plan.sampler,
+        fit = Fit("bespoke", list(plan.ts), taus, rows, base=plan.sampler,
                   spacing="probe", calibration=int(noise.shape[0]),
-                  reference_steps=reference.steps, fit_times=False, iterations=0,
-                  rmse=min(e_fit, e_plan), rmse_base=e_plan,
+                  reference_steps=reference.steps, fit_times=taus != list(plan.ts),
+                  iterations=0, rmse=e_fit, rmse_base=e_plan,
                   extra={"method": "fast", "objective": "rollout", "ridge": ridge,
                          "reference_solver": reference.solver, "rmse_probe": e_plan,
+                         "eval_shifts": list(shifts),
+                         "rmse_held_out": {",".join(map(str, v)): e for v, e in held_out.items()},
                          **({"plan_final": plan.final} if plan.final else {})})
-        if not e_fit < e_plan:  # the plan's own coefficients where the fit is not better
-            fit = fit.with_(coeffs=base_rows, extra={**fit.extra, "kept_base": True})
+        if not held_out[shifts] < e_plan:  # the plan itself where no fit beats it held out
+            fit = fit.with_(coeffs=base_rows, eval_ts=list(plan.ts), fit_times=False,
+                            rmse=e_plan, extra={**fit.extra, "kept_base": True})
         fits[k] = _timed(fit, t1, t_ref / len(ks), t_ref, log)
     return fits
+
+
+def _draw_mse(x: Tensor, ref: Tensor) -> Tensor:
+    """The mean squared error of each draw (the first dimension)."""
+    return (x - ref).to(torch.float64).pow(2).flatten(1).mean(1)
+
+
+def _sampled_mse(denoiser: BaseDenoiser, noise: Tensor, ref: Tensor, cond: Any,
+                 batch_size: int | None, fit: SolverPlan) -> Tensor:
+    """:func:`_draw_mse` of ``fit`` run from ``noise``."""
+    chunk = batch_size or noise.shape[0]
+    return torch.cat([_draw_mse(sample(denoiser, noise[i:i + chunk], fit=fit,
+                                       cond=None if cond is None else cond[i:i + chunk]),
+                                ref[i:i + chunk]) for i in range(0, noise.shape[0], chunk)])
+
+
+def _two_fold_mse(denoiser: BaseDenoiser, plan: SolverPlan, noise: Tensor,
+                  targets: Sequence[Tensor], out: Tensor, base_rows: Sequence[Sequence[float]],
+                  ridge: float, cond: Any, batch_size: int | None,
+                  shifts: Sequence[float]) -> Tensor:
+    """Each draw's squared error under :func:`rollout_coefficients`' fit made without it:
+    fitted on the even draws and rolled out on the odd ones, and the other way round. With
+    fewer than 4 draws, the in-sample errors."""
+    n = noise.shape[0]
+    if n < 4:
+        x_n = rollout_coefficients(denoiser, plan.ts, noise, targets, base_rows, ridge, cond,
+                                   batch_size, shifts)[2]
+        return _draw_mse(x_n, out)
+    mse = torch.empty(n, dtype=torch.float64)
+    for fit_on, score_on in ((slice(0, n, 2), slice(1, n, 2)), (slice(1, n, 2), slice(0, n, 2))):
+        c_fit, c_score = (None if cond is None else cond[s] for s in (fit_on, score_on))
+        rows, taus, _ = rollout_coefficients(denoiser, plan.ts, noise[fit_on],
+                                             [t[fit_on] for t in targets], base_rows, ridge,
+                                             c_fit, batch_size, shifts)
+        mse[score_on] = _sampled_mse(denoiser, noise[score_on], out[score_on], c_score,
+                                     batch_size, Fit("bespoke", list(plan.ts), taus, rows))
+    return mse
 
 
 def _timed(fit: Fit, t1: float, ref_share: float, t_ref: float,

@@ -1,0 +1,65 @@
+"""Test error of the default call and of the fit stored beside a model (issue #17, item 5).
+
+    python bench/fit_test_error.py MODEL [--ref-cache DIR] [--n 32] [--seed 1]
+
+MODEL as in bench/samplers_real.py (a run, or ``diffusers:FOLDER``). The reference is
+samplers_real's 500-step solve of the same noise (read from ``--ref-cache`` where that run
+left it, else solved here). Prints, for 5 / 10 / 20 calls, the pixel RMSE of the default call
+``difflab.sample(den, noise, steps=n)`` (the probe's plan) and of the stored fit, and the
+three worst draws of each (a few draws near a boundary between modes carry much of an RMSE
+over 32 draws: docs/results/byom_defaults.md, session 13).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import samplers_real as B  # noqa: E402
+
+import difflab.samplers as S  # noqa: E402
+from difflab.fitting import load_fits  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--ref-steps", type=int, default=500)
+    ap.add_argument("--ref-cache", default="")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    den, _, shape, ckpt = B.load_model(args.model)
+    den.eval()
+    noise = torch.randn(args.n, *shape, generator=torch.Generator().manual_seed(args.seed))
+    with torch.no_grad():
+        ref = B.cached_reference(args, args.model, den, noise, args.ref_steps)
+    if args.model.startswith("diffusers:"):
+        from difflab.commands.model import fit_store
+
+        store, weights = fit_store(args.model.split(":", 1)[1])
+        fits = load_fits(store, weights=weights) if store.is_dir() else {}
+    else:
+        fits = load_fits(ckpt)
+    for n in B.NFES:
+        line = [f"{n} calls"]
+        for label, fit in (("default call", None), ("stored fit", fits.get(n))):
+            with torch.no_grad():
+                x = S.sample(den, noise, steps=n, fit=fit)
+            draw = (x - ref).double().pow(2).flatten(1).mean(1).sqrt()
+            worst = draw.topk(3)
+            line.append(f"{label} {math.sqrt(float(draw.pow(2).mean())):.4g} (worst draws "
+                        f"{worst.indices.tolist()}: "
+                        f"{', '.join(f'{v:.3g}' for v in worst.values.tolist())})")
+        print("; ".join(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()
