@@ -50,10 +50,19 @@ further rollout. The reference is solved on the probe's fine grid (:func:`~diffl
 probe.fine_grid`, at least ``reference_steps`` steps) merged with the plans' grids, so every
 plan's grid is nested in it whatever its spacing.
 
+**Evaluation times, chosen with the rows, and a held-out choice** (session 15). With
+``eval_shifts``, row j is fitted for each candidate time the network is told at t_{j-1},
+t' = t_{j-1} + f (t_j - t_{j-1}) (f in :data:`EVAL_SHIFTS`; the decoupled times of LD3, Tong
+et al. 2024), and the time whose row leaves the least residual is kept with it. That is more
+freedom than 16-24 draws pin down, so each variant (grid times only; chosen times) is scored
+on draws it was not fitted on (fitted on one half, rolled out on the other, both ways), the
+better kept and fitted again on all draws, and the plan kept where neither beats it there.
+
 Network calls per draw: the reference solve (``reference_steps`` with dpmpp_3m), plus sum(n)
 where the reference solver is not one that evaluates at its states, plus 2 sum(n) with
-``validate``, plus the polish; with the rollout objective the reference solve plus 2 sum(n)
-(the fitting pass and the plan's rollout). Measurements: docs/results/fit_fast.md.
+``validate``, plus the polish; with the rollout objective the reference solve, the plan's
+rollout, and for each variant its fitting passes and held-out rollouts (about 6 sum(n)).
+Measurements: docs/results/fit_fast.md.
 """
 
 from __future__ import annotations
