@@ -527,6 +527,8 @@ def describe_fast_fit(fit: Fit) -> str:
                  f"{ex.get('tf_rmse_base', math.nan):.4g})")
     else:
         line += f", rows fitted on its own rollout from {fit.base}'s"
+        if fit.fit_times:
+            line += ", with the times the network is told"
     if fit.rmse is not None:
         line += f", calibration RMSE {fit.rmse:.4g}"
         if fit.rmse_base is not None:
