@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import samplers_real as B  # noqa: E402
 
 import difflab.samplers as S  # noqa: E402
-from difflab.fitting import load_fits  # noqa: E402
 
 
 def main() -> None:
@@ -41,13 +40,7 @@ def main() -> None:
     noise = torch.randn(args.n, *shape, generator=torch.Generator().manual_seed(args.seed))
     with torch.no_grad():
         ref = B.cached_reference(args, args.model, den, noise, args.ref_steps)
-    if args.model.startswith("diffusers:"):
-        from difflab.commands.model import fit_store
-
-        store, weights = fit_store(args.model.split(":", 1)[1])
-        fits = load_fits(store, weights=weights) if store.is_dir() else {}
-    else:
-        fits = load_fits(ckpt)
+    fits = B.stored_fits(args.model, ckpt)
     for n in B.NFES:
         line = [f"{n} calls"]
         for label, fit in (("default call", None), ("stored fit", fits.get(n))):

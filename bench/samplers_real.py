@@ -244,6 +244,18 @@ def default_label(den, noise: torch.Tensor) -> str:
     return "; ".join(parts)
 
 
+def stored_fits(spec: str, ckpt) -> dict:
+    """The fits stored for a model argument: with the checkpoint, or beside a diffusers folder
+    (``FOLDER.difflab/``, where ``difflab tune-grid`` puts them and ``difflab sample`` reads
+    them)."""
+    if spec.startswith("diffusers:"):
+        from difflab.commands.model import fit_store
+
+        store, weights = fit_store(spec.split(":", 1)[1])
+        return load_fits(store, weights=weights) if store.is_dir() else {}
+    return load_fits(ckpt) if ckpt is not None else {}
+
+
 def run_model(args, spec: str) -> dict:
     den, desc, shape, ckpt = load_model(spec)
     den.eval()
@@ -253,13 +265,7 @@ def run_model(args, spec: str) -> dict:
         ref_half = cached_reference(args, spec, den, noise, args.ref_steps // 2)
     ref_err = rmse(ref, ref_half)
     print(spec, "reference self-error", ref_err, flush=True)
-    if spec.startswith("diffusers:"):  # fits stored beside the folder (difflab tune-grid)
-        from difflab.commands.model import fit_store
-
-        store, weights = fit_store(spec.split(":", 1)[1])
-        fits = load_fits(store, weights=weights) if store.is_dir() else {}
-    else:
-        fits = load_fits(ckpt) if ckpt is not None else {}
+    fits = stored_fits(spec, ckpt)
     fitted = sorted(fits)
     auto = ("default call `difflab.sample(den, noise, steps=n)`: "
             + default_label(den, noise))

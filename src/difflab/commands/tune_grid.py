@@ -269,8 +269,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--steps", type=int, nargs="+", default=None,
                    help="step counts (one grid each; default 10, with --fast 5 10 20)")
     p.add_argument("--count", type=int, default=None,
-                   help="calibration samples (default 64; with --fast 32: fitted in two "
-                        "halves, each scored on the other, then on all)")
+                   help=f"calibration samples (default 64; with --fast {FAST_CALIBRATION}: "
+                        "fitted in two halves, each scored on the other, then on all)")
     p.add_argument("--seed", type=int, default=1000,
                    help="seed of the calibration noise (keep it apart from sampling seeds)")
     p.add_argument("--reference-steps", type=int, default=None,

@@ -288,15 +288,23 @@ def rollout_coefficients(denoiser: BaseDenoiser, ts: Sequence[float], noise: Ten
     return rows, eval_ts + [float(ts[n])], x
 
 
+def _draw_mse(x: Tensor, ref: Tensor) -> Tensor:
+    """The mean squared error of each draw (the first dimension)."""
+    return (x - ref).to(torch.float64).pow(2).flatten(1).mean(1)
+
+
+def _sampled_mse(denoiser: BaseDenoiser, noise: Tensor, ref: Tensor, cond: Any,
+                 batch_size: int | None, **kw: Any) -> Tensor:
+    """:func:`_draw_mse` of ``sample(denoiser, noise, **kw)`` against ``ref``, in batches."""
+    chunk = batch_size or noise.shape[0]
+    return torch.cat([_draw_mse(sample(denoiser, noise[i:i + chunk],
+                                       cond=None if cond is None else cond[i:i + chunk], **kw),
+                                ref[i:i + chunk]) for i in range(0, noise.shape[0], chunk)])
+
+
 def _rmse(denoiser: BaseDenoiser, noise: Tensor, ref: Tensor, cond: Any,
           batch_size: int | None, **kw: Any) -> float:
-    chunk = batch_size or noise.shape[0]
-    total = 0.0
-    for i in range(0, noise.shape[0], chunk):
-        x = sample(denoiser, noise[i:i + chunk], cond=None if cond is None else cond[i:i + chunk],
-                   **kw)
-        total += float((x - ref[i:i + chunk]).to(torch.float64).pow(2).sum())
-    return math.sqrt(total / ref.numel())
+    return math.sqrt(float(_sampled_mse(denoiser, noise, ref, cond, batch_size, **kw).mean()))
 
 
 def fast_fit_solvers(denoiser: BaseDenoiser, steps: Sequence[int], noise: Tensor, *,
@@ -439,7 +447,7 @@ def _rollout_fits(denoiser: BaseDenoiser, ks: Sequence[int], noise: Tensor,
         opts = {} if plan.final is None else {"final": plan.final}
         base_rows = solver_coefficients(plan.sampler, schedule, plan.ts, **opts)
         targets = [reference.x[i] for i in index[k][1:]]
-        plan_mse = _sampled_mse(denoiser, noise, out, cond, batch_size, plan)
+        plan_mse = _sampled_mse(denoiser, noise, out, cond, batch_size, fit=plan)
         e_plan = math.sqrt(float(plan_mse.mean()))
         # each variant (the grid's own times; evaluation times chosen with the rows) scored on
         # draws it was not fitted on: two folds, each fitted on one half, rolled out on the other
@@ -448,37 +456,24 @@ def _rollout_fits(denoiser: BaseDenoiser, ks: Sequence[int], noise: Tensor,
                 for shifts in dict.fromkeys([(0.0,), tuple(eval_shifts)])}
         held_out = {v: math.sqrt(float(m.mean())) for v, m in held.items()}
         shifts = min(held_out, key=held_out.__getitem__)
-        rows, taus, x_n = rollout_coefficients(denoiser, plan.ts, noise, targets, base_rows,
-                                               ridge, cond, batch_size, shifts)
-        e_fit = math.sqrt(float((x_n - out).to(torch.float64).pow(2).mean()))
-        fit = Fit("bespoke", list(plan.ts), taus, rows, base=plan.sampler,
-                  spacing="probe", calibration=int(noise.shape[0]),
-                  reference_steps=reference.steps, fit_times=taus != list(plan.ts),
-                  iterations=0, rmse=e_fit, rmse_base=e_plan,
-                  extra={"method": "fast", "objective": "rollout", "ridge": ridge,
-                         "reference_solver": reference.solver, "rmse_probe": e_plan,
-                         "eval_shifts": list(shifts),
-                         "rmse_held_out": {",".join(map(str, v)): e for v, e in held_out.items()},
-                         **({"plan_final": plan.final} if plan.final else {})})
-        if not held_out[shifts] < e_plan:  # the plan itself where no fit beats it held out
-            fit = fit.with_(coeffs=base_rows, eval_ts=list(plan.ts), fit_times=False,
-                            rmse=e_plan, extra={**fit.extra, "kept_base": True})
+        extra = {"method": "fast", "objective": "rollout", "ridge": ridge,
+                 "reference_solver": reference.solver, "rmse_probe": e_plan,
+                 "eval_shifts": list(shifts),
+                 "rmse_held_out": {",".join(map(str, v)): e for v, e in held_out.items()},
+                 **({"plan_final": plan.final} if plan.final else {})}
+        if held_out[shifts] < e_plan:  # the better variant, fitted again on all draws
+            rows, taus, x_n = rollout_coefficients(denoiser, plan.ts, noise, targets,
+                                                   base_rows, ridge, cond, batch_size, shifts)
+            e_fit = math.sqrt(float(_draw_mse(x_n, out).mean()))
+        else:  # the plan itself where no fit beats it held out
+            rows, taus, e_fit = base_rows, list(plan.ts), e_plan
+            extra["kept_base"] = True
+        fit = Fit("bespoke", list(plan.ts), taus, rows, base=plan.sampler, spacing="probe",
+                  calibration=int(noise.shape[0]), reference_steps=reference.steps,
+                  fit_times=taus != list(plan.ts), iterations=0, rmse=e_fit,
+                  rmse_base=e_plan, extra=extra)
         fits[k] = _timed(fit, t1, t_ref / len(ks), t_ref, log)
     return fits
-
-
-def _draw_mse(x: Tensor, ref: Tensor) -> Tensor:
-    """The mean squared error of each draw (the first dimension)."""
-    return (x - ref).to(torch.float64).pow(2).flatten(1).mean(1)
-
-
-def _sampled_mse(denoiser: BaseDenoiser, noise: Tensor, ref: Tensor, cond: Any,
-                 batch_size: int | None, fit: SolverPlan) -> Tensor:
-    """:func:`_draw_mse` of ``fit`` run from ``noise``."""
-    chunk = batch_size or noise.shape[0]
-    return torch.cat([_draw_mse(sample(denoiser, noise[i:i + chunk], fit=fit,
-                                       cond=None if cond is None else cond[i:i + chunk]),
-                                ref[i:i + chunk]) for i in range(0, noise.shape[0], chunk)])
 
 
 def _two_fold_mse(denoiser: BaseDenoiser, plan: SolverPlan, noise: Tensor,
@@ -500,7 +495,7 @@ def _two_fold_mse(denoiser: BaseDenoiser, plan: SolverPlan, noise: Tensor,
                                              [t[fit_on] for t in targets], base_rows, ridge,
                                              c_fit, batch_size, shifts)
         mse[score_on] = _sampled_mse(denoiser, noise[score_on], out[score_on], c_score,
-                                     batch_size, Fit("bespoke", list(plan.ts), taus, rows))
+                                     batch_size, fit=Fit("bespoke", list(plan.ts), taus, rows))
     return mse
 
 
