@@ -3,7 +3,7 @@
     python bench/fit_test_error.py MODEL [--ref-cache DIR] [--n 32] [--seed 1]
 
 MODEL as in bench/samplers_real.py (a run, or ``diffusers:FOLDER``). The reference is
-samplers_real's 500-step solve of the same noise (read from ``--ref-cache`` where that run
+samplers_real's --ref-steps solve of the same noise (read from ``--ref-cache`` where that run
 left it, else solved here). Prints, for 5 / 10 / 20 calls, the pixel RMSE of the default call
 ``difflab.sample(den, noise, steps=n)`` (the probe's plan) and of the stored fit, and the
 three worst draws of each (a few draws near a boundary between modes carry much of an RMSE
@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--ref-steps", type=int, default=500)
+    ap.add_argument("--ref-steps", type=int, default=960)
     ap.add_argument("--ref-cache", default="")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()

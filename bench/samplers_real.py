@@ -9,13 +9,16 @@ writes docs/results/samplers_real.md (or ``--out``; ``--json`` also stores every
 Mixtures give exact answers (bench/samplers.py); this checks that the defaults also serve real
 networks. A model is a difflab checkpoint (or run directory), or ``diffusers:PATH``: a local
 diffusers model / pipeline folder opened by ``difflab.from_diffusers`` (so the interop path is
-exercised). The reference is a ``--ref-steps``-step dpm_solver_3 solution of the
-probability-flow ODE of that network from the same noise (checked against half as many steps);
-error = RMSE in pixel units ([-1, 1]) to it. diffusers schedulers get the network's own
-schedule (``trained_betas`` and the matching ``prediction_type`` for a discrete VP model; the
-flow-matching schedulers for a rectified-flow model; the EDM schedulers for an EDM model) and
-call the network at the timesteps they choose (fractional ones too), exactly as a diffusers
-pipeline would.
+exercised). The reference is a ``--ref-steps``-step dpmpp_3m solution of the
+probability-flow ODE of that network from the same noise on the probe's fine grid (the density
+sum of the uniform, log-SNR and Karras grids; checked against half as many steps); error = RMSE
+in pixel units ([-1, 1]) to it. (Until 2026-12-06 it was dpm_solver_3 on a log-sigma grid,
+whose noise-prediction form converges slowly on rectified flow: 500 steps were 0.0020 RMSE
+from the converged solution there, docs/results/byom_defaults.md, session 16.) diffusers
+schedulers get the network's own schedule (``trained_betas`` and the matching
+``prediction_type`` for a discrete VP model; the flow-matching schedulers for a rectified-flow
+model; the EDM schedulers for an EDM model) and call the network at the timesteps they choose
+(fractional ones too), exactly as a diffusers pipeline would.
 
 Rows: the default call ``difflab.sample(den, noise, steps=n)`` (what ``choose`` / the default
 grid rule pick for this model), the previous default (dpmpp_2m on log-SNR spacing), every
@@ -80,16 +83,13 @@ class NetModel:
 
 
 def reference(den, noise: torch.Tensor, steps: int) -> torch.Tensor:
-    """dpm_solver_3 on a log-sigma~-uniform grid from the prior down to sigma~ = 1e-4 (placed
-    from sigma~ = 1e4 where sigma~(1) is infinite, as for rectified flow), then to 0."""
-    sch = den.schedule
-    smax = float(sch.sigma_max_ratio())
-    smax = smax if math.isfinite(smax) else 1e4
-    log_s = torch.linspace(math.log(smax), math.log(1e-4), steps, dtype=torch.float64)
-    t = sch.t_from_sigma_ratio(log_s.exp())
-    t[0] = 1.0
-    ts = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
-    return S.get("dpm_solver_3").fn(den, noise * sch.prior_std(1.0), ts)
+    """dpmpp_3m (data prediction, 3rd order) on the probe's fine grid of ``steps`` steps: the
+    density sum of the uniform, log-SNR and Karras grids (``difflab.samplers.probe.fine_grid``),
+    dense at both ends, so it converges on VP, VE and rectified-flow models alike."""
+    from difflab.samplers.probe import FAMILIES, fine_grid
+
+    ts = fine_grid(den.schedule, max(1, round(steps / len(FAMILIES))))
+    return S.sample(den, noise, "dpmpp_3m", grid=ts)
 
 
 def cached_reference(args, spec: str, den, noise: torch.Tensor, steps: int) -> torch.Tensor:
@@ -98,7 +98,7 @@ def cached_reference(args, spec: str, den, noise: torch.Tensor, steps: int) -> t
     if not args.ref_cache:
         return reference(den, noise, steps)
     name = "".join(c if c.isalnum() else "_" for c in spec)
-    path = Path(args.ref_cache) / f"{name}_seed{args.seed}_n{args.n}_steps{steps}.pt"
+    path = Path(args.ref_cache) / f"{name}_seed{args.seed}_n{args.n}_fine{steps}.pt"
     if path.exists():
         return torch.load(path)
     ref = reference(den, noise, steps)
@@ -408,10 +408,10 @@ def render(args, results: list[dict]) -> list[str]:
         f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  ",
         f"Machine: 2-core CPU (shared), {platform.machine()}, torch {torch.__version__}, "
         f"{args.threads} torch thread(s)", "",
-        f"Per model: {args.n} test noises from seed {args.seed}. Reference: dpm_solver_3, "
-        f"{args.ref_steps} log-sigma steps; its own error is estimated by its RMSE to the "
-        f"{args.ref_steps // 2}-step solution (below, per model). Error = pixel RMSE to the "
-        "reference ([-1, 1] scale). A cell `e (n)` used n network calls.", "",
+        f"Per model: {args.n} test noises from seed {args.seed}. Reference: dpmpp_3m, "
+        f"{args.ref_steps} steps of the probe's fine grid; its own error is estimated by its "
+        f"RMSE to the {args.ref_steps // 2}-step solution (below, per model). Error = pixel "
+        "RMSE to the reference ([-1, 1] scale). A cell `e (n)` used n network calls.", "",
         "## Summary: the default call vs diffusers' best configuration", "",
         "| model | NFE | default now | previous default | diffusers best | ratio now "
         "| ratio before |", "|---|---|---|---|---|---|---|",
@@ -449,7 +449,7 @@ def main() -> None:
                     help="difflab checkpoints / run dirs, or diffusers:FOLDER")
     ap.add_argument("--n", type=int, default=32, help="test images (batch)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the test noise")
-    ap.add_argument("--ref-steps", type=int, default=500)
+    ap.add_argument("--ref-steps", type=int, default=960)
     ap.add_argument("--ref-cache", default="",
                     help="a folder to keep the reference solves in (reused when present)")
     ap.add_argument("--threads", type=int, default=2)
