@@ -14,8 +14,8 @@ import json
 import math
 
 NFES = ("5", "10", "20")
-ROWS = ("default call", "unipc (own", "unipc spacing=uniform", "dpmpp_2m spacing=uniform",
-        "dpmpp_3m (own", "ddim (own")
+ROWS = ("default call", "auto with the fitted", "unipc (own", "unipc spacing=uniform",
+        "dpmpp_2m spacing=uniform", "dpmpp_3m (own", "ddim (own")
 
 
 def main() -> None:
