@@ -6,7 +6,8 @@ The automatic fit (``difflab tune-grid --fast``) fits the rows of the bespoke so
 
     x_j = c_j x_T + sum_{k < j} d_jk D_k,   D_k = x0_hat(x_k, t'_k),
 
-(every linear multistep solver on n network calls, with the times t'_k the network is told)
+(every explicit solver linear in the network's predictions that makes n calls, with the
+times t'_k the network is told)
 on calibration draws and is judged on other, test draws. This script fits the same form *on
 the test draws* against their own reference (samplers_real's, from ``--ref-cache``):
 an in-sample error no fit made on other draws can be expected to beat, so where it is above
@@ -53,8 +54,9 @@ from difflab.fitting.fast import (  # noqa: E402
 from difflab.samplers.bespoke import solver_coefficients  # noqa: E402
 from difflab.samplers.probe import FAMILIES, fine_grid  # noqa: E402
 
-RESULTS = ("docs/results/byom_probe_a.json", "docs/results/byom_probe_b.json",
-           "docs/results/byom_probe_zsnr.json")
+# samplers_real's results against its current reference (session 16), then EDM's (unchanged)
+RESULTS = tuple(f"docs/results/byom_ref16_{tag}.json" for tag in ("fm", "flow32", "eps", "zsnr")
+                ) + ("docs/results/byom_probe_a.json",)
 
 
 def diffusers_best(spec: str, paths: list[str]) -> dict[int, tuple[float, str]]:
