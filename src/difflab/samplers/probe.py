@@ -41,9 +41,10 @@ candidates' rollouts (~18 n calls on ``draws / 2`` images), once per model, imag
 condition and step count: ~30 s CPU for the first step count and 12-25 s for each further
 one on a 28x28 U-Net, one thread. The plan is cached on the side (:func:`probe_plan`),
 keyed by the parameters' in-place version counters, so training the model invalidates it.
-Measured on five model families in docs/results/byom_defaults.md (Session 11): within
-diffusers' best scheduler in 14 of 15 cells (5 / 10 / 20 calls), rectified flow at 20 calls
-1.18x.
+Measured on five model families in docs/results/byom_defaults.md (sessions 11 and 16):
+within diffusers' best scheduler in 14 of 15 cells (5 / 10 / 20 calls); rectified flow at 20
+calls is 1.05x on 32 test draws and 1.17x on 384 (12 scoring draws rank 18 candidates whose
+errors differ by less than the draws' spread: a winner's curse).
 """
 
 from __future__ import annotations
