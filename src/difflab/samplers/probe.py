@@ -43,8 +43,8 @@ one on a 28x28 U-Net, one thread. The plan is cached on the side (:func:`probe_p
 keyed by the parameters' in-place version counters, so training the model invalidates it.
 Measured on five model families in docs/results/byom_defaults.md (sessions 11 and 16):
 within diffusers' best scheduler in 14 of 15 cells (5 / 10 / 20 calls); rectified flow at 20
-calls is 1.05x on 32 test draws and 1.17x on 384 (12 scoring draws rank 18 candidates whose
-errors differ by less than the draws' spread: a winner's curse).
+calls is 1.05x on 32 test draws and 1.17x on 384: the probe's draws rank uniform+path_2m
+first (scored on both halves too), and it fails on a few of the test draws.
 """
 
 from __future__ import annotations
