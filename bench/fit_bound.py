@@ -47,14 +47,11 @@ from difflab.fitting import Fit  # noqa: E402
 from difflab.fitting.bespoke import tune_solver  # noqa: E402
 from difflab.fitting.fast import (  # noqa: E402
     EVAL_SHIFTS,
-    fine_reference,
-    nested_indices,
+    plan_rows,
+    plans_reference,
     rollout_coefficients,
 )
-from difflab.samplers.bespoke import solver_coefficients  # noqa: E402
-from difflab.samplers.probe import FAMILIES, fine_grid  # noqa: E402
 
-# samplers_real's results against its current reference (session 16), then EDM's (unchanged)
 RESULTS = tuple(f"docs/results/byom_ref16_{tag}.json" for tag in ("fm", "flow32", "eps", "zsnr")
                 ) + ("docs/results/byom_probe_a.json",)
 
@@ -109,15 +106,11 @@ def main() -> None:
             say("default call (probe plan)", rmse(S.sample(den, noise, steps=n)))
             if n in stored:
                 say("stored fit", rmse(S.sample(den, noise, fit=stored[n])))
-            # the rollout fit on the test draws (fast.py's reference: fine grid + plan's grid)
-            fine = set(fine_grid(schedule, -(-args.fine_steps // len(FAMILIES))).tolist())
-            fine_ts = sorted(fine | set(plan.ts), reverse=True)
-            idx = nested_indices(fine_ts, plan.ts)
-            fref = fine_reference(den, noise, grid=fine_ts, keep=idx)
+            # the rollout fit on the test draws, against the fast fit's kind of reference
+            fref, (idx,) = plans_reference(den, noise, [plan], args.fine_steps)
             print(f"{n} calls  (rollout targets: {fref.steps}-step dpmpp_3m, RMSE to the "
                   f"{args.ref_steps}-step reference {rmse(fref.x[fref.steps]):.2g})", flush=True)
-            opts = {} if plan.final is None else {"final": plan.final}
-            base_rows = solver_coefficients(plan.sampler, schedule, plan.ts, **opts)
+            base_rows = plan_rows(plan, schedule)
             targets = [fref.x[i] for i in idx[1:]]
             starts: list[tuple[float, str, Fit]] = []
             for label, shifts in (("grid times", (0.0,)), ("chosen times", EVAL_SHIFTS)):

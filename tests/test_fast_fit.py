@@ -16,6 +16,7 @@ from difflab.fitting.fast import (
     fast_fit_solvers,
     fine_reference,
     ridge_coefficients,
+    rollout_coefficients,
 )
 from difflab.samplers.timesteps import timesteps
 from difflab.toy import GaussianMixture
@@ -247,8 +248,6 @@ def test_rollout_fit_of_a_point_mass_is_its_plan():
     """Data at one point: every consistent solver is exact, so the plan's rows already meet
     the exact targets with zero residual, and the ridge solution is the plan's rows though
     the features (all D_k = mu) are collinear."""
-    from difflab.fitting.fast import rollout_coefficients
-
     sch = schedules.linear()
     mu = torch.tensor([[0.7, -1.2, 0.3]], dtype=torch.float64)
     den = GaussianMixture(mu, 0.0).denoiser(sch, "eps")
@@ -272,9 +271,6 @@ def test_rollout_fit_with_evaluation_times_runs_as_fitted():
     the stored fit, run by ``difflab.sample``, reproduces the fitting pass's output exactly;
     the first time (t = 1) moves only toward the data, where t' <= t_0; and each row's
     residual is at most that of the grid's own time (the grid time is always a candidate)."""
-    from difflab.fitting import Fit
-    from difflab.fitting.fast import EVAL_SHIFTS, rollout_coefficients
-
     sch, den = _mixture()
     noise = torch.randn(16, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     ts = timesteps(sch, 6, "uniform").tolist()

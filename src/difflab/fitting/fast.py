@@ -84,7 +84,7 @@ from difflab.samplers.bespoke import BASES, combine, solver_coefficients
 from difflab.samplers.common import EvalTimes, Grid, predict
 
 __all__ = ["fast_fit_solvers", "FineReference", "fine_reference", "nested_indices",
-           "rollout_coefficients", "rollout_fittable",
+           "rollout_coefficients", "rollout_fittable", "plan_rows", "plans_reference",
            "teacher_forced_predictions", "ridge_coefficients", "describe_fast_fit",
            "REUSING_SOLVERS", "FAST_RIDGE", "EVAL_SHIFTS", "FAST_CALIBRATION"]
 
@@ -270,11 +270,11 @@ def rollout_coefficients(denoiser: BaseDenoiser, ts: Sequence[float], noise: Ten
         taus = {float(ts[j - 1]) + f * (float(ts[j]) - float(ts[j - 1]))
                 for f in (shifts if movable else ())} | {float(ts[j - 1])}
         y = targets[j - 1].reshape(-1).to(torch.float64)
+        F_prev = torch.stack([x_T.reshape(-1)] + [d.reshape(-1) for d in D]).to(torch.float64)
         best: tuple[float, float, Tensor, Tensor] | None = None
         for tau in sorted(t for t in taus if t <= float(ts[0])):
             D_j = x0_at(x, j - 1, tau)
-            F = torch.stack([x_T.reshape(-1)] + [d.reshape(-1) for d in D + [D_j]]).to(
-                torch.float64)
+            F = torch.cat([F_prev, D_j.reshape(1, -1).to(torch.float64)])
             row = _ridge_row(F @ F.T / y.numel(), F @ y / y.numel(), base[j - 1], ridge)
             residual = float((y - row @ F).pow(2).mean())
             if best is None or residual < best[0]:
@@ -403,6 +403,34 @@ def fast_fit_solvers(denoiser: BaseDenoiser, steps: Sequence[int], noise: Tensor
     return fits
 
 
+def plan_rows(plan: SolverPlan, schedule: Any) -> list[list[float]]:
+    """The bespoke rows of ``plan``'s linear solver on its own grid, with its final step: the
+    start (and the ridge target) of the rollout fit."""
+    opts = {} if plan.final is None else {"final": plan.final}
+    return solver_coefficients(plan.sampler, schedule, plan.ts, **opts)
+
+
+@torch.no_grad()
+def plans_reference(denoiser: BaseDenoiser, noise: Tensor, plans: Sequence[SolverPlan],
+                    reference_steps: int = 240, *, solver: str = "dpmpp_3m", cond: Any = None,
+                    batch_size: int | None = None, t_start: float = 1.0
+                    ) -> tuple[FineReference, list[list[int]]]:
+    """The rollout objective's reference (module docstring): ``solver`` on the probe's fine
+    grid of at least ``reference_steps`` steps merged with the ``plans``' grids, keeping the
+    states at the plans' points. Returns it and, per plan, the fine index of each grid time."""
+    from difflab.samplers.probe import FAMILIES, fine_grid
+
+    fine = set(fine_grid(denoiser.schedule, max(1, -(-reference_steps // len(FAMILIES))),
+                         t_start=t_start).tolist())
+    for plan in plans:
+        fine |= set(plan.ts)
+    fine_ts = sorted(fine, reverse=True)
+    index = [nested_indices(fine_ts, plan.ts) for plan in plans]
+    keep = sorted({i for idx in index for i in idx})
+    return fine_reference(denoiser, noise, grid=fine_ts, keep=keep, solver=solver, cond=cond,
+                          batch_size=batch_size), index
+
+
 def rollout_fittable(plan: SolverPlan) -> bool:
     """Whether the rollout objective can fit from ``plan``: a linear solver of
     :data:`~difflab.samplers.bespoke.BASES` (one call per grid point) with its own
@@ -416,8 +444,6 @@ def _rollout_fits(denoiser: BaseDenoiser, ks: Sequence[int], noise: Tensor,
                   t_start: float, eval_shifts: Sequence[float],
                   log: Callable[[str], None] | None) -> dict[int, Fit]:
     """:func:`fast_fit_solvers` with ``objective="rollout"``."""
-    from difflab.samplers.probe import FAMILIES, fine_grid
-
     missing = [k for k in ks if plans is None or k not in plans]
     if missing:
         raise ValueError(f"the rollout objective fits on given plans' grids; none for "
@@ -429,26 +455,19 @@ def _rollout_fits(denoiser: BaseDenoiser, ks: Sequence[int], noise: Tensor,
                              f"solver of {list(BASES)}: nothing to fit from")
     schedule = denoiser.schedule
     t0 = time.perf_counter()
-    fine = set(fine_grid(schedule, max(1, -(-reference_steps // len(FAMILIES))),
-                         t_start=t_start).tolist())
-    for k in ks:
-        fine |= set(plans[k].ts)
-    fine_ts = sorted(fine, reverse=True)
-    index = {k: nested_indices(fine_ts, plans[k].ts) for k in ks}
-    keep = sorted({i for idx in index.values() for i in idx})
-    reference = fine_reference(denoiser, noise, grid=fine_ts, keep=keep,
-                               solver=reference_solver, cond=cond, batch_size=batch_size)
+    reference, indices = plans_reference(denoiser, noise, [plans[k] for k in ks],
+                                         reference_steps, solver=reference_solver, cond=cond,
+                                         batch_size=batch_size, t_start=t_start)
+    index = dict(zip(ks, indices))
     t_ref = time.perf_counter() - t0
     out = reference.x[reference.steps]
     fits = {}
     for k in ks:
         t1 = time.perf_counter()
         plan = plans[k]
-        opts = {} if plan.final is None else {"final": plan.final}
-        base_rows = solver_coefficients(plan.sampler, schedule, plan.ts, **opts)
+        base_rows = plan_rows(plan, schedule)
         targets = [reference.x[i] for i in index[k][1:]]
-        plan_mse = _sampled_mse(denoiser, noise, out, cond, batch_size, fit=plan)
-        e_plan = math.sqrt(float(plan_mse.mean()))
+        e_plan = _rmse(denoiser, noise, out, cond, batch_size, fit=plan)
         # each variant (the grid's own times; evaluation times chosen with the rows) scored on
         # draws it was not fitted on: two folds, each fitted on one half, rolled out on the other
         held = {shifts: _two_fold_mse(denoiser, plan, noise, targets, out, base_rows, ridge,
