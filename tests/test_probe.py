@@ -175,3 +175,29 @@ def test_plan_final_mode_runs_and_round_trips():
                                                            final="x0"))
     with pytest.raises(ValueError, match="final in the fit or as an option"):
         S.sample(den, x, fit=fit, final="x0")
+
+
+def test_probe_scores_fixed_grids_on_all_draws_and_paths_on_the_held_half():
+    """A fixed grid saw no probe draw, so every draw scores it; a path was placed on the first
+    half, so only the second half does; the winner is the best fixed or the best path
+    candidate, whichever is closer on the second half (the same draws for both)."""
+    den = GaussianMixture.random(6, 8, seed=11).denoiser(schedules.rectified_flow(), "flow")
+    P.clear_probe_cache()
+    choice = S.probe_plan(den, 5, (8,), dtype=torch.float64)
+    traj = next(iter(P._CACHE[den].values()))["traj"]
+    half = traj.half
+    x_T = traj.noise * den.schedule.prior_std(1.0)
+    grids = P.candidate_grids(den, traj, 5)
+    assert {"uniform", "log_snr", "path", "path_2m"} <= set(grids)
+    held = {}
+    for (solver, final, name), score in choice.scores.items():
+        x = S.REGISTRY[solver].fn(den, x_T, grids[name], final=final)
+        err = (x - traj.x[-1]).pow(2).flatten(1).mean(1)
+        start = 0 if name in P.FIXED_GRIDS else half
+        assert score == pytest.approx(float(err[start:].mean().sqrt()), rel=1e-9)
+        held[solver, final, name] = float(err[half:].mean().sqrt())
+    best = {kind: min((k for k in choice.scores if (k[2] in P.FIXED_GRIDS) == kind),
+                      key=choice.scores.__getitem__) for kind in (True, False)}
+    winner = min(best.values(), key=held.__getitem__)
+    assert (choice.plan.sampler, choice.plan.final, choice.grid_name) == winner
+    assert list(choice.plan.ts) == pytest.approx(grids[winner[2]].tolist(), abs=1e-12)

@@ -31,20 +31,29 @@ the model instead of guessing from its schedule's name:
    the eps / linear model of docs/results/byom_defaults.md, where both paths lose to the
    uniform grid). So the candidates, the two paths, the uniform and log-SNR grids and two
    midpoints (uniform with the 2M path and with log-SNR), each run by unipc (both final
-   steps) and dpmpp_2m, are *rolled out* from the second half of the probe noise, and the one
-   whose output is closest to the fine solve's wins. Scoring on draws the paths were not
-   placed on matters: scored on their own draws, the paths looked 1.6x better than they
-   were on test noise (rectified flow, 20 steps) and were wrongly chosen.
+   steps) and dpmpp_2m, are *rolled out* from the probe noise and scored by their RMS distance
+   to the fine solve, each on every draw it was not made from: a path on the second half, a
+   fixed grid (uniform, log-SNR, their midpoint) on all draws. The best fixed candidate and
+   the best path candidate then meet on the second half (the same draws for both), and the
+   closer wins. Scoring on draws the paths were not placed on matters: scored on their own
+   draws, the paths looked 1.6x better than they were on test noise (rectified flow, 20
+   steps) and were wrongly chosen. Scoring the fixed grids on all draws halves the noise of
+   their ranking (session 17: on a freshly trained eps / linear model at 10 calls the second
+   half alone ranked uniform+log_snr first, 1.11x diffusers' best on the test draws, where
+   all draws rank the uniform grid first, 1.00x).
 
 Cost: the fine solve (3 ``fine`` calls on ``draws`` images), plus for each step count the
-candidates' rollouts (~18 n calls on ``draws / 2`` images), once per model, image shape,
-condition and step count: ~30 s CPU for the first step count and 12-25 s for each further
-one on a 28x28 U-Net, one thread. The plan is cached on the side (:func:`probe_plan`),
-keyed by the parameters' in-place version counters, so training the model invalidates it.
-Measured on five model families in docs/results/byom_defaults.md (sessions 11 and 16):
-within diffusers' best scheduler in 14 of 15 cells (5 / 10 / 20 calls); rectified flow at 20
-calls is 1.05x on 32 test draws and 1.17x on 384: the probe's draws rank uniform+path_2m
-first (scored on both halves too), and it fails on a few of the test draws.
+candidates' rollouts (~18 n calls, half of them on all ``draws`` images, half on
+``draws / 2``), once per model, image shape, condition and step count: ~32 s CPU for the first
+step count and 16-32 s for each further one on a 28x28 U-Net, one thread. The plan is cached
+on the side (:func:`probe_plan`), keyed by the parameters' in-place version counters, so
+training the model invalidates it.
+Measured on five model families in docs/results/byom_defaults.md (sessions 11, 16, 17):
+within diffusers' best scheduler in 14 of 15 cells (5 / 10 / 20 calls) on session 16's models;
+rectified flow at 20 calls was 1.05x on 32 test draws and 1.17x on 384 (the probe's draws
+ranked uniform+path_2m first, and it failed on a few test draws). On five models trained
+afresh in session 17: 13 cells below 1.0x, the eps / linear model at 10 calls 1.00x (diffusers'
+own best method and grid) and at 20 calls 1.007x.
 """
 
 from __future__ import annotations
@@ -67,7 +76,7 @@ from difflab.samplers.timesteps import timesteps
 __all__ = ["PROBE_DRAWS", "PROBE_FINE", "PROBE_SEED", "PROBE_SOLVERS", "MAX_PROBE_STEPS",
            "ProbeTrajectory", "fine_grid", "probe_trajectory", "first_order_costs",
            "multistep_costs", "cheapest_path", "cheapest_pair_path", "candidate_grids",
-           "ProbeChoice", "probe_plan", "clear_probe_cache"]
+           "ProbeChoice", "probe_plan", "clear_probe_cache", "FIXED_GRIDS"]
 
 PROBE_DRAWS = 24       # probe noises: the first half places the paths, the second selects
 PROBE_FINE = 60        # points of each family in the fine grid (3 x 60 in all)
@@ -76,6 +85,8 @@ PROBE_SEED = 61_723    # the probe noise's own generator seed
 PROBE_SOLVERS = (("unipc", "extrapolate"), ("unipc", "x0"), ("dpmpp_2m", "x0"))
 MAX_PROBE_STEPS = 40   # above this the fixed grids agree to well under the probe's own error
 FAMILIES = ("uniform", "log_snr", "karras")
+# candidates that depend on the model only through its schedule, not on any probe draw
+FIXED_GRIDS = ("uniform", "log_snr", "uniform+log_snr")
 
 
 def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
@@ -287,6 +298,11 @@ def cheapest_pair_path(C1: Tensor, C2: Tensor, steps: int) -> list[int]:
     return path[::-1]
 
 
+def _finite(err: Tensor) -> float:
+    value = float(err)
+    return value if math.isfinite(value) else math.inf
+
+
 def candidate_grids(denoiser: BaseDenoiser, traj: ProbeTrajectory,
                     steps: int) -> dict[str, Tensor]:
     """The grids the rollout chooses from (module docstring, step 3), by name."""
@@ -314,7 +330,8 @@ def candidate_grids(denoiser: BaseDenoiser, traj: ProbeTrajectory,
 @dataclass(frozen=True)
 class ProbeChoice:
     """What :func:`probe_plan` chose: the ``plan`` and every candidate's probe RMSE
-    (``scores[(sampler, grid name)]``)."""
+    (``scores[(sampler, final, grid name)]``: a fixed grid's over all probe draws, a path's over
+    the held half)."""
 
     plan: SolverPlan
     grid_name: str
@@ -382,18 +399,25 @@ def probe_plan(denoiser: BaseDenoiser, steps: int, shape: Sequence[int], *, cond
             device=device, dtype=dtype)
         store["traj"] = probe_trajectory(denoiser, noise, pcond, fine)
     traj: ProbeTrajectory = store["traj"]
-    held = slice(traj.half, None) if traj.noise.shape[0] > 1 else slice(None)
-    target = traj.x[-1][held]
-    x_T = traj.noise[held] * denoiser.schedule.prior_std(1.0)
-    cond_held = None if traj.cond is None else traj.cond[held]
+    half = traj.half if traj.noise.shape[0] > 1 else 0
+    x_T = traj.noise * denoiser.schedule.prior_std(1.0)
     scores: dict[tuple[str, str, str], float] = {}
+    held: dict[tuple[str, str, str], float] = {}
     grids = candidate_grids(denoiser, traj, steps)
     for name, ts in grids.items():
+        # a fixed grid saw no probe draw: all of them score it; a path only the held half
+        start = 0 if name in FIXED_GRIDS else half
         for solver, final in solvers:
-            x = REGISTRY[solver].fn(denoiser, x_T, ts, cond=cond_held, final=final)
-            err = float((x - target).double().pow(2).mean().sqrt())
-            scores[solver, final, name] = err if math.isfinite(err) else math.inf
-    solver, final, name = min(scores, key=scores.__getitem__)
+            x = REGISTRY[solver].fn(denoiser, x_T[start:], ts, final=final,
+                                    cond=None if traj.cond is None else traj.cond[start:])
+            mse = (x - traj.x[-1][start:]).double().pow(2).flatten(1).mean(1)
+            key = (solver, final, name)
+            scores[key] = _finite(mse.mean().sqrt())
+            held[key] = _finite(mse[half - start:].mean().sqrt())
+    fixed = [k for k in scores if k[2] in FIXED_GRIDS]
+    paths = [k for k in scores if k[2] not in FIXED_GRIDS]
+    finalists = [min(keys, key=scores.__getitem__) for keys in (fixed, paths) if keys]
+    solver, final, name = min(finalists, key=held.__getitem__)  # paired: the same held draws
     choice = ProbeChoice(SolverPlan(solver, grids[name], final=final), name, scores)
     store[steps] = choice
     return choice
