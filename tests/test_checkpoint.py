@@ -23,6 +23,10 @@ from difflab.train.config import complete
 
 NET = {"type": "mlp", "dim": 2, "hidden": 32, "depth": 2, "emb_dim": 16, "num_classes": None}
 OLD = Path(__file__).parent / "data" / "old_checkpoint"  # made by make_old.py at d6cd48c
+# The reference numbers were written on another machine: the same float32 operations may round
+# differently in the last bit on another CPU (seen: 3e-8 in a logit, 1.5e-8 in a weight after six
+# Adam steps), so "as before" means to a few float32 ulps, not bit for bit.
+ACROSS_CPUS = {"rtol": 1e-5, "atol": 1e-6}
 
 
 def config(net: dict = NET) -> dict:
@@ -297,13 +301,14 @@ def test_old_classifier_loads_as_before():
     assert cfg["kind"] == "classifier"
     x = images[:4].float() / 127.5 - 1
     torch.testing.assert_close(net(x, torch.full((4,), 500.0)), torch.tensor(ref["logits_t05"]),
-                               rtol=0, atol=0)
+                               **ACROSS_CPUS)
 
 
 @pytest.mark.parametrize("name", ["diffusion", "diffusion_cond"])
 def test_old_layout_resumes_as_before(tmp_path, name):
-    """A run directory holding an earlier-layout checkpoint continues bit for bit as the code
-    that wrote it did (the same six losses), and then saves in the current layout."""
+    """A run directory holding an earlier-layout checkpoint continues as the code that wrote it
+    did (the same six losses, to float32 round-off: see ACROSS_CPUS), and then saves in the
+    current layout."""
     from difflab.train.trainer import Trainer
 
     ref = _reference()[name]
@@ -315,9 +320,11 @@ def test_old_layout_resumes_as_before(tmp_path, name):
     tr = Trainer(config, tmp_path / "run", data=(points, labels), resume=True)
     assert tr.step == 12
     losses = [tr.train_step() for _ in range(6)]
-    assert losses == ref["resume_losses"]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref["resume_losses"]),
+                               **ACROSS_CPUS)
     for k, v in ref["weights_after_resume"].items():
-        assert tr.net.state_dict()[k].flatten()[:4].tolist() == v, k
+        torch.testing.assert_close(tr.net.state_dict()[k].flatten()[:4], torch.tensor(v),
+                                   **ACROSS_CPUS, msg=k)
     tr.save()
     assert ckpt.read(tmp_path / "run").layout == 2
     resumed = Trainer(config, tmp_path / "run", data=(points, labels), resume=True)

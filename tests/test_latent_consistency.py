@@ -105,8 +105,10 @@ def test_cfg_at_per_row_weights_is_scalar_cfg_row_by_row():
                                                                 cond[i]).x0 for i in range(3)])
     per_row = classifier_free(den, w).predict(x, t, cond).x0
     carried = guidance_from_condition(den).predict(x, t, cond.with_guidance(w)).x0
-    torch.testing.assert_close(per_row, rows, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(carried, rows, rtol=1e-5, atol=1e-6)
+    # one batched call against three single-row calls: the kernels may round differently
+    # (float32, ~1e-7 relative per branch), and (1 + w) x0_c - w x0_u amplifies it by 1 + 2w = 9
+    torch.testing.assert_close(per_row, rows, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(carried, rows, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="needs cond.guidance"):
         guidance_from_condition(den).predict(x, t, cond)
 
