@@ -404,13 +404,16 @@ def probe_plan(denoiser: BaseDenoiser, steps: int, shape: Sequence[int], *, cond
     scores: dict[tuple[str, str, str], float] = {}
     held: dict[tuple[str, str, str], float] = {}
     grids = candidate_grids(denoiser, traj, steps)
+    # (start noise, condition, fine-solve output) of the draws from ``start`` on
+    draws_from = {start: (x_T[start:], None if traj.cond is None else traj.cond[start:],
+                          traj.x[-1][start:]) for start in {0, half}}
     for name, ts in grids.items():
         # a fixed grid saw no probe draw: all of them score it; a path only the held half
         start = 0 if name in FIXED_GRIDS else half
+        x_start, cond_start, target = draws_from[start]
         for solver, final in solvers:
-            x = REGISTRY[solver].fn(denoiser, x_T[start:], ts, final=final,
-                                    cond=None if traj.cond is None else traj.cond[start:])
-            mse = (x - traj.x[-1][start:]).double().pow(2).flatten(1).mean(1)
+            x = REGISTRY[solver].fn(denoiser, x_start, ts, cond=cond_start, final=final)
+            mse = (x - target).double().pow(2).flatten(1).mean(1)
             key = (solver, final, name)
             scores[key] = _finite(mse.mean().sqrt())
             held[key] = _finite(mse[half - start:].mean().sqrt())
