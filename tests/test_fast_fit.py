@@ -337,3 +337,65 @@ def test_rollout_fit_needs_a_linear_plan_for_every_step_count():
         fast_fit_solvers(den, [4], cal, plans={4: heun}, objective="rollout")
     with pytest.raises(ValueError, match="objective must be"):
         fast_fit_solvers(den, [4], cal, objective="rolout")
+
+
+# --- the probe's fine solve as the reference (`difflab tune-grid --fast` by default) ----------
+def test_probe_reference_is_the_probe_solve_and_adds_no_error_between_its_points():
+    """The reference read off the default call's probe solve: at the probe's own fine points
+    it is the probe's state; at the plans' other points (the uniform and log-SNR grids are
+    not nested in the fine grid) one 2M step from the fine point before reaches them, and is
+    no further from an accurate solve than the fine solve's own states are. No network call."""
+    from difflab.fitting.fast import probe_reference
+    from difflab.samplers import probe as P
+
+    sch, den = _mixture()
+    P.clear_probe_cache()
+    traj = P.probe_solve(den, (16,), dtype=torch.float64)
+    grids = [timesteps(sch, 5, "uniform").tolist(), timesteps(sch, 7, "log_snr").tolist()]
+    calls = den.net.calls
+    ref = probe_reference(den, traj, grids)
+    assert den.net.calls == calls and ref.solver == "probe"
+    fine = traj.ts.tolist()
+    assert set(fine) <= set(ref.ts) and len(ref.ts) == len(set(fine) | {t for g in grids
+                                                                      for t in g})
+    # an accurate solve through every reference time: each interval split 20 ways
+    ts = torch.tensor(ref.ts, dtype=torch.float64)
+    dense = torch.cat([torch.linspace(float(a), float(b), 21, dtype=torch.float64)[:-1]
+                       for a, b in zip(ts[:-1], ts[1:])] + [ts[-1:]])
+    states = {}
+    S.sample(den, traj.noise, "dpmpp_3m", grid=dense,
+             callback=lambda s: states.__setitem__(s["i"] + 1, s["x"]))
+    own = [rmse(traj.x[i], states[20 * ref.ts.index(t)]) for i, t in enumerate(fine)
+           if 0 < i < len(fine) - 1]
+    branched = []
+    for q, x in ref.x.items():
+        if ref.ts[q] in fine:
+            assert torch.equal(x, traj.x[fine.index(ref.ts[q])])
+        else:
+            branched.append(rmse(x, states[20 * q]))
+    assert len(branched) == 10
+    assert max(branched) <= 2 * max(own), (max(branched), max(own))
+    assert torch.equal(ref.x[len(ts) - 1], traj.x[-1])
+
+
+def test_cli_tune_grid_fast_calibrates_on_the_probe_draws(tmp_path, capsys):
+    """With no --seed, --count or --reference-steps, ``tune-grid --fast`` fits on the probe's
+    own draws and reads its reference off the probe's fine solve: the only network calls after
+    the probe are the fit's."""
+    import json
+
+    from conftest import mlp_checkpoint
+
+    from difflab.cli import main
+    from difflab.fitting import FITS
+    from difflab.samplers import probe as P
+
+    ckpt = mlp_checkpoint(tmp_path / "ck")
+    P.clear_probe_cache()
+    assert main(["tune-grid", str(ckpt), "--fast", "--steps", "2", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("probe reference") == 2, out
+    for e in json.loads((ckpt / FITS).read_text())["fits"].values():
+        assert e["seed"] == P.PROBE_SEED and e["calibration"] == P.PROBE_DRAWS
+        assert e["reference_solver"] == "probe"
+        assert e["reference_steps"] >= 3 * P.PROBE_FINE

@@ -201,3 +201,43 @@ def test_probe_scores_fixed_grids_on_all_draws_and_paths_on_the_held_half():
     winner = min(best.values(), key=held.__getitem__)
     assert (choice.plan.sampler, choice.plan.final, choice.grid_name) == winner
     assert list(choice.plan.ts) == pytest.approx(grids[winner[2]].tolist(), abs=1e-12)
+
+
+@pytest.mark.parametrize("prediction,schedule", [
+    ("eps", schedules.linear(1e-4, 0.02, timesteps=1000)),
+    ("flow", schedules.rectified_flow()),
+])
+def test_one_rollout_gives_every_final_mode(prediction, schedule):
+    """The probe rolls each solver out once and makes every final-step mode from its last two
+    data predictions: the same numbers as a rollout per mode, on grids that end at sigma = 0
+    and on one that stops short of it (where the mode does not apply)."""
+    den = GaussianMixture.random(4, 6, seed=2).denoiser(schedule, prediction)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = x * schedule.prior_std(1.0)
+    modes = ("extrapolate", "x0")
+    for ts in (S.timesteps(schedule, 6, "uniform"), S.timesteps(schedule, 2, "uniform"),
+               torch.tensor([1.0, 0.7, 0.4, 0.2], dtype=torch.float64)):
+        for solver in {s for s, _ in P.PROBE_SOLVERS}:
+            outs = P.rollout_finals(den, solver, x, ts, None, modes)
+            for mode in modes:
+                assert torch.equal(outs[mode], S.REGISTRY[solver].fn(den, x, ts, final=mode))
+            if ts[-1] == 0 and len(ts) > 3:  # (from alpha = 0 the extrapolation weight is 0)
+                assert not torch.equal(outs["x0"], outs["extrapolate"])
+
+
+def test_probe_rolls_each_solver_out_once_per_grid_and_shares_the_first_call():
+    """Network calls of a probe plan once the fine solve is cached: per candidate grid one
+    rollout per solver (the final-step modes share it, :func:`rollout_finals`) without its
+    first call, which every rollout from the same start makes identically: once for the
+    fixed grids' start (all draws) and once for the paths' (the held half)."""
+    den = GaussianMixture.random(6, 8, seed=11).denoiser(schedules.rectified_flow(), "flow")
+    P.clear_probe_cache()
+    S.probe_plan(den, 5, (8,), dtype=torch.float64)
+    traj = next(iter(P._CACHE[den].values()))["traj"]
+    for n in (6, 9):
+        grids = P.candidate_grids(den, traj, n)
+        starts = {name in P.FIXED_GRIDS for name in grids}
+        calls = den.net.calls
+        S.probe_plan(den, n, (8,), dtype=torch.float64)
+        solvers = len({s for s, _ in P.PROBE_SOLVERS})
+        assert den.net.calls - calls == len(grids) * solvers * (n - 1) + len(starts)

@@ -7,7 +7,8 @@ noise drawn from ``--seed``) and stores the :class:`~difflab.fitting.Fit` beside
 ``--sampler bespoke`` fits a bespoke solver's coefficients (:func:`difflab.fitting.tune_solver`)
 on the grid of its base solver (``--base``, default unipc: the fit already stored, else tuned
 first), stored as the ``bespoke/<steps>/<weights>`` entry. ``--fast`` fits bespoke solvers
-for all ``--steps`` (default 5 10 20) from one reference solve by ridge least squares, each on
+for all ``--steps`` (default 5 10 20) from one reference solve (by default the default call's
+own probe solve, on the probe's 24 draws: no second solve) by ridge least squares, each on
 the grid and from the coefficients of the default call's probe plan, row by row on its own
 rollout, with the time the network is told at each point chosen with its row where that
 scores better on held-out calibration draws (:func:`difflab.fitting.fast_fit_solvers`,
@@ -48,7 +49,7 @@ __all__ = ["tune_checkpoint", "register", "cmd_tune_grid"]
 
 
 def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
-                    steps: Sequence[int] = (10,), count: int = 64, seed: int = 1000,
+                    steps: Sequence[int] = (10,), count: int = 64, seed: int | None = 1000,
                     reference_steps: int = 100, max_evals: int | None = None,
                     batch_size: int = 256, ema: bool = True, eval_times: bool = True,
                     eval_times_only: bool = False, base: str = "unipc", start: str = "tuned",
@@ -66,15 +67,23 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
     folder's fits go to ``FOLDER.difflab/fits.json`` (:func:`~difflab.commands.model.
     fit_store`), where a stored fit is replaced only with ``overwrite``. ``fast``: bespoke
     solvers by :func:`~difflab.fitting.fast_fit_solvers` (``sampler`` is then "bespoke"; the
-    reference is dpmpp_3m on a ``reference_steps``-step uniform grid, a multiple of every
-    step count; no grid is tuned).
+    plans' reference is dpmpp_3m on the probe's fine grid of ``reference_steps`` points merged
+    with the plans' grids; no grid is tuned). ``fast`` with ``seed=None``: the calibration
+    draws are the probe's own (:func:`~difflab.samplers.probe.probe_solve`, ``count`` of
+    them, :data:`~difflab.samplers.probe.PROBE_DRAWS`), and the probe's fine solve, which the
+    default call's plans were made from, is the reference
+    (:func:`~difflab.fitting.fast.probe_reference`): no second solve.
     """
     from difflab.fitting import load_fit, reference_profile, save_fit, tune_grid
     from difflab.interop import check_safetensors, is_diffusers_folder
     from difflab.samplers import SPACINGS
+    from difflab.samplers.probe import PROBE_DRAWS, probe_solve
 
     if count < 1:
         raise ParameterError(f"{param('count')} must be at least 1, got {count}")
+    if seed is None and not (fast and count == PROBE_DRAWS):
+        raise ParameterError(f"{param('seed')} None (the probe's own draws) needs "
+                             f"{param('fast')} and {param('count')} {PROBE_DRAWS}")
     starts = ("tuned", "auto", "adaptive", *SPACINGS)
     if start not in starts:
         raise ParameterError(f"unknown {param('start')} {start!r}; valid: {', '.join(starts)}")
@@ -106,12 +115,17 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
     den = model.denoiser
     ckpt, weights = fit_store(model.checkpoint, ema)  # a fit belongs to weights (SHA-256)
     say = log or (lambda line: None)
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn((count,) + model.shape, generator=g).to(model.device)
+    if seed is None:  # the probe's draws: its fine solve is the reference
+        traj = probe_solve(den, model.shape, device=model.device)
+        noise = traj.noise
+    else:
+        traj = None
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn((count,) + model.shape, generator=g).to(model.device)
     if fast:
         return _tune_fast(den, ckpt, noise, steps, ema=ema, seed=seed,
                           reference_steps=reference_steps, batch_size=batch_size,
-                          weights=weights, say=say)
+                          weights=weights, say=say, traj=traj)
     ref, profile = reference_profile(den, noise, reference_steps, batch_size=batch_size)
     made = dict(seed=seed, reference_steps=reference_steps)
     done: list[tuple[Any, Path]] = []
@@ -204,17 +218,20 @@ def _tune_bespoke(den: Any, ckpt: Path, noise: Any, ref: Any, profile: dict[str,
     return tuned, path
 
 
-def _tune_fast(den: Any, ckpt: Path, noise: Any, steps: Sequence[int], *, ema: bool, seed: int,
-               reference_steps: int, batch_size: int, weights: Path,
-               say: Callable[[str], None]) -> list[tuple[Any, Path]]:
+def _tune_fast(den: Any, ckpt: Path, noise: Any, steps: Sequence[int], *, ema: bool,
+               seed: int | None, reference_steps: int, batch_size: int, weights: Path,
+               say: Callable[[str], None], traj: Any = None) -> list[tuple[Any, Path]]:
     """Bespoke solvers for all ``steps`` by the fast fit, each stored with the checkpoint
     where it beats the default call's probe plan on the calibration draws; where it does not,
     nothing is stored (and a stored bespoke fit for that step count is removed), so
-    ``difflab sample`` runs the probe's plan: a fit never makes the default worse."""
+    ``difflab sample`` runs the probe's plan: a fit never makes the default worse. ``traj``:
+    the probe's fine solve when ``noise`` is the probe's noise (``seed`` None), the plans'
+    reference then."""
     from difflab.fitting import fast_fit_solvers, save_fit
-    from difflab.fitting.fast import describe_fast_fit, rollout_fittable
+    from difflab.fitting.fast import describe_fast_fit, probe_reference, rollout_fittable
     from difflab.fitting.store import remove_fit
     from difflab.samplers import default_plan
+    from difflab.samplers.probe import PROBE_SEED
 
     plans = {n: plan for n in steps if (plan := default_plan(den, n, noise)) is not None}
     roll = [n for n in steps if n in plans and rollout_fittable(plans[n])]
@@ -222,9 +239,11 @@ def _tune_fast(den: Any, ckpt: Path, noise: Any, steps: Sequence[int], *, ema: b
     fits = {}
     try:
         if roll:  # on the probe plan's own grid, fitted on its own rollout
+            ref = (None if traj is None else
+                   probe_reference(den, traj, [plans[n].ts for n in roll]))
             fits.update(fast_fit_solvers(den, roll, noise, reference_steps=reference_steps,
                                          batch_size=batch_size, plans=plans,
-                                         objective="rollout"))
+                                         objective="rollout", reference=ref))
         if rest:
             fits.update(fast_fit_solvers(den, rest, noise, reference_steps=reference_steps,
                                          batch_size=batch_size, plans=plans))
@@ -240,7 +259,7 @@ def _tune_fast(den: Any, ckpt: Path, noise: Any, steps: Sequence[int], *, ema: b
                 + (", the stored one removed" if removed else "")
                 + f"; `difflab sample --steps {fit.steps}` runs the probe's plan")
             continue
-        fit = fit.with_(seed=seed)
+        fit = fit.with_(seed=PROBE_SEED if seed is None else seed)
         path = save_fit(ckpt, fit, ema=ema, weights=weights)
         say(f"{describe_fast_fit(fit)} -> {path}")
         done.append((fit, path))
@@ -271,8 +290,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--count", type=int, default=None,
                    help=f"calibration samples (default 64; with --fast {FAST_CALIBRATION}: "
                         "fitted in two halves, each scored on the other, then on all)")
-    p.add_argument("--seed", type=int, default=1000,
-                   help="seed of the calibration noise (keep it apart from sampling seeds)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the calibration noise (keep it apart from sampling seeds; "
+                        "default 1000; with --fast and no --count or --reference-steps: the "
+                        "default call's probe draws, whose fine solve is the reference)")
     p.add_argument("--reference-steps", type=int, default=None,
                    help="dpm_solver_3 steps of the reference solution (default 100; with "
                         "--fast dpmpp_3m steps on the probe's fine grid, plus the plans' "
@@ -318,8 +339,11 @@ def cmd_tune_grid(args: argparse.Namespace) -> int:
     reference_steps = (args.reference_steps if args.reference_steps is not None
                        else 240 if args.fast else 100)
     count = args.count if args.count is not None else FAST_CALIBRATION if args.fast else 64
+    probe_draws = (args.fast and args.seed is None and args.count is None
+                   and args.reference_steps is None)
+    seed = None if probe_draws else 1000 if args.seed is None else args.seed
     tune_checkpoint(args.checkpoint, sampler=sampler, steps=steps, count=count,
-                    seed=args.seed, reference_steps=reference_steps,
+                    seed=seed, reference_steps=reference_steps,
                     max_evals=args.max_evals, batch_size=args.batch_size, ema=not args.no_ema,
                     eval_times=not args.no_eval_times, eval_times_only=args.eval_times_only,
                     base=args.base, start=args.start, max_iter=args.max_iter,

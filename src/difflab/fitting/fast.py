@@ -50,6 +50,18 @@ further rollout. The reference is solved on the probe's fine grid (:func:`~diffl
 probe.fine_grid`, at least ``reference_steps`` steps) merged with the plans' grids, so every
 plan's grid is nested in it whatever its spacing.
 
+**The probe's solve as the reference** (session 18; ``difflab tune-grid --fast`` by
+default). The default call's probe has already solved the ODE finely from its own 24 draws
+(:func:`~difflab.samplers.probe.probe_solve`) to make the plans; calibrating on those draws,
+:func:`probe_reference` reads the reference off that solve (a plan's time between two fine
+points by one 2M step from the fine state before it), so the fit makes no second solve: on a
+28x28 U-Net the fit's network calls per draw go from ~272 + 8 sum(n) to ~8 sum(n), and the
+whole `tune-grid --fast` (probe included) from ~29,700 to ~17,500 image evaluations. It costs
+no accuracy: the probe's 180-step UniPC solve and the 240-step dpmpp_3m reference are equally
+far from a 960-step solve on the five models of docs/results/byom_defaults.md (1e-5 to
+3.7e-3 RMSE; both under-resolve the ~2 pi / 1000 period in t of a network told 1000 t through
+sinusoidal embeddings, which 480 steps resolve).
+
 **Evaluation times, chosen with the rows, and a held-out choice** (session 15). With
 ``eval_shifts``, row j is fitted for each candidate time the network is told at t_{j-1},
 t' = t_{j-1} + f (t_j - t_{j-1}) (f in :data:`EVAL_SHIFTS`; the decoupled times of LD3, Tong
@@ -60,8 +72,9 @@ better kept and fitted again on all draws, and the plan kept where neither beats
 
 Network calls per draw: the reference solve (``reference_steps`` with dpmpp_3m), plus sum(n)
 where the reference solver is not one that evaluates at its states, plus 2 sum(n) with
-``validate``, plus the polish; with the rollout objective the reference solve, the plan's
-rollout, and for each variant its fitting passes and held-out rollouts (about 6 sum(n)).
+``validate``, plus the polish; with the rollout objective the reference solve (none with
+:func:`probe_reference`), the plan's rollout, and for each variant its fitting passes and
+held-out rollouts (about 6 sum(n)), and the chosen variant's fit on all draws.
 Measurements: docs/results/fit_fast.md.
 """
 
@@ -82,9 +95,11 @@ from difflab.fitting.reference import check_steps
 from difflab.samplers import SolverPlan, get, sample, timesteps
 from difflab.samplers.bespoke import BASES, combine, solver_coefficients
 from difflab.samplers.common import EvalTimes, Grid, predict
+from difflab.samplers.probe import PROBE_DRAWS
 
 __all__ = ["fast_fit_solvers", "FineReference", "fine_reference", "nested_indices",
            "rollout_coefficients", "rollout_fittable", "plan_rows", "plans_reference",
+           "probe_reference",
            "teacher_forced_predictions", "ridge_coefficients", "describe_fast_fit",
            "REUSING_SOLVERS", "FAST_RIDGE", "EVAL_SHIFTS", "FAST_CALIBRATION"]
 
@@ -95,7 +110,8 @@ FAST_RIDGE = 1e-3  # the default ridge weight (relative to each row's Gram diago
 # The rollout objective's evaluation-time candidates, as fractions of the step toward the next
 # grid time (docs/results/fit_fast.md, session 15: wider sets overfit 16 calibration draws).
 EVAL_SHIFTS = (-0.15, 0.0, 0.15)
-FAST_CALIBRATION = 24  # calibration draws of `difflab tune-grid --fast` (two folds of 12)
+# calibration draws of `difflab tune-grid --fast` (two folds of 12): by default the probe's own
+FAST_CALIBRATION = PROBE_DRAWS
 
 
 @dataclass
@@ -349,7 +365,7 @@ def fast_fit_solvers(denoiser: BaseDenoiser, steps: Sequence[int], noise: Tensor
         return _rollout_fits(denoiser, ks, noise, plans, reference_steps=reference_steps,
                              reference_solver=reference_solver, ridge=ridge, cond=cond,
                              batch_size=batch_size, t_start=t_start,
-                             eval_shifts=eval_shifts, log=log)
+                             eval_shifts=eval_shifts, log=log, reference=reference)
     if objective != "teacher_forcing":
         raise ValueError(f"objective must be 'teacher_forcing' or 'rollout', got {objective!r}")
     schedule = denoiser.schedule
@@ -431,6 +447,46 @@ def plans_reference(denoiser: BaseDenoiser, noise: Tensor, plans: Sequence[Solve
                           batch_size=batch_size), index
 
 
+def probe_reference(denoiser: BaseDenoiser, traj: Any, grids: Sequence[Sequence[float]],
+                    tol: float = 1e-9) -> FineReference:
+    """The rollout objective's reference read off the default call's fine probe solve
+    (:func:`~difflab.samplers.probe.probe_solve`, ``traj``) on its own noise: no network call.
+
+    The reference grid is the probe's fine grid merged with ``grids``. A time the probe solve
+    has is its state; a time t between fine points t_i > t > t_{i+1} is reached from x_i by one
+    DPM-Solver++(2M) step with the probe's predictions D_i, D_{i-1} (the step of
+    :func:`~difflab.samplers.probe.multistep_costs`; first order from the first point), a step
+    shorter than the fine solve's own, so it adds less than the fine solve's error."""
+    from difflab.samplers.common import first_order
+
+    fine = [float(t) for t in traj.ts]
+    merged = sorted(set(fine) | {float(t) for g in grids for t in g}, reverse=True)
+    ts: list[float] = []
+    for t in merged:  # one time per cluster closer than tol, a fine point where there is one
+        if ts and ts[-1] - t <= tol:
+            if t in fine:
+                ts[-1] = t
+            continue
+        ts.append(t)
+    index = nested_indices(ts, [t for g in grids for t in g], tol)
+    G = Grid(denoiser.schedule, torch.tensor(ts, dtype=torch.float64), traj.noise)
+    at = {t: i for i, t in enumerate(fine)}
+    x: dict[int, Tensor] = {}
+    for q in sorted(set(index) | {0, len(ts) - 1}):
+        if ts[q] in at:
+            x[q] = traj.x[at[ts[q]]]
+            continue
+        i = max(k for k, t in enumerate(fine) if t > ts[q])  # the fine point before t
+        p = ts.index(fine[i])
+        ratio, c = first_order(G, p, q)
+        D = traj.x0[i]
+        if i > 0 and math.isfinite(G.lam[ts.index(fine[i - 1])]):
+            inv = (G.lam[q] - G.lam[p]) / (2 * (G.lam[p] - G.lam[ts.index(fine[i - 1])]))
+            D = (1 + inv) * D - inv * traj.x0[i - 1]  # (1 + 1/(2r)) D_i - D_{i-1} / (2r)
+        x[q] = ratio * traj.x[i] + c * D
+    return FineReference(ts, x, {}, "probe", 0)
+
+
 def rollout_fittable(plan: SolverPlan) -> bool:
     """Whether the rollout objective can fit from ``plan``: a linear solver of
     :data:`~difflab.samplers.bespoke.BASES` (one call per grid point) with its own
@@ -442,7 +498,8 @@ def _rollout_fits(denoiser: BaseDenoiser, ks: Sequence[int], noise: Tensor,
                   plans: Mapping[int, SolverPlan] | None, *, reference_steps: int,
                   reference_solver: str, ridge: float, cond: Any, batch_size: int | None,
                   t_start: float, eval_shifts: Sequence[float],
-                  log: Callable[[str], None] | None) -> dict[int, Fit]:
+                  log: Callable[[str], None] | None,
+                  reference: FineReference | None = None) -> dict[int, Fit]:
     """:func:`fast_fit_solvers` with ``objective="rollout"``."""
     missing = [k for k in ks if plans is None or k not in plans]
     if missing:
@@ -455,9 +512,12 @@ def _rollout_fits(denoiser: BaseDenoiser, ks: Sequence[int], noise: Tensor,
                              f"solver of {list(BASES)}: nothing to fit from")
     schedule = denoiser.schedule
     t0 = time.perf_counter()
-    reference, indices = plans_reference(denoiser, noise, [plans[k] for k in ks],
-                                         reference_steps, solver=reference_solver, cond=cond,
-                                         batch_size=batch_size, t_start=t_start)
+    if reference is None:
+        reference, indices = plans_reference(denoiser, noise, [plans[k] for k in ks],
+                                             reference_steps, solver=reference_solver,
+                                             cond=cond, batch_size=batch_size, t_start=t_start)
+    else:
+        indices = [nested_indices(reference.ts, plans[k].ts) for k in ks]
     index = dict(zip(ks, indices))
     t_ref = time.perf_counter() - t0
     out = reference.x[reference.steps]

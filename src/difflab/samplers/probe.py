@@ -43,9 +43,11 @@ the model instead of guessing from its schedule's name:
    all draws rank the uniform grid first, 1.00x).
 
 Cost: the fine solve (3 ``fine`` calls on ``draws`` images), plus for each step count the
-candidates' rollouts (~18 n calls, half of them on all ``draws`` images, half on
-``draws / 2``), once per model, image shape, condition and step count: ~32 s CPU for the first
-step count and 16-32 s for each further one on a 28x28 U-Net, one thread. The plan is cached
+candidates' rollouts, once per model, image shape, condition and step count: ~12 n calls, half
+of them on all ``draws`` images, half on ``draws / 2`` (one rollout per solver and grid: the
+final-step modes differ only in how the last two data predictions make x(0),
+:func:`rollout_finals`). On a 28x28 U-Net, one thread: ~66 s CPU for 5, 10 and 20 steps
+together (session 18; ~87 s with a rollout per mode). The plan is cached
 on the side (:func:`probe_plan`), keyed by the parameters' in-place version counters, so
 training the model invalidates it.
 Measured on five model families in docs/results/byom_defaults.md (sessions 11, 16, 17):
@@ -69,14 +71,15 @@ import torch
 from torch import Tensor
 
 from difflab.denoiser import BaseDenoiser, Condition
-from difflab.samplers.common import REGISTRY, Grid, first_order
+from difflab.samplers.common import REGISTRY, Grid, final_x0, first_order
 from difflab.samplers.plan import SolverPlan
 from difflab.samplers.timesteps import timesteps
 
 __all__ = ["PROBE_DRAWS", "PROBE_FINE", "PROBE_SEED", "PROBE_SOLVERS", "MAX_PROBE_STEPS",
            "ProbeTrajectory", "fine_grid", "probe_trajectory", "first_order_costs",
            "multistep_costs", "cheapest_path", "cheapest_pair_path", "candidate_grids",
-           "ProbeChoice", "probe_plan", "clear_probe_cache", "FIXED_GRIDS"]
+           "ProbeChoice", "probe_plan", "probe_solve", "clear_probe_cache", "FIXED_GRIDS",
+           "rollout_finals"]
 
 PROBE_DRAWS = 24       # probe noises: the first half places the paths, the second selects
 PROBE_FINE = 60        # points of each family in the fine grid (3 x 60 in all)
@@ -327,6 +330,49 @@ def candidate_grids(denoiser: BaseDenoiser, traj: ProbeTrajectory,
     return unique
 
 
+def rollout_finals(denoiser: BaseDenoiser, solver: str, x: Tensor, ts: Tensor, cond: Any,
+                   finals: Sequence[str]) -> dict[str, Tensor]:
+    """``solver``'s output from ``x`` on ``ts`` for each final-step mode in ``finals``, from one
+    rollout: the modes differ only in the step to sigma = 0, x(0) = alpha_n (D_{n-1} +
+    w (D_{n-1} - D_{n-2})) (:func:`~difflab.samplers.common.final_x0`; w = 0 for "x0"), made
+    from the last two data predictions, which the rollout with ``final="x0"`` reports. For the
+    probe's solvers (unipc, dpmpp_2m) this equals a rollout per mode (tests/test_probe.py)."""
+    preds: list[Tensor] = []  # the last two data predictions
+
+    def keep(step: dict[str, Any]) -> None:
+        preds[:] = preds[-1:] + [step["x0"]]
+
+    out = REGISTRY[solver].fn(denoiser, x, ts, cond=cond, final="x0", callback=keep)
+    g = Grid(denoiser.schedule, ts, x)
+    ends_clean = g.n >= 2 and g.is_final(g.n - 1)
+    return {mode: final_x0(g, preds[-1], preds[-2], mode, g.n - 2)
+            if mode != "x0" and ends_clean else out for mode in finals}
+
+
+class _SharedStart(BaseDenoiser):
+    """``inner`` with its prediction at each start of the probe's rollouts (a start tensor at
+    t = ``t_start``) made once and reused: every candidate's rollout begins with that same
+    call on the same tensor, so the result is the same to the bit."""
+
+    def __init__(self, inner: BaseDenoiser, t_start: float):
+        super().__init__()
+        self.inner, self.schedule = inner, inner.schedule
+        self.parameterization = inner.parameterization
+        self.t_start = t_start
+        self.made: dict[int, tuple[Tensor, Any, Any]] = {}  # id(x) -> (x, cond, prediction)
+
+    def predict(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Any:
+        return self.inner.predict(x, t, cond)
+
+    def predict_at(self, x: Tensor, point: Any, cond: Any = None) -> Any:
+        if point.t != self.t_start:
+            return self.inner.predict_at(x, point, cond)
+        hit = self.made.get(id(x))
+        if hit is None or hit[0] is not x or hit[1] is not cond:
+            hit = self.made[id(x)] = (x, cond, self.inner.predict_at(x, point, cond))
+        return hit[2]
+
+
 @dataclass(frozen=True)
 class ProbeChoice:
     """What :func:`probe_plan` chose: the ``plan`` and every candidate's probe RMSE
@@ -371,6 +417,36 @@ def _probe_cond(cond: Any, draws: int) -> Any:
     return cond[idx]
 
 
+def _store(denoiser: BaseDenoiser, shape: Sequence[int], cond: Any,
+           device: torch.device | str | None, dtype: torch.dtype, draws: int,
+           fine: int) -> dict[Any, Any]:
+    """The cache entry of one probe (its solve and plans), emptied when the weights change."""
+    version = _version(denoiser)
+    stores = _CACHE.setdefault(denoiser, {})
+    for old in [k for k in stores if k[-1] != version]:  # trained since: forget
+        del stores[old]
+    device = torch.device("cpu" if device is None else device)
+    key = (tuple(shape), _fingerprint(_probe_cond(cond, draws)), str(device), str(dtype), draws,
+           fine, version)
+    return stores.setdefault(key, {})
+
+
+@torch.no_grad()
+def probe_solve(denoiser: BaseDenoiser, shape: Sequence[int], *, cond: Any = None,
+                device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                draws: int = PROBE_DRAWS, fine: int = PROBE_FINE) -> ProbeTrajectory:
+    """The fine probe solve (module docstring, step 1) from the probe's own noise (``draws``
+    normal draws of ``shape`` from :data:`PROBE_SEED`), cached with :func:`probe_plan`'s plans:
+    every step count's plan, and ``difflab tune-grid --fast``'s reference, share it."""
+    store = _store(denoiser, shape, cond, device, dtype, draws, fine)
+    if "traj" not in store:
+        gen = torch.Generator().manual_seed(PROBE_SEED)
+        noise = torch.randn(draws, *shape, generator=gen, dtype=torch.float64).to(
+            device=torch.device("cpu" if device is None else device), dtype=dtype)
+        store["traj"] = probe_trajectory(denoiser, noise, _probe_cond(cond, draws), fine)
+    return store["traj"]
+
+
 @torch.no_grad()
 def probe_plan(denoiser: BaseDenoiser, steps: int, shape: Sequence[int], *, cond: Any = None,
                device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
@@ -383,22 +459,11 @@ def probe_plan(denoiser: BaseDenoiser, steps: int, shape: Sequence[int], *, cond
     parameter version; the probe solve itself is shared by every step count."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    pcond = _probe_cond(cond, draws)
-    device = torch.device("cpu" if device is None else device)
-    version = _version(denoiser)
-    stores = _CACHE.setdefault(denoiser, {})
-    for old in [k for k in stores if k[-1] != version]:  # trained since: forget
-        del stores[old]
-    key = (tuple(shape), _fingerprint(pcond), str(device), str(dtype), draws, fine, version)
-    store = stores.setdefault(key, {})
+    store = _store(denoiser, shape, cond, device, dtype, draws, fine)
     if steps in store:
         return store[steps]
-    if "traj" not in store:
-        gen = torch.Generator().manual_seed(PROBE_SEED)
-        noise = torch.randn(draws, *shape, generator=gen, dtype=torch.float64).to(
-            device=device, dtype=dtype)
-        store["traj"] = probe_trajectory(denoiser, noise, pcond, fine)
-    traj: ProbeTrajectory = store["traj"]
+    traj = probe_solve(denoiser, shape, cond=cond, device=device, dtype=dtype, draws=draws,
+                       fine=fine)
     half = traj.half if traj.noise.shape[0] > 1 else 0
     x_T = traj.noise * denoiser.schedule.prior_std(1.0)
     scores: dict[tuple[str, str, str], float] = {}
@@ -407,16 +472,21 @@ def probe_plan(denoiser: BaseDenoiser, steps: int, shape: Sequence[int], *, cond
     # (start noise, condition, fine-solve output) of the draws from ``start`` on
     draws_from = {start: (x_T[start:], None if traj.cond is None else traj.cond[start:],
                           traj.x[-1][start:]) for start in {0, half}}
+    finals: dict[str, list[str]] = {}
+    for solver, final in solvers:
+        finals.setdefault(solver, []).append(final)
+    shared = _SharedStart(denoiser, float(traj.ts[0]))  # every rollout's first call, once
     for name, ts in grids.items():
         # a fixed grid saw no probe draw: all of them score it; a path only the held half
         start = 0 if name in FIXED_GRIDS else half
         x_start, cond_start, target = draws_from[start]
-        for solver, final in solvers:
-            x = REGISTRY[solver].fn(denoiser, x_start, ts, cond=cond_start, final=final)
-            mse = (x - target).double().pow(2).flatten(1).mean(1)
-            key = (solver, final, name)
-            scores[key] = _finite(mse.mean().sqrt())
-            held[key] = _finite(mse[half - start:].mean().sqrt())
+        for solver, modes in finals.items():
+            outs = rollout_finals(shared, solver, x_start, ts, cond_start, modes)
+            for final, x in outs.items():
+                mse = (x - target).double().pow(2).flatten(1).mean(1)
+                key = (solver, final, name)
+                scores[key] = _finite(mse.mean().sqrt())
+                held[key] = _finite(mse[half - start:].mean().sqrt())
     fixed = [k for k in scores if k[2] in FIXED_GRIDS]
     paths = [k for k in scores if k[2] not in FIXED_GRIDS]
     finalists = [min(keys, key=scores.__getitem__) for keys in (fixed, paths) if keys]
