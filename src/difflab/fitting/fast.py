@@ -56,7 +56,7 @@ default). The default call's probe has already solved the ODE finely from its ow
 :func:`probe_reference` reads the reference off that solve (a plan's time between two fine
 points by one 2M step from the fine state before it), so the fit makes no second solve: on a
 28x28 U-Net the fit's network calls per draw go from ~272 + 8 sum(n) to ~8 sum(n), and the
-whole `tune-grid --fast` (probe included) from ~29,700 to ~17,500 image evaluations. It costs
+whole `tune-grid --fast` (probe included) from ~29,500 to ~18,200 image evaluations. It costs
 no accuracy: the probe's 180-step UniPC solve and the 240-step dpmpp_3m reference are equally
 far from a 960-step solve on the five models of docs/results/byom_defaults.md (1e-5 to
 3.7e-3 RMSE; both under-resolve the ~2 pi / 1000 period in t of a network told 1000 t through

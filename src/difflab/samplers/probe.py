@@ -46,8 +46,9 @@ Cost: the fine solve (3 ``fine`` calls on ``draws`` images), plus for each step 
 candidates' rollouts, once per model, image shape, condition and step count: ~12 n calls, half
 of them on all ``draws`` images, half on ``draws / 2`` (one rollout per solver and grid: the
 final-step modes differ only in how the last two data predictions make x(0),
-:func:`rollout_finals`). On a 28x28 U-Net, one thread: ~66 s CPU for 5, 10 and 20 steps
-together (session 18; ~87 s with a rollout per mode). The plan is cached
+:func:`rollout_finals`; and each start's first call, the same for every candidate, is made
+once). On a 28x28 U-Net, one thread: ~58 s CPU for 5, 10 and 20 steps together, the fine
+solve included (session 18; ~87 s with a rollout per mode and per first call). The plan is cached
 on the side (:func:`probe_plan`), keyed by the parameters' in-place version counters, so
 training the model invalidates it.
 Measured on five model families in docs/results/byom_defaults.md (sessions 11, 16, 17):
@@ -55,7 +56,9 @@ within diffusers' best scheduler in 14 of 15 cells (5 / 10 / 20 calls) on sessio
 rectified flow at 20 calls was 1.05x on 32 test draws and 1.17x on 384 (the probe's draws
 ranked uniform+path_2m first, and it failed on a few test draws). On five models trained
 afresh in session 17: 13 cells below 1.0x, the eps / linear model at 10 calls 1.00x (diffusers'
-own best method and grid) and at 20 calls 1.007x.
+own best method and grid) and at 20 calls 1.007x (1.014x and 1.021x on two sets of 128 more
+draws, session 18: diffusers' DPM++2M on its `linspace` grid is 1-2 % better there than the
+same solver on the uniform grid, the plan, and no candidate here beats it).
 """
 
 from __future__ import annotations
