@@ -115,6 +115,8 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
     den = model.denoiser
     ckpt, weights = fit_store(model.checkpoint, ema)  # a fit belongs to weights (SHA-256)
     say = log or (lambda line: None)
+    if seed is None and getattr(den.parameterization, "default_sampler", None):
+        seed = 1000  # a model with its own sampler (consistency) is never probed
     if seed is None:  # the probe's draws: its fine solve is the reference
         traj = probe_solve(den, model.shape, device=model.device)
         noise = traj.noise
