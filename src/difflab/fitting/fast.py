@@ -457,7 +457,7 @@ def probe_reference(denoiser: BaseDenoiser, traj: Any, grids: Sequence[Sequence[
     DPM-Solver++(2M) step with the probe's predictions D_i, D_{i-1} (the step of
     :func:`~difflab.samplers.probe.multistep_costs`; first order from the first point), a step
     shorter than the fine solve's own, so it adds less than the fine solve's error."""
-    from difflab.samplers.common import first_order
+    from difflab.samplers.common import first_order, multistep_2m
 
     fine = [float(t) for t in traj.ts]
     merged = sorted(set(fine) | {float(t) for g in grids for t in g}, reverse=True)
@@ -470,20 +470,20 @@ def probe_reference(denoiser: BaseDenoiser, traj: Any, grids: Sequence[Sequence[
         ts.append(t)
     index = nested_indices(ts, [t for g in grids for t in g], tol)
     G = Grid(denoiser.schedule, torch.tensor(ts, dtype=torch.float64), traj.noise)
-    at = {t: i for i, t in enumerate(fine)}
+    at = {t: q for q, t in enumerate(ts)}  # a fine time's index in the merged grid
     x: dict[int, Tensor] = {}
+    i = 0  # the fine point at or before ts[q]
     for q in sorted(set(index) | {0, len(ts) - 1}):
-        if ts[q] in at:
-            x[q] = traj.x[at[ts[q]]]
-            continue
-        i = max(k for k, t in enumerate(fine) if t > ts[q])  # the fine point before t
-        p = ts.index(fine[i])
-        ratio, c = first_order(G, p, q)
-        D = traj.x0[i]
-        if i > 0 and math.isfinite(G.lam[ts.index(fine[i - 1])]):
-            inv = (G.lam[q] - G.lam[p]) / (2 * (G.lam[p] - G.lam[ts.index(fine[i - 1])]))
-            D = (1 + inv) * D - inv * traj.x0[i - 1]  # (1 + 1/(2r)) D_i - D_{i-1} / (2r)
-        x[q] = ratio * traj.x[i] + c * D
+        while i + 1 < len(fine) and fine[i + 1] >= ts[q]:
+            i += 1
+        p = at[fine[i]]
+        if p == q:
+            x[q] = traj.x[i]
+        elif i == 0:  # no history point: the first-order step
+            ratio, c = first_order(G, p, q)
+            x[q] = traj.x0[0].mul(c).add_(traj.x[0], alpha=ratio)
+        else:
+            x[q] = multistep_2m(G, at[fine[i - 1]], p, q, traj.x[i], traj.x0[i], traj.x0[i - 1])
     return FineReference(ts, x, {}, "probe", 0)
 
 

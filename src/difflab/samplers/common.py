@@ -103,6 +103,19 @@ def first_order(g: Grid, i: int, j: int | None = None) -> tuple[float, float]:
     return g.sigma[j] / g.sigma[i], -g.alpha[j] * math.expm1(-(g.lam[j] - g.lam[i]))
 
 
+def multistep_2m(g: Grid, h: int, j: int, k: int, x: Tensor, D_j: Tensor, D_h: Tensor) -> Tensor:
+    """One DPM-Solver++(2M) step j -> k from x = x_j with the data predictions D_j and D_h at
+    an earlier point h < j (Lu et al. 2022b, Alg. 2):
+
+        x_k = (sigma_k / sigma_j) x_j + alpha_k (1 - e^{-(lam_k - lam_j)})
+              [(1 + 1/(2r)) D_j - D_h / (2r)],   r = (lam_j - lam_h) / (lam_k - lam_j);
+
+    1/(2r) = 0 after a step from alpha = 0 (lam_h = -inf): the first-order step."""
+    ratio, c = first_order(g, j, k)
+    inv = (g.lam[k] - g.lam[j]) / (2 * (g.lam[j] - g.lam[h]))  # 1 / (2r)
+    return D_j.mul(c * (1 + inv)).add_(x, alpha=ratio).add_(D_h, alpha=-c * inv)
+
+
 def first_order_step(g: Grid, i: int, x: Tensor, pred: Prediction) -> Tensor:
     """x at grid point i + 1 by the first-order step from point i, in the form that needs no
     conversion of ``pred``: the data form x_t = (sigma_t / sigma_s) x + alpha_t (1 - e^{-h}) x0

@@ -22,6 +22,7 @@ from difflab.samplers.common import (
     final_x0,
     first_order,
     first_order_step,
+    multistep_2m,
     predict,
     randn_like,
     register,
@@ -50,9 +51,7 @@ def data_prediction_multistep(denoiser: BaseDenoiser, x: Tensor, ts: Tensor, con
         elif order == 1 or prev is None:
             x = first_order_step(g, i, x, pred)
         else:  # c D, D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev
-            ratio, c = first_order(g, i)
-            k = g.h(i) / (2 * g.h(i - 1))  # 1 / (2r); 0 after a step from alpha = 0
-            x = pred.x0.mul(c * (1 + k)).add_(x, alpha=ratio).add_(prev.x0, alpha=-c * k)
+            x = multistep_2m(g, i - 1, i, i + 1, x, pred.x0, prev.x0)
         prev = pred
         if callback is not None:
             callback({"i": i, "t": g.times[i], "x": x, "x0": pred.x0})

@@ -420,18 +420,27 @@ def _probe_cond(cond: Any, draws: int) -> Any:
     return cond[idx]
 
 
-def _store(denoiser: BaseDenoiser, shape: Sequence[int], cond: Any,
-           device: torch.device | str | None, dtype: torch.dtype, draws: int,
-           fine: int) -> dict[Any, Any]:
+def _store(denoiser: BaseDenoiser, shape: Sequence[int], pcond: Any, device: torch.device,
+           dtype: torch.dtype, draws: int, fine: int) -> dict[Any, Any]:
     """The cache entry of one probe (its solve and plans), emptied when the weights change."""
     version = _version(denoiser)
     stores = _CACHE.setdefault(denoiser, {})
     for old in [k for k in stores if k[-1] != version]:  # trained since: forget
         del stores[old]
-    device = torch.device("cpu" if device is None else device)
-    key = (tuple(shape), _fingerprint(_probe_cond(cond, draws)), str(device), str(dtype), draws,
-           fine, version)
+    key = (tuple(shape), _fingerprint(pcond), str(device), str(dtype), draws, fine, version)
     return stores.setdefault(key, {})
+
+
+def _solved(store: dict[Any, Any], denoiser: BaseDenoiser, shape: Sequence[int], pcond: Any,
+            device: torch.device, dtype: torch.dtype, draws: int,
+            fine: int) -> ProbeTrajectory:
+    """The fine probe solve of ``store``, solved on first use."""
+    if "traj" not in store:
+        gen = torch.Generator().manual_seed(PROBE_SEED)
+        noise = torch.randn(draws, *shape, generator=gen, dtype=torch.float64).to(
+            device=device, dtype=dtype)
+        store["traj"] = probe_trajectory(denoiser, noise, pcond, fine)
+    return store["traj"]
 
 
 @torch.no_grad()
@@ -441,13 +450,9 @@ def probe_solve(denoiser: BaseDenoiser, shape: Sequence[int], *, cond: Any = Non
     """The fine probe solve (module docstring, step 1) from the probe's own noise (``draws``
     normal draws of ``shape`` from :data:`PROBE_SEED`), cached with :func:`probe_plan`'s plans:
     every step count's plan, and ``difflab tune-grid --fast``'s reference, share it."""
-    store = _store(denoiser, shape, cond, device, dtype, draws, fine)
-    if "traj" not in store:
-        gen = torch.Generator().manual_seed(PROBE_SEED)
-        noise = torch.randn(draws, *shape, generator=gen, dtype=torch.float64).to(
-            device=torch.device("cpu" if device is None else device), dtype=dtype)
-        store["traj"] = probe_trajectory(denoiser, noise, _probe_cond(cond, draws), fine)
-    return store["traj"]
+    pcond, device = _probe_cond(cond, draws), torch.device("cpu" if device is None else device)
+    store = _store(denoiser, shape, pcond, device, dtype, draws, fine)
+    return _solved(store, denoiser, shape, pcond, device, dtype, draws, fine)
 
 
 @torch.no_grad()
@@ -462,11 +467,11 @@ def probe_plan(denoiser: BaseDenoiser, steps: int, shape: Sequence[int], *, cond
     parameter version; the probe solve itself is shared by every step count."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    store = _store(denoiser, shape, cond, device, dtype, draws, fine)
+    pcond, device = _probe_cond(cond, draws), torch.device("cpu" if device is None else device)
+    store = _store(denoiser, shape, pcond, device, dtype, draws, fine)
     if steps in store:
         return store[steps]
-    traj = probe_solve(denoiser, shape, cond=cond, device=device, dtype=dtype, draws=draws,
-                       fine=fine)
+    traj = _solved(store, denoiser, shape, pcond, device, dtype, draws, fine)
     half = traj.half if traj.noise.shape[0] > 1 else 0
     x_T = traj.noise * denoiser.schedule.prior_std(1.0)
     scores: dict[tuple[str, str, str], float] = {}
