@@ -233,7 +233,7 @@ def _tune_fast(den: Any, ckpt: Path, noise: Any, steps: Sequence[int], *, ema: b
     from difflab.fitting.fast import describe_fast_fit, probe_reference, rollout_fittable
     from difflab.fitting.store import remove_fit
     from difflab.samplers import default_plan
-    from difflab.samplers.probe import PROBE_SEED
+    from difflab.samplers.probe import PROBE_SEED, probe_plan
 
     plans = {n: plan for n in steps if (plan := default_plan(den, n, noise)) is not None}
     roll = [n for n in steps if n in plans and rollout_fittable(plans[n])]
@@ -241,11 +241,15 @@ def _tune_fast(den: Any, ckpt: Path, noise: Any, steps: Sequence[int], *, ema: b
     fits = {}
     try:
         if roll:  # on the probe plan's own grid, fitted on its own rollout
-            ref = (None if traj is None else
-                   probe_reference(den, traj, [plans[n].ts for n in roll]))
+            ref = plan_mse = None
+            if traj is not None:  # on the probe's draws: its solve, and its plans' errors
+                ref = probe_reference(den, traj, [plans[n].ts for n in roll])
+                plan_mse = {n: probe_plan(den, n, tuple(noise.shape[1:]), device=noise.device,
+                                          dtype=noise.dtype).draw_mse for n in roll}
             fits.update(fast_fit_solvers(den, roll, noise, reference_steps=reference_steps,
                                          batch_size=batch_size, plans=plans,
-                                         objective="rollout", reference=ref))
+                                         objective="rollout", reference=ref,
+                                         plan_mse=plan_mse))
         if rest:
             fits.update(fast_fit_solvers(den, rest, noise, reference_steps=reference_steps,
                                          batch_size=batch_size, plans=plans))

@@ -385,6 +385,10 @@ class ProbeChoice:
     plan: SolverPlan
     grid_name: str
     scores: dict[tuple[str, str, str], float]
+    #: the plan's squared error on each probe draw (against the fine solve's output), NaN on
+    #: the draws it was not rolled out on (a path's first half): a fit calibrated on the
+    #: probe's draws reads the plan's error off it instead of rolling the plan out again
+    draw_mse: Tensor | None = None
 
 
 def _fingerprint(obj: Any) -> Any:
@@ -476,6 +480,7 @@ def probe_plan(denoiser: BaseDenoiser, steps: int, shape: Sequence[int], *, cond
     x_T = traj.noise * denoiser.schedule.prior_std(1.0)
     scores: dict[tuple[str, str, str], float] = {}
     held: dict[tuple[str, str, str], float] = {}
+    draw_mse: dict[tuple[str, str, str], Tensor] = {}
     grids = candidate_grids(denoiser, traj, steps)
     # (start noise, condition, fine-solve output) of the draws from ``start`` on
     draws_from = {start: (x_T[start:], None if traj.cond is None else traj.cond[start:],
@@ -495,10 +500,12 @@ def probe_plan(denoiser: BaseDenoiser, steps: int, shape: Sequence[int], *, cond
                 key = (solver, final, name)
                 scores[key] = _finite(mse.mean().sqrt())
                 held[key] = _finite(mse[half - start:].mean().sqrt())
+                draw_mse[key] = torch.cat([mse.new_full((start,), math.nan), mse])
     fixed = [k for k in scores if k[2] in FIXED_GRIDS]
     paths = [k for k in scores if k[2] not in FIXED_GRIDS]
     finalists = [min(keys, key=scores.__getitem__) for keys in (fixed, paths) if keys]
     solver, final, name = min(finalists, key=held.__getitem__)  # paired: the same held draws
-    choice = ProbeChoice(SolverPlan(solver, grids[name], final=final), name, scores)
+    choice = ProbeChoice(SolverPlan(solver, grids[name], final=final), name, scores,
+                         draw_mse[solver, final, name])
     store[steps] = choice
     return choice
