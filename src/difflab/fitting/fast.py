@@ -95,12 +95,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from difflab.denoiser import BaseDenoiser, Prediction
+from difflab.denoiser import BaseDenoiser
 from difflab.fitting.fit import Fit
 from difflab.fitting.reference import check_steps
 from difflab.samplers import SolverPlan, get, sample, timesteps
 from difflab.samplers.bespoke import BASES, combine, solver_coefficients
-from difflab.samplers.common import EvalTimes, Grid, predict
+from difflab.samplers.common import EvalTimes, Grid, SharedStart, predict
 from difflab.samplers.probe import PROBE_DRAWS
 
 __all__ = ["fast_fit_solvers", "FineReference", "fine_reference", "nested_indices",
@@ -534,7 +534,10 @@ def _rollout_fits(denoiser: BaseDenoiser, ks: Sequence[int], noise: Tensor,
     t_ref = time.perf_counter() - t0
     out = reference.x[reference.steps]
     if 0 in reference.x0 and cond is None:  # every rollout's first call, made already
-        denoiser = _KnownStart(denoiser, reference.ts[0], reference.x[0], reference.x0[0])
+        x_T, D_T, h = reference.x[0], reference.x0[0], noise.shape[0] // 2
+        denoiser = SharedStart(denoiser, reference.ts[0], [
+            (x_T[s], D_T[s]) for s in (slice(None), slice(0, None, 2), slice(1, None, 2),
+                                       slice(h), slice(h, None))])  # all, folds, halves
     fits = {}
     for k in ks:
         t1 = time.perf_counter()
@@ -586,32 +589,6 @@ def _plan_rmse(denoiser: BaseDenoiser, plan: SolverPlan, noise: Tensor, out: Ten
         mse[s] = _sampled_mse(denoiser, noise[s], out[s], None if cond is None else cond[s],
                               batch_size, fit=plan).cpu()
     return math.sqrt(float(mse.mean()))
-
-
-class _KnownStart(BaseDenoiser):
-    """``inner`` with its data prediction ``D_T`` at ``t_start`` on the calibration draws'
-    starting points ``x_T`` given (the reference solve's first call): a call there on those
-    draws (all of them, the even or the odd ones: the two folds, or either half: the probe's)
-    is answered from it with no network call. Every rollout of the fit starts with that call."""
-
-    def __init__(self, inner: BaseDenoiser, t_start: float, x_T: Tensor, D_T: Tensor):
-        super().__init__()
-        self.inner, self.schedule = inner, inner.schedule
-        self.parameterization = inner.parameterization
-        self.t_start = float(t_start)
-        h = x_T.shape[0] // 2
-        self.known = [(x_T[s], D_T[s]) for s in (slice(None), slice(0, None, 2),
-                                                 slice(1, None, 2), slice(h), slice(h, None))]
-
-    def predict(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Any:
-        return self.inner.predict(x, t, cond)
-
-    def predict_at(self, x: Tensor, point: Any, cond: Any = None) -> Any:
-        if point.t == self.t_start and cond is None:
-            for x_k, D_k in self.known:
-                if x_k.shape == x.shape and torch.equal(x_k, x):
-                    return Prediction(x, D_k, None, point.alpha, point.sigma)
-        return self.inner.predict_at(x, point, cond)
 
 
 def _two_fold_mse(denoiser: BaseDenoiser, plan: SolverPlan, noise: Tensor,

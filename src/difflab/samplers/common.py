@@ -37,7 +37,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +53,7 @@ from difflab.schedules import NoiseSchedule
 
 __all__ = ["Grid", "EvalTimes", "shifted_times", "native_target", "SamplerSpec", "REGISTRY",
            "register", "randn_like", "FINAL_MODES", "first_order", "final_x0", "check_final",
-           "MAX_SHRINK", "warn_large_steps"]
+           "MAX_SHRINK", "warn_large_steps", "SharedStart"]
 
 FINAL_MODES = ("extrapolate", "x0")
 MAX_SHRINK = 10.0  # sigma~_s / sigma~_t of one step (h = ln 10 ~ 2.3): heun's, dpm_solver_k's limit
@@ -228,6 +228,39 @@ class EvalTimes(BaseDenoiser):
         or a 0-d tensor that may require grad: the bespoke fit differentiates through it)."""
         f = self.denoiser.predict(x, te, cond).target(self.target)
         return Prediction.from_target(self.target, f, x, point.alpha, point.sigma)
+
+
+class SharedStart(BaseDenoiser):
+    """``inner`` with its call at ``t_start`` made once per start tensor: the rollouts of many
+    solvers from one start (the probe's candidates; the fast fit's variants, folds and final
+    fit) all begin with that same call. A call at ``t_start`` on a tensor equal to one answered
+    before, with the same condition object, is answered from it; so is one equal to a start of
+    ``known`` (pairs of a start tensor and the data prediction made there with no condition,
+    e.g. a reference solve's first). No network call is made for them."""
+
+    def __init__(self, inner: BaseDenoiser, t_start: float,
+                 known: Sequence[tuple[Tensor, Tensor]] = ()):
+        super().__init__()
+        self.inner, self.schedule = inner, inner.schedule
+        self.parameterization = inner.parameterization
+        self.t_start = float(t_start)
+        # (start, condition, its Prediction or data prediction)
+        self.made: list[tuple[Tensor, Any, Prediction | Tensor]] = [(x, None, D)
+                                                                     for x, D in known]
+
+    def predict(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Prediction:
+        return self.inner.predict(x, t, cond)
+
+    def predict_at(self, x: Tensor, point: TimePoint, cond: Any = None) -> Prediction:
+        if point.t != self.t_start:
+            return self.inner.predict_at(x, point, cond)
+        for x_k, c_k, p_k in self.made:
+            if c_k is cond and x_k.shape == x.shape and (x_k is x or torch.equal(x_k, x)):
+                return (p_k if isinstance(p_k, Prediction) else
+                        Prediction(x, p_k, None, point.alpha, point.sigma))
+        p = self.inner.predict_at(x, point, cond)
+        self.made.append((x, cond, p))
+        return p
 
 
 def predict(denoiser: BaseDenoiser, x: Tensor, g: Grid, i: int, cond: Any) -> Prediction:

@@ -74,7 +74,7 @@ import torch
 from torch import Tensor
 
 from difflab.denoiser import BaseDenoiser, Condition
-from difflab.samplers.common import REGISTRY, Grid, final_x0, first_order
+from difflab.samplers.common import REGISTRY, Grid, SharedStart, final_x0, first_order
 from difflab.samplers.plan import SolverPlan
 from difflab.samplers.timesteps import timesteps
 
@@ -352,30 +352,6 @@ def rollout_finals(denoiser: BaseDenoiser, solver: str, x: Tensor, ts: Tensor, c
             if mode != "x0" and ends_clean else out for mode in finals}
 
 
-class _SharedStart(BaseDenoiser):
-    """``inner`` with its prediction at each start of the probe's rollouts (a start tensor at
-    t = ``t_start``) made once and reused: every candidate's rollout begins with that same
-    call on the same tensor, so the result is the same to the bit."""
-
-    def __init__(self, inner: BaseDenoiser, t_start: float):
-        super().__init__()
-        self.inner, self.schedule = inner, inner.schedule
-        self.parameterization = inner.parameterization
-        self.t_start = t_start
-        self.made: dict[int, tuple[Tensor, Any, Any]] = {}  # id(x) -> (x, cond, prediction)
-
-    def predict(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Any:
-        return self.inner.predict(x, t, cond)
-
-    def predict_at(self, x: Tensor, point: Any, cond: Any = None) -> Any:
-        if point.t != self.t_start:
-            return self.inner.predict_at(x, point, cond)
-        hit = self.made.get(id(x))
-        if hit is None or hit[0] is not x or hit[1] is not cond:
-            hit = self.made[id(x)] = (x, cond, self.inner.predict_at(x, point, cond))
-        return hit[2]
-
-
 @dataclass(frozen=True)
 class ProbeChoice:
     """What :func:`probe_plan` chose: the ``plan`` and every candidate's probe RMSE
@@ -488,7 +464,7 @@ def probe_plan(denoiser: BaseDenoiser, steps: int, shape: Sequence[int], *, cond
     finals: dict[str, list[str]] = {}
     for solver, final in solvers:
         finals.setdefault(solver, []).append(final)
-    shared = _SharedStart(denoiser, float(traj.ts[0]))  # every rollout's first call, once
+    shared = SharedStart(denoiser, float(traj.ts[0]))  # every rollout's first call, once
     for name, ts in grids.items():
         # a fixed grid saw no probe draw: all of them score it; a path only the held half
         start = 0 if name in FIXED_GRIDS else half
