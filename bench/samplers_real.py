@@ -70,38 +70,52 @@ PREVIOUS_DEFAULT = ("dpmpp_2m", "log_snr")  # the default call before issue #17 
 
 
 class NetModel:
-    """The denoiser's network as diffusers calls it: model(x, timestep) -> raw output."""
+    """The denoiser's network as diffusers calls it: model(x, timestep) -> raw output. With
+    ``labels`` and a guidance weight ``w``, classifier-free guidance as diffusers' pipelines
+    apply it to the raw output, out_null + (1 + w) (out_c - out_null) (guidance_scale 1 + w;
+    for an output linear in x0 and eps at fixed x and t, as eps, v and x0 are, the same
+    combination as difflab's ClassifierFreeGuidance), both halves in one call."""
 
-    def __init__(self, den):
-        self.net, self.calls = den.net, 0
+    def __init__(self, den, labels: torch.Tensor | None = None, w: float = 0.0):
+        self.net, self.calls, self.labels, self.w = den.net, 0, labels, w
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, timestep) -> torch.Tensor:
         self.calls += 1
         t = torch.full((x.shape[0],), float(timestep), dtype=torch.float32)
-        return self.net(x.float(), t).to(x.dtype)
+        if self.labels is None:
+            return self.net(x.float(), t).to(x.dtype)
+        from difflab.denoiser import Condition
+
+        cond = Condition.of(self.labels[: x.shape[0]])
+        both = Condition.cat([cond, cond.null()]).kwargs()
+        out = self.net(torch.cat([x, x]).float(), torch.cat([t, t]), **both).to(x.dtype)
+        c, u = out.chunk(2)
+        return u + (1 + self.w) * (c - u)
 
 
-def reference(den, noise: torch.Tensor, steps: int) -> torch.Tensor:
+def reference(den, noise: torch.Tensor, steps: int, cond=None) -> torch.Tensor:
     """dpmpp_3m (data prediction, 3rd order) on the probe's fine grid of ``steps`` steps: the
     density sum of the uniform, log-SNR and Karras grids (``difflab.samplers.probe.fine_grid``),
     dense at both ends, so it converges on VP, VE and rectified-flow models alike."""
     from difflab.samplers.probe import FAMILIES, fine_grid
 
     ts = fine_grid(den.schedule, max(1, round(steps / len(FAMILIES))))
-    return S.sample(den, noise, "dpmpp_3m", grid=ts)
+    return S.sample(den, noise, "dpmpp_3m", grid=ts, cond=cond)
 
 
-def cached_reference(args, spec: str, den, noise: torch.Tensor, steps: int) -> torch.Tensor:
+def cached_reference(args, spec: str, den, noise: torch.Tensor, steps: int,
+                     cond=None) -> torch.Tensor:
     """:func:`reference`, read from / written to ``--ref-cache`` when one is given (a file per
     model, seed, test size and step count)."""
     if not args.ref_cache:
-        return reference(den, noise, steps)
+        return reference(den, noise, steps, cond)
     name = "".join(c if c.isalnum() else "_" for c in spec)
-    path = Path(args.ref_cache) / f"{name}_seed{args.seed}_n{args.n}_fine{steps}.pt"
+    tag = f"_cfg{args.cfg:g}" if args.cfg is not None else ""
+    path = Path(args.ref_cache) / f"{name}_seed{args.seed}_n{args.n}_fine{steps}{tag}.pt"
     if path.exists():
         return torch.load(path)
-    ref = reference(den, noise, steps)
+    ref = reference(den, noise, steps, cond)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ref, path)
     return ref
@@ -228,18 +242,18 @@ def load_model(spec: str):
 PROBE_CPU: dict[int, float] = {}  # CPU seconds of the default call's probe, per step count
 
 
-def default_label(den, noise: torch.Tensor) -> str:
+def default_label(den, noise: torch.Tensor, cond=None) -> str:
     """What the default call picks for this model at each step count: the probe's plan
     (difflab.samplers.probe), or the fixed default where the probe does not run."""
     parts = []
     for n in NFES:
         t0 = time.process_time()
-        plan = S.default_plan(den, n, noise)
+        plan = S.default_plan(den, n, noise, cond)
         PROBE_CPU[n] = time.process_time() - t0
         if plan is None:
             parts.append(f"{n}: {S.choose(None, None, den.parameterization)}")
             continue
-        choice = S.probe_plan(den, n, tuple(noise.shape[1:]), dtype=noise.dtype)
+        choice = S.probe_plan(den, n, tuple(noise.shape[1:]), dtype=noise.dtype, cond=cond)
         parts.append(f"{n}: {plan.sampler} final={plan.final} on {choice.grid_name}")
     return "; ".join(parts)
 
@@ -260,15 +274,28 @@ def run_model(args, spec: str) -> dict:
     den, desc, shape, ckpt = load_model(spec)
     den.eval()
     noise = torch.randn(args.n, *shape, generator=torch.Generator().manual_seed(args.seed))
+    cond, model = None, NetModel(den)
+    if args.cfg is not None:  # class i mod K for draw i, classifier-free guidance of weight w
+        from difflab.guidance import classifier_free
+
+        if args.tune or args.grids or args.figure:
+            raise SystemExit("--cfg runs with --tune '' and no --grids or --figure")
+        classes = getattr(den.net, "num_classes", None)
+        if not classes:
+            raise SystemExit(f"--cfg needs a class-conditional model; {spec} is not one")
+        cond = torch.arange(args.n) % classes
+        model = NetModel(den, cond, args.cfg)
+        den = classifier_free(den, args.cfg)
+        desc += f", classifier-free guidance w = {args.cfg:g} (diffusers' scale {1 + args.cfg:g})"
     with torch.no_grad():
-        ref = cached_reference(args, spec, den, noise, args.ref_steps)
-        ref_half = cached_reference(args, spec, den, noise, args.ref_steps // 2)
+        ref = cached_reference(args, spec, den, noise, args.ref_steps, cond)
+        ref_half = cached_reference(args, spec, den, noise, args.ref_steps // 2, cond)
     ref_err = rmse(ref, ref_half)
     print(spec, "reference self-error", ref_err, flush=True)
     fits = stored_fits(spec, ckpt)
     fitted = sorted(fits)
     auto = ("default call `difflab.sample(den, noise, steps=n)`: "
-            + default_label(den, noise))
+            + default_label(den, noise, cond))
     rows_dl: dict[str, dict[int, tuple[float, int]]] = {auto: {}}
 
     done: dict[tuple, str] = {}  # (sampler, grid) -> the row that ran it
@@ -286,14 +313,14 @@ def run_model(args, spec: str) -> dict:
         for nfe in NFES:
             steps = steps_for(name, nfe)
             with torch.no_grad():
-                x = S.sample(den, noise, name, steps, spacing=spacing)
+                x = S.sample(den, noise, name, steps, spacing=spacing, cond=cond)
             err = rmse(x, ref) if torch.isfinite(x).all() else math.inf
             rows_dl[label][nfe] = (err, S.get(name).nfe(steps))
         print(label, rows_dl[label], flush=True)
 
     for nfe in NFES:  # every sampler the default call picks makes one network call per step
         with torch.no_grad():
-            x = S.sample(den, noise, steps=nfe)
+            x = S.sample(den, noise, steps=nfe, cond=cond)
         rows_dl[auto][nfe] = (rmse(x, ref) if torch.isfinite(x).all() else math.inf, nfe)
     print(auto, rows_dl[auto], flush=True)
     before = f"previous default: {PREVIOUS_DEFAULT[0]} spacing={PREVIOUS_DEFAULT[1]}"
@@ -303,7 +330,7 @@ def run_model(args, spec: str) -> dict:
         rows_dl[label] = {}
         for nfe in NFES:
             with torch.no_grad():
-                x = S.sample(den, noise, steps=nfe, fit=fits.get(nfe))
+                x = S.sample(den, noise, steps=nfe, fit=fits.get(nfe), cond=cond)
             rows_dl[label][nfe] = (rmse(x, ref), S.get(S.choose(None, fits.get(nfe))).nfe(nfe))
     for name in (args.solvers.split(",") if args.solvers else DIFFLAB):
         run(f"{name} (own spacing {S.get(name).spacing})", name)
@@ -346,7 +373,6 @@ def run_model(args, spec: str) -> dict:
                 x = S.sample(den, noise, name, fit=fit)
                 rows_dl.setdefault(label, {n: (math.nan, 0) for n in NFES})
                 rows_dl[label][nfe] = (rmse(x, ref), S.get(name).nfe(steps))
-    model = NetModel(den)
     rows_df: dict[str, dict[int, tuple[float, int]]] = {}
     keep = [k for k in args.configs.split(",") if k]
     for label, cls, config in diffusers_configs(den):
@@ -448,6 +474,9 @@ def main() -> None:
     ap.add_argument("models", nargs="+",
                     help="difflab checkpoints / run dirs, or diffusers:FOLDER")
     ap.add_argument("--n", type=int, default=32, help="test images (batch)")
+    ap.add_argument("--cfg", type=float, default=None,
+                    help="classifier-free guidance weight w of a class-conditional model "
+                         "(draw i gets class i mod K; diffusers' guidance_scale = 1 + w)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the test noise")
     ap.add_argument("--ref-steps", type=int, default=960)
     ap.add_argument("--ref-cache", default="",
