@@ -58,7 +58,9 @@ ranked uniform+path_2m first, and it failed on a few test draws). On five models
 afresh in session 17: 13 cells below 1.0x, the eps / linear model at 10 calls 1.00x (diffusers'
 own best method and grid) and at 20 calls 1.007x (1.014x and 1.021x on two sets of 128 more
 draws, session 18: diffusers' DPM++2M on its `linspace` grid is 1-2 % better there than the
-same solver on the uniform grid, the plan, and no candidate here beats it).
+same solver on the uniform grid, the plan, and no candidate here beats it). On a
+classifier-free-guided class-conditional model (session 19): 0.85 / 0.54 / 0.48x at w = 2 and
+0.67 / 0.47 / 0.35x at w = 4.
 """
 
 from __future__ import annotations
