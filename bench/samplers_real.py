@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from difflab import samplers as S
+from difflab.denoiser import Condition
 from difflab.fitting import load_fit, load_fits
 from difflab.train.checkpoint import load_denoiser, resolve
 
@@ -85,8 +86,6 @@ class NetModel:
         t = torch.full((x.shape[0],), float(timestep), dtype=torch.float32)
         if self.labels is None:
             return self.net(x.float(), t).to(x.dtype)
-        from difflab.denoiser import Condition
-
         cond = Condition.of(self.labels[: x.shape[0]])
         both = Condition.cat([cond, cond.null()]).kwargs()
         out = self.net(torch.cat([x, x]).float(), torch.cat([t, t]), **both).to(x.dtype)
