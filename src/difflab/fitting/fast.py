@@ -78,7 +78,7 @@ held-out rollouts (about 6 sum(n)), and the chosen variant's fit on all draws. T
 are not made again (session 19): every rollout's first call, at x_T, is the reference solve's
 first (when it kept its predictions: the probe's solve, dpmpp_3m / 2m), and on the probe's
 draws the plan's error on each draw is the probe's (``plan_mse``), so the plan is rolled out
-only on the draws the probe did not score it on. On fm_base: 18,204 -> 17,316 image
+only on the draws the probe did not score it on. On fm_base: 18,204 -> 17,304 image
 evaluations for ``tune-grid --fast``, the fits unchanged to the bit (on the eps / linear model
 to 1e-5 relative: a call on all draws and on a half round differently).
 Measurements: docs/results/fit_fast.md.
@@ -533,11 +533,8 @@ def _rollout_fits(denoiser: BaseDenoiser, ks: Sequence[int], noise: Tensor,
     index = dict(zip(ks, indices))
     t_ref = time.perf_counter() - t0
     out = reference.x[reference.steps]
-    if 0 in reference.x0 and cond is None:  # every rollout's first call, made already
-        x_T, D_T, h = reference.x[0], reference.x0[0], noise.shape[0] // 2
-        denoiser = SharedStart(denoiser, reference.ts[0], [
-            (x_T[s], D_T[s]) for s in (slice(None), slice(0, None, 2), slice(1, None, 2),
-                                       slice(h), slice(h, None))])  # all, folds, halves
+    if 0 in reference.x0:  # every rollout's first call, made already (on any of the draws)
+        denoiser = SharedStart(denoiser, reference.ts[0], reference.x[0], reference.x0[0])
     fits = {}
     for k in ks:
         t1 = time.perf_counter()

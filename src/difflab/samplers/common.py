@@ -37,7 +37,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,19 +234,21 @@ class SharedStart(BaseDenoiser):
     """``inner`` with its call at ``t_start`` made once per start tensor: the rollouts of many
     solvers from one start (the probe's candidates; the fast fit's variants, folds and final
     fit) all begin with that same call. A call at ``t_start`` on a tensor equal to one answered
-    before, with the same condition object, is answered from it; so is one equal to a start of
-    ``known`` (pairs of a start tensor and the data prediction made there with no condition,
-    e.g. a reference solve's first). No network call is made for them."""
+    before, with the same condition object, is answered from it; with no condition, so is one
+    whose draws are all among the rows of ``x_T``, whose data predictions ``D_T`` are known
+    (e.g. a reference solve's first: any subset of the calibration draws, a fold or a half).
+    No network call is made for them."""
 
-    def __init__(self, inner: BaseDenoiser, t_start: float,
-                 known: Sequence[tuple[Tensor, Tensor]] = ()):
+    def __init__(self, inner: BaseDenoiser, t_start: float, x_T: Tensor | None = None,
+                 D_T: Tensor | None = None):
         super().__init__()
         self.inner, self.schedule = inner, inner.schedule
         self.parameterization = inner.parameterization
         self.t_start = float(t_start)
-        # (start, condition, its Prediction or data prediction)
-        self.made: list[tuple[Tensor, Any, Prediction | Tensor]] = [(x, None, D)
-                                                                     for x, D in known]
+        self.made: list[tuple[Tensor, Any, Prediction]] = []  # (start, condition, prediction)
+        self.D_T = D_T
+        self.rows = {} if x_T is None or D_T is None else {
+            _row_key(r): i for i, r in enumerate(x_T)}
 
     def predict(self, x: Tensor, t: Tensor | float, cond: Any = None) -> Prediction:
         return self.inner.predict(x, t, cond)
@@ -256,11 +258,19 @@ class SharedStart(BaseDenoiser):
             return self.inner.predict_at(x, point, cond)
         for x_k, c_k, p_k in self.made:
             if c_k is cond and x_k.shape == x.shape and (x_k is x or torch.equal(x_k, x)):
-                return (p_k if isinstance(p_k, Prediction) else
-                        Prediction(x, p_k, None, point.alpha, point.sigma))
+                return p_k
+        if cond is None and self.rows and self.D_T is not None:
+            idx = [self.rows.get(_row_key(r)) for r in x]
+            if None not in idx:
+                return Prediction(x, self.D_T[idx], None, point.alpha, point.sigma)
         p = self.inner.predict_at(x, point, cond)
         self.made.append((x, cond, p))
         return p
+
+
+def _row_key(row: Tensor) -> bytes:
+    """A draw's exact value as bytes (float64 holds every lower float precision exactly)."""
+    return row.detach().to("cpu", torch.float64).numpy().tobytes()
 
 
 def predict(denoiser: BaseDenoiser, x: Tensor, g: Grid, i: int, cond: Any) -> Prediction:
