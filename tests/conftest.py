@@ -9,18 +9,23 @@ import torch
 torch.set_num_threads(1)
 
 
-def mlp_checkpoint(path):
+def mlp_checkpoint(path, num_classes=None):
     """A checkpoint of an untrained 2-D MLP eps-model on DDPM's linear schedule (the CLI tests
-    of tune-grid and sample need a checkpoint, not a good one); returns its directory."""
+    of tune-grid and sample need a checkpoint, not a good one), class-conditional with
+    ``num_classes``; returns its directory."""
     from difflab import schedules
     from difflab.nets import build
     from difflab.train.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
-    net = build({"type": "mlp", "dim": 2, "hidden": 16, "depth": 2})
+    net = build({"type": "mlp", "dim": 2, "hidden": 16, "depth": 2,
+                 **({"num_classes": num_classes} if num_classes else {})})
     sd = {k: v.clone() for k, v in net.state_dict().items()}
+    data = {"name": "ring", "channels": 2, "resolution": None}
+    if num_classes:
+        data["num_classes"] = num_classes
     config = {"net": net.config, "schedule": schedules.linear().config(), "prediction": "eps",
-              "data": {"name": "ring", "channels": 2, "resolution": None}}
+              "data": data, **({"train": {"conditional": True}} if num_classes else {})}
     return save_checkpoint(path, config=config, model=sd, ema=sd)
 
 

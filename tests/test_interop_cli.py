@@ -368,6 +368,13 @@ def test_class_conditional_folder_cycles_labels_and_names_what_is_missing(tmp_pa
     rc, _, err = run(capsys, "sample", folder, "--steps", 2, "--cfg", 1, "--out",
                      tmp_path / "b.npy")
     assert rc == 2 and "--cfg" in err and "null" in err and not (tmp_path / "b.npy").exists()
-    rc, _, err = run(capsys, "tune-grid", folder, "--steps", 2)
-    assert rc == 2 and "class-conditional" in err
+    rc, _, err = run(capsys, "tune-grid", folder, "--steps", 2, "--cfg", 1)
+    assert rc == 2 and "--cfg" in err and "null" in err
     assert not interop.fits_folder(folder).exists()
+    before = snapshot(folder)  # no --cfg: its conditional sampling, class i mod 4 for draw i
+    rc, out, err = run(capsys, "tune-grid", folder, "--steps", 2, "--count", 4,
+                       "--reference-steps", 10, "--max-evals", 10)
+    assert rc == 0, err
+    assert "4-class sampling unguided" in out and "/ema/cfg=0" in out
+    fits = json.loads((interop.fits_folder(folder) / "fits.json").read_text())["fits"]
+    assert sorted(fits) == ["unipc/2/ema/cfg=0"] and snapshot(folder) == before

@@ -292,3 +292,51 @@ def test_cli_tune_grid_then_sample_uses_it(tmp_path, capsys):
     assert main(["tune-grid", str(ckpt), "--sampler", "dpmpp_2m", "--steps", "6", "--count", "4",
                  "--reference-steps", "10", "--eval-times-only"]) != 0
     assert "no dpmpp_2m 6-step grid for these weights; tune one first" in capsys.readouterr().err
+
+
+def test_cli_tune_grid_fits_a_class_conditional_model_for_its_guidance(tmp_path, capsys):
+    """``tune-grid --cfg W`` fits the ODE of classifier-free-guided sampling with weight w,
+    draw i of class i mod K: the stored grid's calibration RMSE is that of the guided sampler
+    against the guided reference (recomputed here), and ``sample`` runs the fit only at that w.
+    """
+    from conftest import mlp_checkpoint
+
+    from difflab.cli import main
+    from difflab.fitting import FITS, load_fit, reference_profile
+    from difflab.guidance import classifier_free
+    from difflab.train.checkpoint import load_denoiser
+
+    ckpt = mlp_checkpoint(tmp_path / "ck", num_classes=3)
+    args = ["tune-grid", str(ckpt), "--sampler", "dpmpp_2m", "--steps", "4", "--count", "12",
+            "--reference-steps", "20", "--max-evals", "30"]
+    assert main(args + ["--cfg", "2"]) == 0
+    assert "3-class sampling with classifier-free guidance w = 2" in capsys.readouterr().out
+    assert main(args) == 0  # no --cfg: the conditional model, unguided
+    stored = json.loads((ckpt / FITS).read_text())["fits"]
+    assert sorted(stored) == ["dpmpp_2m/4/ema/cfg=0", "dpmpp_2m/4/ema/cfg=2"]
+
+    den, _ = load_denoiser(ckpt)
+    noise = torch.randn(12, 2, generator=torch.Generator().manual_seed(1000))
+    labels = torch.arange(12) % 3
+    for w in (2.0, 0.0):
+        guided = classifier_free(den, w) if w else den
+        fit = load_fit(ckpt, "dpmpp_2m", 4, guidance=f"cfg={w:g}")
+        ref, _ = reference_profile(guided, noise, 20, cond=labels)
+        x = S.sample(guided, noise, fit=fit, cond=labels)
+        assert (x - ref).pow(2).mean().sqrt().item() == pytest.approx(fit.rmse, rel=1e-5)
+    assert load_fit(ckpt, "dpmpp_2m", 4, guidance="cfg=2").rmse != pytest.approx(
+        load_fit(ckpt, "dpmpp_2m", 4, guidance="cfg=0").rmse, rel=1e-3)
+
+    capsys.readouterr()
+    out = tmp_path / "x.npy"
+    base = ["sample", str(ckpt), "--sampler", "dpmpp_2m", "--steps", "4", "--count", "3",
+            "--out", str(out), "--overwrite"]
+    for extra, used in ((["--cfg", "2"], True), ([], True), (["--cfg", "1"], False),
+                        (["--cfg", "2", "--cfg-rescale", "0.5"], False)):
+        assert main(base + extra) == 0
+        assert ("using the tuned dpmpp_2m 4-step grid" in capsys.readouterr().out) == used, extra
+    # an unconditional model has no guidance to fit for
+    plain = mlp_checkpoint(tmp_path / "plain")
+    assert main(["tune-grid", str(plain), "--steps", "3", "--cfg", "2"]) == 2
+    assert "needs a class-conditional checkpoint" in capsys.readouterr().err
+    assert not (plain / FITS).exists()

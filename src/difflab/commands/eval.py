@@ -140,7 +140,8 @@ def evaluate(source: str | os.PathLike, *, reference: str = "fashion_mnist",
     if model is not None:
         for asked in samplers:
             for n_steps in steps:
-                solver = choose_solver(model.checkpoint, asked, n_steps, ema=ema)
+                solver = choose_solver(model.checkpoint, asked, n_steps, ema=ema,
+                                       guidance=model.guided.fits)
                 target = None if not save_samples else check_output(
                     Path(save_samples) / f"{solver.sampler}_{n_steps}.npy",
                     overwrite=overwrite, name="save_samples")  # before sampling

@@ -69,11 +69,16 @@ class Guided:
     """A guided denoiser and the labels it is sampled with.
 
     ``num_classes`` is None for unconditional sampling (no labels at all); else the labels
-    are ``label`` for every sample, or the classes in turn (``i % num_classes``)."""
+    are ``label`` for every sample, or the classes in turn (``i % num_classes``). ``fits``:
+    the guidance part of the keys of the fits this sampling runs
+    (:func:`difflab.fitting.store.guidance_tag`, ``"cfg=W"`` for a class-conditional model,
+    what ``difflab tune-grid --cfg W`` stores); None: an unguided model's own fits;
+    ``"classifier"`` (classifier guidance), under which no fit is stored: the probe's plan."""
 
     denoiser: Any
     num_classes: int | None = None
     label: int | None = None
+    fits: str | None = None
 
     def labels(self, count: int) -> Tensor | None:
         """The class labels of ``count`` samples (None: unconditional)."""
@@ -224,7 +229,10 @@ def guide(denoiser: Any, config: dict[str, Any], guidance: Guidance | None = Non
         den = classifier_guidance(den, log_prob, scale, pass_cond=conditional)
     if not conditional and clf is None:
         return Guided(den)
-    return Guided(den, int(num_classes), None if g.label is None else int(g.label))
+    from difflab.fitting.store import guidance_tag
+
+    fits = "classifier" if clf is not None else guidance_tag(w, phi)
+    return Guided(den, int(num_classes), None if g.label is None else int(g.label), fits)
 
 
 # --- command line ------------------------------------------------------------------------

@@ -9,7 +9,7 @@
 compose these::
 
     model = load_model("runs/fm", guidance=Guidance(cfg=1.5))
-    solver = choose_solver(model.checkpoint, "auto", 10)
+    solver = choose_solver(model.checkpoint, "auto", 10, guidance=model.guided.fits)
     samples = sample_images(model, solver, 64, seed=0)       # samples.images: (64, C, H, W)
 
 A local diffusers model or pipeline folder (issue #17, :mod:`difflab.interop`) loads through
@@ -113,6 +113,7 @@ class PromptGuided:
     control: Tensor | None = None
     num_classes: None = None
     label: None = None
+    fits: str = "prompts"  # no fit is made for prompted sampling: the probe's plan runs
 
     def labels(self, count: int) -> Any:
         rows = torch.arange(count)
@@ -266,13 +267,16 @@ class Solver:
 
 
 def choose_solver(checkpoint: str | os.PathLike | None, sampler: str = "auto", steps: int = 10,
-                  *, spacing: str | None = None, ema: bool = True) -> Solver:
+                  *, spacing: str | None = None, ema: bool = True,
+                  guidance: str | None = None) -> Solver:
     """The solver a checkpoint (directory, as :attr:`Model.checkpoint`) is sampled with.
 
     An explicit ``spacing`` wins (``sampler`` on that rule's grid; "auto": dpmpp_2m).
     Otherwise the fit stored with the checkpoint for ``sampler`` and ``steps`` runs (for
     "auto": the bespoke solver fitted for ``steps``, else dpmpp_2m's tuned grid; the rule is
-    :func:`difflab.fitting.choose_fit`'s), else the sampler on its default grid; "auto"
+    :func:`difflab.fitting.choose_fit`'s; a guided model's fits are those stored for its
+    ``guidance``, :attr:`Guided.fits <difflab.commands.guidance.Guided.fits>`), else the
+    sampler on its default grid; "auto"
     with no fit, spacing or consistency model: ``Solver("auto", steps)``, the default call's
     plan (the probe's for 2-40 steps), resolved by :meth:`Solver.resolve`.
     ``checkpoint=None``: no stored fits. Raises ParameterError for an unknown sampler or
@@ -293,7 +297,8 @@ def choose_solver(checkpoint: str | os.PathLike | None, sampler: str = "auto", s
     fit = None
     if checkpoint is not None:
         store, weights = fit_store(checkpoint, ema)  # the fit belongs to these weights
-        fit = choose_fit(store, sampler, steps, spacing=spacing, ema=ema, weights=weights)
+        fit = choose_fit(store, sampler, steps, spacing=spacing, ema=ema, weights=weights,
+                         guidance=guidance)
     prediction = None if checkpoint is None or is_diffusers_folder(checkpoint) else \
         _consistency_steps(checkpoint, steps)
     if sampler == AUTO and fit is None and spacing is None and prediction is None:

@@ -64,7 +64,8 @@ def generate(checkpoint: str | os.PathLike, *, count: int = 64, steps: int = 10,
     else:
         model = load_model(checkpoint, ema=ema, device=device, guidance=guidance)
     check_memory(count, model.shape)  # before sampling: the samples must fit in memory
-    solver = choose_solver(model.checkpoint, sampler, steps, spacing=spacing, ema=ema)
+    solver = choose_solver(model.checkpoint, sampler, steps, spacing=spacing, ema=ema,
+                           guidance=model.guided.fits)
     return sample_images(model, solver, count, seed=seed, batch_size=batch_size)
 
 

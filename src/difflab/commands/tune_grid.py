@@ -22,6 +22,13 @@ weights (EMA or raw) by default (:func:`difflab.commands.model.choose_solver`), 
 ``--spacing`` chooses a fixed rule instead. A fit belongs to the weights it was fitted to (the
 store records their SHA-256 and ignores a fit for other weights with a warning).
 
+A class-conditional checkpoint is fitted for the guidance it will be sampled with: ``--cfg W``
+(and ``--cfg-rescale``) fits classifier-free-guided sampling of weight w, on calibration draw i
+of class i mod K, stored as ``bespoke/<steps>/ema/cfg=W`` (:func:`difflab.fitting.store.
+guidance_tag`; no ``--cfg``: ``cfg=0``, the conditional model unguided); ``difflab sample
+--cfg W`` and ``difflab eval --cfg W`` run the fit stored for their w, and no other (a fit
+serves one ODE: guidance changes it).
+
 A local diffusers model or pipeline folder is tuned the same way, its fits stored beside the
 folder and never in it (:func:`difflab.commands.model.fit_store`: ``FOLDER.difflab/fits.json``,
 where ``difflab sample FOLDER`` finds them); a fit already stored there for the sampler and
@@ -35,13 +42,14 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from difflab.commands.common import HelpFormatter, ParameterError, param, set_threads
-from difflab.commands.guidance import is_conditional
+from difflab.commands.guidance import Guidance
 from difflab.commands.model import fit_store, load_model
 from difflab.fitting.fast import FAST_CALIBRATION
 
@@ -55,7 +63,8 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
                     eval_times_only: bool = False, base: str = "unipc", start: str = "tuned",
                     max_iter: int = 100, device: str | torch.device = "cpu",
                     log: Callable[[str], None] | None = None,
-                    overwrite: bool = False, fast: bool = False) -> list[tuple[Any, Path]]:
+                    overwrite: bool = False, fast: bool = False, cfg: float | None = None,
+                    cfg_rescale: float = 0.0) -> list[tuple[Any, Path]]:
     """Fit ``sampler``'s grid for each of ``steps`` to a checkpoint's EMA (``ema=False``: raw)
     weights on ``count`` calibration draws from ``seed``, against a ``reference_steps``
     dpm_solver_3 solution, and store each fit with the checkpoint. ``eval_times``: also fit
@@ -72,9 +81,12 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
     draws are the probe's own (:func:`~difflab.samplers.probe.probe_solve`, ``count`` of
     them, :data:`~difflab.samplers.probe.PROBE_DRAWS`), and the probe's fine solve, which the
     default call's plans were made from, is the reference
-    (:func:`~difflab.fitting.fast.probe_reference`): no second solve.
+    (:func:`~difflab.fitting.fast.probe_reference`): no second solve. A class-conditional
+    checkpoint is fitted guided by classifier-free guidance of weight ``cfg`` (None or 0: its
+    conditional model; ``cfg_rescale``: the rescale), calibration draw i of class i mod K, the
+    fits stored under that guidance (:func:`~difflab.fitting.store.guidance_tag`).
     """
-    from difflab.fitting import load_fit, reference_profile, save_fit, tune_grid
+    from difflab.fitting import reference_profile, tune_grid
     from difflab.interop import check_safetensors, is_diffusers_folder
     from difflab.samplers import SPACINGS
     from difflab.samplers.probe import PROBE_DRAWS, probe_solve
@@ -103,55 +115,65 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
     from difflab.commands.validate import check_device
 
     check_device(device)
+    guidance = Guidance(cfg=cfg or 0.0, cfg_rescale=cfg_rescale)
     if is_diffusers_folder(checkpoint):  # refused unopened; an output replaced only if asked
         check_safetensors(checkpoint)
-        _check_store(checkpoint, sampler, steps, ema, overwrite)
-    model = load_model(checkpoint, ema=ema, device=device)
-    if is_conditional(model.config):
-        raise ParameterError(f"{param('checkpoint')} {checkpoint}: tune-grid fits unconditional "
-                             "sampling; this checkpoint is class-conditional (tune with a "
-                             "guided denoiser from Python: difflab.fitting.tune_grid(..., "
-                             "cond=labels))")
-    den = model.denoiser
+    model = load_model(checkpoint, ema=ema, device=device, guidance=guidance)
+    # a class-conditional model: its guided denoiser, class i mod K for draw i
+    den, tag = model.guided.denoiser, model.guided.fits
+    if is_diffusers_folder(checkpoint):
+        _check_store(checkpoint, sampler, steps, ema, overwrite, tag)
     ckpt, weights = fit_store(model.checkpoint, ema)  # a fit belongs to weights (SHA-256)
     say = log or (lambda line: None)
+    if tag is not None:
+        how = (f"with classifier-free guidance w = {guidance.cfg:g}"
+               + (f", rescale {cfg_rescale:g}" if cfg_rescale else "")) if guidance.cfg else \
+            "unguided (--cfg W: guided)"
+        say(f"fitting {model.guided.num_classes}-class sampling {how}, draw i of class i mod "
+            f"{model.guided.num_classes} (stored as <sampler>/<steps>/"
+            f"{'ema' if ema else 'model'}/{tag}: what `difflab sample` runs with this "
+            f"guidance)")
     if seed is None and getattr(den.parameterization, "default_sampler", None):
         seed = 1000  # a model with its own sampler (consistency) is never probed
+    labels = model.guided.labels(count)
+    cond = None if labels is None else labels.to(model.device)
     if seed is None:  # the probe's draws: its fine solve is the reference
-        traj = probe_solve(den, model.shape, device=model.device)
+        traj = probe_solve(den, model.shape, device=model.device, cond=cond)
         noise = traj.noise
     else:
         traj = None
         g = torch.Generator().manual_seed(seed)
         noise = torch.randn((count,) + model.shape, generator=g).to(model.device)
+    store = _Store(ckpt, ema, weights, tag)
     if fast:
-        return _tune_fast(den, ckpt, noise, steps, ema=ema, seed=seed,
+        return _tune_fast(den, store, noise, steps, cond=cond, seed=seed,
                           reference_steps=reference_steps, batch_size=batch_size,
-                          weights=weights, say=say, traj=traj)
-    ref, profile = reference_profile(den, noise, reference_steps, batch_size=batch_size)
+                          say=say, traj=traj)
+    ref, profile = reference_profile(den, noise, reference_steps, batch_size=batch_size,
+                                     cond=cond)
     made = dict(seed=seed, reference_steps=reference_steps)
     done: list[tuple[Any, Path]] = []
     for k in steps:
         if sampler == "bespoke":
-            done.append(_tune_bespoke(den, ckpt, noise, ref, profile, k, ema=ema, base=base,
+            done.append(_tune_bespoke(den, store, noise, cond, ref, profile, k, base=base,
                                       start=start, max_iter=max_iter, max_evals=max_evals,
                                       eval_times=eval_times, batch_size=batch_size, made=made,
-                                      weights=weights, say=say))
+                                      say=say))
             continue
         keep = stored = None
         if eval_times_only:
-            stored = load_fit(ckpt, sampler, k, ema, weights=weights)
+            stored = store.load(sampler, k)
             if stored is None:
                 raise ParameterError(f"{param('eval_times_only')}: {checkpoint} has no "
                                      f"{sampler} {k}-step grid for these weights; tune one "
                                      "first")
             keep = stored.ts
-        tuned = tune_grid(den, sampler, k, noise, reference=ref, grid=keep,
+        tuned = tune_grid(den, sampler, k, noise, cond=cond, reference=ref, grid=keep,
                           max_evals=max_evals, eval_times=eval_times).with_(**made)
         if stored is not None:  # the grid's own fit, kept beside this one's (eval times only)
             tuned = tuned.with_(grid_from=_provenance(stored, ("calibration", "evals", "seed",
                                                                "reference_steps", "rmse")))
-        path = save_fit(ckpt, tuned, ema=ema, weights=weights)
+        path = store.save(tuned)
         say(f"{sampler} {k} steps ({tuned.nfe} NFE): calibration RMSE {tuned.rmse:.4g} (grid "
             f"alone {tuned.rmse_grid:.4g}, default {tuned.default_spacing} grid "
             f"{tuned.rmse_default:.4g}), {tuned.evals} sampler runs -> {path}")
@@ -159,8 +181,36 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
     return done
 
 
+@dataclass(frozen=True)
+class _Store:
+    """Where a checkpoint's fits go (``ckpt``: its fits folder) and what they belong to: its
+    (EMA) ``weights`` and the ``guidance`` sampled with (a fit key's guidance part)."""
+
+    ckpt: Path
+    ema: bool
+    weights: Path
+    guidance: str | None
+
+    def save(self, fit: Any) -> Path:
+        from difflab.fitting import save_fit
+
+        return save_fit(self.ckpt, fit, ema=self.ema, weights=self.weights,
+                        guidance=self.guidance)
+
+    def load(self, sampler: str, steps: int) -> Any:
+        from difflab.fitting import load_fit
+
+        return load_fit(self.ckpt, sampler, steps, self.ema, weights=self.weights,
+                        guidance=self.guidance)
+
+    def remove(self, sampler: str, steps: int) -> bool:
+        from difflab.fitting.store import remove_fit
+
+        return remove_fit(self.ckpt, sampler, steps, self.ema, self.guidance)
+
+
 def _check_store(checkpoint: str | os.PathLike, sampler: str, steps: Sequence[int], ema: bool,
-                 overwrite: bool) -> None:
+                 overwrite: bool, guidance: str | None = None) -> None:
     """Refuse, before any work, to replace a fit stored beside a diffusers folder (or to
     write where a non-folder stands) without ``overwrite``."""
     from difflab.fitting.store import FITS, _entries, fit_key
@@ -170,8 +220,8 @@ def _check_store(checkpoint: str | os.PathLike, sampler: str, steps: Sequence[in
         raise ParameterError(f"{param('checkpoint')}: its fits go to {store}, which is a file")
     if overwrite or not (store / FITS).is_file():
         return
-    taken = [fit_key(sampler, k, ema) for k in steps
-             if fit_key(sampler, k, ema) in _entries(store)]
+    taken = [fit_key(sampler, k, ema, guidance) for k in steps
+             if fit_key(sampler, k, ema, guidance) in _entries(store)]
     if taken:
         raise ParameterError(f"{store / FITS} already holds {', '.join(taken)}; pass "
                              f"{param('overwrite')} to replace it")
@@ -182,46 +232,38 @@ def _provenance(fit: Any, keys: tuple[str, ...]) -> dict[str, Any]:
     return {k: getattr(fit, k) for k in keys}
 
 
-def _tune_bespoke(den: Any, ckpt: Path, noise: Any, ref: Any, profile: dict[str, Any],
-                  steps: int, *, ema: bool, base: str, start: str, max_iter: int,
-                  max_evals: int | None, eval_times: bool, batch_size: int,
-                  made: dict[str, Any], weights: Path,
-                  say: Callable[[str], None]) -> tuple[Any, Path]:
+def _tune_bespoke(den: Any, store: _Store, noise: Any, cond: Any, ref: Any,
+                  profile: dict[str, Any], steps: int, *, base: str, start: str,
+                  max_iter: int, max_evals: int | None, eval_times: bool, batch_size: int,
+                  made: dict[str, Any], say: Callable[[str], None]) -> tuple[Any, Path]:
     """Bespoke coefficients on the base solver's tuned grid, or from unipc on ``start``."""
-    from difflab.fitting import (
-        describe_fit,
-        fit_solver,
-        load_fit,
-        save_fit,
-        tune_grid,
-        tune_solver,
-    )
+    from difflab.fitting import describe_fit, fit_solver, tune_grid, tune_solver
 
     if start != "tuned":  # from a fixed rule's grid (auto: each of START_GRIDS)
         tuned = fit_solver(den, steps, noise, ref, spacing=start, profile=profile,
-                           max_iter=max_iter, batch_size=batch_size).with_(**made)
-        path = save_fit(ckpt, tuned, ema=ema, weights=weights)
+                           max_iter=max_iter, batch_size=batch_size, cond=cond).with_(**made)
+        path = store.save(tuned)
         say(f"{describe_fit(tuned)} -> {path}")
         return tuned, path
-    grid = load_fit(ckpt, base, steps, ema, weights=weights)
+    grid = store.load(base, steps)
     if grid is None:
-        grid = tune_grid(den, base, steps, noise, reference=ref, max_evals=max_evals,
-                         eval_times=eval_times).with_(**made)
-        save_fit(ckpt, grid, ema=ema, weights=weights)
+        grid = tune_grid(den, base, steps, noise, cond=cond, reference=ref,
+                         max_evals=max_evals, eval_times=eval_times).with_(**made)
+        store.save(grid)
         say(f"{base} {steps} steps: grid tuned first (calibration RMSE {grid.rmse:.4g})")
-    tuned = tune_solver(den, steps, noise, base=base, grid=grid, reference=ref,
+    tuned = tune_solver(den, steps, noise, base=base, grid=grid, reference=ref, cond=cond,
                         max_iter=max_iter, batch_size=batch_size)
     tuned = tuned.with_(**made, grid_from=_provenance(grid, (
         "sampler", "calibration", "evals", "seed", "reference_steps", "rmse")))
-    path = save_fit(ckpt, tuned, ema=ema, weights=weights)
+    path = store.save(tuned)
     say(f"bespoke {steps} steps ({tuned.nfe} NFE): calibration RMSE {tuned.rmse:.4g} ({base} "
         f"on the same grid {tuned.rmse_base:.4g}), {tuned.iterations} L-BFGS iterations -> "
         f"{path}")
     return tuned, path
 
 
-def _tune_fast(den: Any, ckpt: Path, noise: Any, steps: Sequence[int], *, ema: bool,
-               seed: int | None, reference_steps: int, batch_size: int, weights: Path,
+def _tune_fast(den: Any, store: _Store, noise: Any, steps: Sequence[int], *, cond: Any,
+               seed: int | None, reference_steps: int, batch_size: int,
                say: Callable[[str], None], traj: Any = None) -> list[tuple[Any, Path]]:
     """Bespoke solvers for all ``steps`` by the fast fit, each stored with the checkpoint
     where it beats the default call's probe plan on the calibration draws; where it does not,
@@ -229,13 +271,12 @@ def _tune_fast(den: Any, ckpt: Path, noise: Any, steps: Sequence[int], *, ema: b
     ``difflab sample`` runs the probe's plan: a fit never makes the default worse. ``traj``:
     the probe's fine solve when ``noise`` is the probe's noise (``seed`` None), the plans'
     reference then."""
-    from difflab.fitting import fast_fit_solvers, save_fit
+    from difflab.fitting import fast_fit_solvers
     from difflab.fitting.fast import describe_fast_fit, probe_reference, rollout_fittable
-    from difflab.fitting.store import remove_fit
     from difflab.samplers import default_plan
     from difflab.samplers.probe import PROBE_SEED, probe_plan
 
-    plans = {n: plan for n in steps if (plan := default_plan(den, n, noise)) is not None}
+    plans = {n: plan for n in steps if (plan := default_plan(den, n, noise, cond)) is not None}
     roll = [n for n in steps if n in plans and rollout_fittable(plans[n])]
     rest = [n for n in steps if n not in roll]  # no probe plan there: the uniform grid
     fits = {}
@@ -245,28 +286,28 @@ def _tune_fast(den: Any, ckpt: Path, noise: Any, steps: Sequence[int], *, ema: b
             if traj is not None:  # on the probe's draws: its solve, and its plans' errors
                 ref = probe_reference(den, traj, [plans[n].ts for n in roll])
                 plan_mse = {n: probe_plan(den, n, tuple(noise.shape[1:]), device=noise.device,
-                                          dtype=noise.dtype).draw_mse for n in roll}
+                                          dtype=noise.dtype, cond=cond).draw_mse for n in roll}
             fits.update(fast_fit_solvers(den, roll, noise, reference_steps=reference_steps,
-                                         batch_size=batch_size, plans=plans,
+                                         batch_size=batch_size, plans=plans, cond=cond,
                                          objective="rollout", reference=ref,
                                          plan_mse=plan_mse))
         if rest:
             fits.update(fast_fit_solvers(den, rest, noise, reference_steps=reference_steps,
-                                         batch_size=batch_size, plans=plans))
+                                         batch_size=batch_size, plans=plans, cond=cond))
     except ValueError as e:  # a grid not nested in the reference grid
         raise ParameterError(f"{param('fast')}: {e}") from None
     done = []
     for fit in (fits[n] for n in steps):
         e_probe = fit.extra.get("rmse_probe")
         if e_probe is not None and fit.rmse is not None and not fit.rmse < e_probe:
-            removed = remove_fit(ckpt, "bespoke", fit.steps, ema)
+            removed = store.remove("bespoke", fit.steps)
             say(f"{describe_fast_fit(fit)}; not better than the default call's probe plan "
                 f"({e_probe:.4g} on the same draws): not stored"
                 + (", the stored one removed" if removed else "")
                 + f"; `difflab sample --steps {fit.steps}` runs the probe's plan")
             continue
         fit = fit.with_(seed=PROBE_SEED if seed is None else seed)
-        path = save_fit(ckpt, fit, ema=ema, weights=weights)
+        path = store.save(fit)
         say(f"{describe_fast_fit(fit)} -> {path}")
         done.append((fit, path))
     return done
@@ -333,6 +374,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a fit already stored beside a diffusers folder (default: "
                         "refuse)")
+    p.add_argument("--cfg", "--guidance", dest="cfg", type=float, default=None, metavar="W",
+                   help="a class-conditional checkpoint: fit its sampling with classifier-free "
+                        "guidance of weight W (w-convention, diffusers' guidance_scale = 1 + W; "
+                        "draw i of class i mod K; default 0: the conditional model unguided); "
+                        "`difflab sample --cfg W` then runs the fit")
+    p.add_argument("--cfg-rescale", dest="cfg_rescale", type=float, default=0.0, metavar="PHI",
+                   help="with --cfg: guidance rescale phi in [0, 1] (Lin et al. 2024)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(func=cmd_tune_grid)
@@ -353,5 +401,6 @@ def cmd_tune_grid(args: argparse.Namespace) -> int:
                     max_evals=args.max_evals, batch_size=args.batch_size, ema=not args.no_ema,
                     eval_times=not args.no_eval_times, eval_times_only=args.eval_times_only,
                     base=args.base, start=args.start, max_iter=args.max_iter,
-                    device=args.device, log=print, overwrite=args.overwrite, fast=args.fast)
+                    device=args.device, log=print, overwrite=args.overwrite, fast=args.fast,
+                    cfg=args.cfg, cfg_rescale=args.cfg_rescale)
     return 0
