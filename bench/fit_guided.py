@@ -1,13 +1,14 @@
-"""The fast fit (issue #17 item 5) on a classifier-free-guided class-conditional model, from
-Python: ``difflab tune-grid`` fits unconditional sampling only, so this runs what
-``tune-grid --fast`` runs (the default call's probe, the fit on the probe's draws and solve)
-on the guided denoiser with class i mod K for draw i, and scores the default call and the fit
-on ``samplers_real.py``'s test draws against its cached reference (run ``samplers_real.py
-MODEL --cfg W --ref-cache DIR`` first). As ``tune-grid`` would, the fit replaces the plan only
-where it beats it on the calibration draws.
+"""The fast fit (issue #17 item 5) on a classifier-free-guided text-to-image model, from
+Python (``difflab tune-grid --fast --cfg W`` fits a class-conditional model; a prompted one has
+no command): what ``tune-grid --fast`` runs (the default call's probe, the fit on the probe's
+draws and solve) on the guided latent denoiser with ``samplers_real.py``'s prompt i for draw i
+(class i mod K on a class-conditional model: the same steps as ``tune-grid --cfg W``), scoring
+the default call and the fit on ``samplers_real.py``'s test draws against its cached
+reference (run ``samplers_real.py MODEL --cfg W --ref-cache DIR`` first). As ``tune-grid``
+would, the fit replaces the plan only where it beats it on the calibration draws.
 
-    python bench/fit_guided.py runs/byom_cfg --cfg 2 --ref-cache REFS \
-        --bench docs/results/byom_s19_cfg2.json
+    python bench/fit_guided.py runs/byom_latent --cfg 3 --ref-cache REFS \
+        --bench docs/results/byom_s20_latent3.json
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def main() -> None:
     den, _, shape, _ = B.load_model(args.model)
     den.eval()
     guided = classifier_free(den, args.cfg)
-    labels = torch.arange(args.n) % den.net.num_classes
+    labels = B.prompt_condition(args.model, args.n)  # draw i: prompt i, or class i mod K
+    labels = labels if labels is not None else torch.arange(args.n) % den.net.num_classes
     noise = torch.randn(args.n, *shape, generator=torch.Generator().manual_seed(args.seed))
     ns = argparse.Namespace(ref_cache=args.ref_cache, seed=args.seed, n=args.n, cfg=args.cfg)
     with torch.no_grad():

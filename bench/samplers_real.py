@@ -45,7 +45,8 @@ import torch
 from difflab import samplers as S
 from difflab.denoiser import Condition
 from difflab.fitting import load_fit, load_fits
-from difflab.train.checkpoint import load_denoiser, resolve
+from difflab.fitting.store import guidance_tag
+from difflab.train.checkpoint import load_denoiser, read_config, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -72,21 +73,22 @@ PREVIOUS_DEFAULT = ("dpmpp_2m", "log_snr")  # the default call before issue #17 
 
 class NetModel:
     """The denoiser's network as diffusers calls it: model(x, timestep) -> raw output. With
-    ``labels`` and a guidance weight ``w``, classifier-free guidance as diffusers' pipelines
+    a condition ``cond`` (class labels, or a prompt's Condition whose null is the empty
+    prompt) and a guidance weight ``w``, classifier-free guidance as diffusers' pipelines
     apply it to the raw output, out_null + (1 + w) (out_c - out_null) (guidance_scale 1 + w;
     for an output linear in x0 and eps at fixed x and t, as eps, v and x0 are, the same
     combination as difflab's ClassifierFreeGuidance), both halves in one call."""
 
-    def __init__(self, den, labels: torch.Tensor | None = None, w: float = 0.0):
-        self.net, self.calls, self.labels, self.w = den.net, 0, labels, w
+    def __init__(self, den, cond=None, w: float = 0.0):
+        self.net, self.calls, self.cond, self.w = den.net, 0, Condition.of(cond), w
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, timestep) -> torch.Tensor:
         self.calls += 1
         t = torch.full((x.shape[0],), float(timestep), dtype=torch.float32)
-        if self.labels is None:
+        if self.cond is None:
             return self.net(x.float(), t).to(x.dtype)
-        cond = Condition.of(self.labels[: x.shape[0]])
+        cond = self.cond[: x.shape[0]]
         both = Condition.cat([cond, cond.null()]).kwargs()
         out = self.net(torch.cat([x, x]).float(), torch.cat([t, t]), **both).to(x.dtype)
         c, u = out.chunk(2)
@@ -233,9 +235,31 @@ def load_model(spec: str):
         desc = (f"diffusers folder `{path}` ({mc.get('_class_name')}) opened by "
                 "`difflab.from_diffusers`")
         return den, desc, shape, None
+    if read_config(spec).get("kind") == "text_to_image":  # the latent denoiser
+        from difflab.train.t2i import load_text_to_image
+
+        m = load_text_to_image(spec)
+        return (m.denoiser, f"difflab text-to-image checkpoint `{spec}` (latents "
+                f"{'x'.join(map(str, m.latent_shape))}, its autoencoder's)", m.latent_shape,
+                resolve(spec))
     den, cfg = load_denoiser(spec)
     c, r = cfg["data"]["channels"], cfg["data"]["resolution"]
     return den, f"difflab checkpoint `{spec}`", (c, r, r), resolve(spec)
+
+
+def prompt_condition(spec: str, n: int):
+    """A text-to-image checkpoint's Condition for ``n`` draws (prompt i of the canvas data's
+    180 captions taken 37 apart, so classes, sizes and places all occur; the empty prompt as
+    the null), or None for another model."""
+    if spec.startswith("diffusers:") or read_config(spec).get("kind") != "text_to_image":
+        return None
+    from difflab.data.canvas import all_captions
+    from difflab.train.t2i import load_text_to_image
+
+    captions = all_captions()
+    prompts = [captions[(37 * i) % len(captions)] for i in range(n)]
+    with torch.no_grad():
+        return load_text_to_image(spec).text_encoder.condition(prompts)
 
 
 PROBE_CPU: dict[int, float] = {}  # CPU seconds of the default call's probe, per step count
@@ -257,16 +281,17 @@ def default_label(den, noise: torch.Tensor, cond=None) -> str:
     return "; ".join(parts)
 
 
-def stored_fits(spec: str, ckpt) -> dict:
-    """The fits stored for a model argument: with the checkpoint, or beside a diffusers folder
+def stored_fits(spec: str, ckpt, guidance: str | None = None) -> dict:
+    """The fits stored for a model argument and ``guidance`` (``cfg=W``: what ``difflab
+    tune-grid --cfg W`` stores): with the checkpoint, or beside a diffusers folder
     (``FOLDER.difflab/``, where ``difflab tune-grid`` puts them and ``difflab sample`` reads
     them)."""
     if spec.startswith("diffusers:"):
         from difflab.commands.model import fit_store
 
         store, weights = fit_store(spec.split(":", 1)[1])
-        return load_fits(store, weights=weights) if store.is_dir() else {}
-    return load_fits(ckpt) if ckpt is not None else {}
+        return load_fits(store, weights=weights, guidance=guidance) if store.is_dir() else {}
+    return load_fits(ckpt, guidance=guidance) if ckpt is not None else {}
 
 
 def run_model(args, spec: str) -> dict:
@@ -274,15 +299,19 @@ def run_model(args, spec: str) -> dict:
     den.eval()
     noise = torch.randn(args.n, *shape, generator=torch.Generator().manual_seed(args.seed))
     cond, model = None, NetModel(den)
-    if args.cfg is not None:  # class i mod K for draw i, classifier-free guidance of weight w
+    text = prompt_condition(spec, args.n)
+    if text is not None and args.cfg is None:
+        raise SystemExit(f"{spec} is a text-to-image model: give --cfg W (0: unguided)")
+    if args.cfg is not None:  # class i mod K (or prompt i) for draw i, guidance of weight w
         from difflab.guidance import classifier_free
 
         if args.tune or args.grids or args.figure:
             raise SystemExit("--cfg runs with --tune '' and no --grids or --figure")
         classes = getattr(den.net, "num_classes", None)
-        if not classes:
-            raise SystemExit(f"--cfg needs a class-conditional model; {spec} is not one")
-        cond = torch.arange(args.n) % classes
+        if not classes and text is None:
+            raise SystemExit(f"--cfg needs a class-conditional or text-to-image model; {spec} "
+                             "is neither")
+        cond = text if text is not None else torch.arange(args.n) % classes
         model = NetModel(den, cond, args.cfg)
         den = classifier_free(den, args.cfg)
         desc += f", classifier-free guidance w = {args.cfg:g} (diffusers' scale {1 + args.cfg:g})"
@@ -291,7 +320,7 @@ def run_model(args, spec: str) -> dict:
         ref_half = cached_reference(args, spec, den, noise, args.ref_steps // 2, cond)
     ref_err = rmse(ref, ref_half)
     print(spec, "reference self-error", ref_err, flush=True)
-    fits = stored_fits(spec, ckpt)
+    fits = stored_fits(spec, ckpt, None if args.cfg is None else guidance_tag(args.cfg))
     fitted = sorted(fits)
     auto = ("default call `difflab.sample(den, noise, steps=n)`: "
             + default_label(den, noise, cond))
@@ -475,7 +504,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=32, help="test images (batch)")
     ap.add_argument("--cfg", type=float, default=None,
                     help="classifier-free guidance weight w of a class-conditional model "
-                         "(draw i gets class i mod K; diffusers' guidance_scale = 1 + w)")
+                         "(draw i gets class i mod K; diffusers' guidance_scale = 1 + w); the "
+                         "fits row runs what `difflab tune-grid --fast --cfg W` stored")
     ap.add_argument("--seed", type=int, default=0, help="seed of the test noise")
     ap.add_argument("--ref-steps", type=int, default=960)
     ap.add_argument("--ref-cache", default="",

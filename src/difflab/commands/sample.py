@@ -134,12 +134,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
                        batch_size=args.batch_size, ema=not args.no_ema, device=args.device,
                        guidance=guidance_from_args(args))
     solver = samples.solver
+    w = args.cfg or 0.0  # a class-conditional model's fits are made for one guidance weight
+    guided = f" with guidance w = {w:g}" if samples.labels is not None else ""
     if solver.source == "fitted":
-        print(f"using the bespoke solver fitted to {args.checkpoint} for {args.steps} steps "
-              "(--sampler NAME runs a classical one)")
+        print(f"using the bespoke solver fitted to {args.checkpoint} for {args.steps} steps"
+              f"{guided} (--sampler NAME runs a classical one)")
     elif solver.source == "tuned":
-        print(f"using the tuned {solver.sampler} {args.steps}-step grid of {args.checkpoint} "
-              "(--spacing chooses a fixed rule)")
+        print(f"using the tuned {solver.sampler} {args.steps}-step grid of {args.checkpoint}"
+              f"{guided} (--spacing chooses a fixed rule)")
     elif solver.source == "probe":
         print(probe_message(solver))
     cycling = samples.labels is not None and args.label is None

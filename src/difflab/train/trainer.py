@@ -599,8 +599,9 @@ class Trainer:
 
         tc = self.tc
         if getattr(self.objective, "conditional", False):
-            self._emit({"event": "message", "text": "train.fit_steps skipped: fitted solvers "
-                        "serve unconditional sampling and this model is class-conditional"})
+            self._emit({"event": "message", "text": "train.fit_steps skipped: this model is "
+                        "class-conditional, and a fit serves one guidance weight; fit the one "
+                        "you sample with: difflab tune-grid RUN --fast --cfg W"})
             return {}
         t0 = time.perf_counter()
         g = torch.Generator().manual_seed(int(tc["seed"]) + 1000)
