@@ -284,6 +284,21 @@ def test_text_pipeline_samples_prompts_with_cfg_and_control(tmp_path, capsys):
     assert cond.context.shape == (3, 16, 12) and bool(cond.context_mask.all())
     torch.testing.assert_close(cond.null_context, enc.encode([""]).states)
     torch.testing.assert_close(cond.context[:1], enc.encode(["a cat"]).states)
+    # tune-grid on prompts: stored beside the folder for its w; prompted sampling at that w
+    # runs it, at another w the probe
+    from difflab.commands.model import choose_solver, prompt_fits
+
+    (tmp_path / "p.txt").write_text("a cat\na dog\n")
+    before = snapshot(folder)
+    rc, text, err = run(capsys, "tune-grid", folder, "--sampler", "dpmpp_2m", "--steps", 2,
+                        "--count", 4, "--reference-steps", 10, "--max-evals", 10, "--cfg", 2,
+                        "--prompts-file", tmp_path / "p.txt")
+    assert rc == 0, err
+    assert "on 2 prompts" in text and snapshot(folder) == before
+    stored = json.loads((interop.fits_folder(folder) / "fits.json").read_text())["fits"]
+    assert sorted(stored) == ["dpmpp_2m/2/ema/cfg=2"]
+    assert choose_solver(folder, "auto", 2, guidance=prompt_fits(2.0)).source == "tuned"
+    assert choose_solver(folder, "auto", 2, guidance=prompt_fits(1.0)).source == "probe"
     # the same pipeline with a ControlNet: --control-image is its controlnet_cond
     unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet")
     diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8)) \

@@ -274,3 +274,39 @@ def test_resume_continues_the_diffusion_stage(run, tmp_path):
                  "--set", f"train.steps={before + 1}"]) == 0
     assert ckpt.read(copy).state()["step"] == before + 1
     assert json.loads((copy / "stages.json").read_text())["stage"] == "done"
+
+
+def test_tune_grid_fits_prompted_sampling_for_its_guidance(run, tmp_path, capsys):
+    """``tune-grid --prompts-file F --cfg W`` fits the latent ODE of sampling guided towards
+    prompt i mod P: the stored grid's calibration RMSE is the guided latent sampler's against
+    the guided reference (recomputed here), and prompted sampling runs the fit at that w only
+    (a negative prompt or another w: none)."""
+    from difflab.commands.model import choose_solver, prompt_fits
+    from difflab.fitting import load_fit, reference_profile
+    from difflab.pipelines.text_to_image import TextToImagePipeline
+
+    own = tmp_path / "run"  # the module's run stays without fits
+    shutil.copytree(run, own)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    args = ["tune-grid", str(own), "--sampler", "dpmpp_2m", "--steps", "3", "--count", "4",
+            "--reference-steps", "10", "--max-evals", "10"]
+    assert main(args) == 2
+    assert "--prompts-file" in capsys.readouterr().err
+    assert main(args + ["--prompts-file", str(prompts), "--cfg", "2"]) == 0
+    assert "on 2 prompts (draw i: prompt i mod 2)" in capsys.readouterr().out
+    stored = json.loads((own / "checkpoint" / "fits.json").read_text())["fits"]
+    assert sorted(stored) == ["dpmpp_2m/3/ema/cfg=2"]
+
+    pipe = TextToImagePipeline.from_checkpoint(own)
+    guided = pipe.guided(2.0)
+    cond = pipe.text_encoder.condition([PROMPTS[i % 2] for i in range(4)])
+    noise = torch.randn(4, *pipe.latent_shape, generator=torch.Generator().manual_seed(1000))
+    fit = load_fit(own / "checkpoint", "dpmpp_2m", 3, guidance="cfg=2")
+    with torch.no_grad():
+        ref, _ = reference_profile(guided, noise, 10, cond=cond)
+        x = difflab.sample(guided, noise, fit=fit, cond=cond)
+    assert (x - ref).pow(2).mean().sqrt().item() == pytest.approx(fit.rmse, rel=1e-5)
+    assert choose_solver(own, "auto", 3, guidance=prompt_fits(2.0)).fit == fit
+    for other in (prompt_fits(1.0), prompt_fits(2.0, negative_prompt=True)):
+        assert choose_solver(own, "auto", 3, guidance=other).fit is None

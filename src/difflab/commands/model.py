@@ -40,7 +40,8 @@ from torch import Tensor
 from difflab.commands.common import ParameterError, param
 from difflab.commands.guidance import Guidance, Guided, guide
 
-__all__ = ["Model", "load_model", "load_diffusers_model", "PromptGuided", "fit_store",
+__all__ = ["Model", "load_model", "load_diffusers_model", "load_prompted_model",
+           "PromptGuided", "prompt_fits", "fit_store",
            "sample_shape", "Solver", "choose_solver", "Samples", "sample_images",
            "image_generators"]
 
@@ -101,10 +102,12 @@ def load_model(checkpoint: str | os.PathLike, *, ema: bool = True,
 
 @dataclass(frozen=True, eq=False)
 class PromptGuided:
-    """A text-conditioned diffusers model's :class:`~difflab.commands.guidance.Guided`:
-    ``labels(count)`` is the :class:`~difflab.denoiser.condition.Condition` of ``count``
-    samples (prompt i mod P, control image i mod N), encoded by the pipeline's text encoder
-    with the empty prompt (or ``negative_prompt``) as the null of classifier-free guidance."""
+    """A text-conditioned model's :class:`~difflab.commands.guidance.Guided` (a diffusers
+    pipeline's, or a difflab text-to-image checkpoint's): ``labels(count)`` is the
+    :class:`~difflab.denoiser.condition.Condition` of ``count`` samples (prompt i mod P,
+    control image i mod N), encoded by the model's text encoder with the empty prompt (or
+    ``negative_prompt``) as the null of classifier-free guidance. ``fits``: the guidance part
+    of the keys of the fits it runs (:func:`prompt_fits`)."""
 
     denoiser: Any
     encoder: Any
@@ -113,7 +116,7 @@ class PromptGuided:
     control: Tensor | None = None
     num_classes: None = None
     label: None = None
-    fits: str = "prompts"  # no fit is made for prompted sampling: the probe's plan runs
+    fits: str | None = None
 
     def labels(self, count: int) -> Any:
         rows = torch.arange(count)
@@ -122,6 +125,47 @@ class PromptGuided:
             self.control)]}
         with torch.no_grad():
             return self.encoder.condition(prompts, self.negative_prompt, **fields)
+
+
+def prompt_fits(cfg: float, cfg_rescale: float = 0.0, *, negative_prompt: bool = False,
+                control: bool = False, interval: bool = False) -> str:
+    """The guidance part of the fit keys of prompted sampling: ``cfg=W`` (w = 0: the
+    conditional model), what ``difflab tune-grid --prompts-file F --cfg W`` stores (the fit is
+    calibrated over the file's prompts and serves any prompt: the ODE's form is set by the
+    guidance, the prompt moves its drift). A negative prompt, control images or a guidance
+    interval change the ODE in ways tune-grid does not fit: their tags hold no fit, and the
+    probe's plan runs."""
+    from difflab.fitting.store import guidance_tag
+
+    extra = [name for name, on in (("negative", negative_prompt), ("control", control),
+                                   ("interval", interval)) if on]
+    return ",".join([guidance_tag(cfg, cfg_rescale), *extra])
+
+
+def load_prompted_model(checkpoint: str | os.PathLike, prompts: Sequence[str], *,
+                        ema: bool = True, device: str | torch.device = "cpu",
+                        guidance: Guidance | None = None) -> Model:
+    """A difflab text-to-image checkpoint (or run directory) as a :class:`Model` on its
+    latents: its latent denoiser, guided towards prompt i mod P (classifier-free guidance
+    ``guidance.cfg`` away from the empty prompt), its autoencoder decoding the samples.
+    Raises ParameterError for class-label guidance options or a bad weight."""
+    from difflab.pipelines.text_to_image import TextToImagePipeline
+    from difflab.train.checkpoint import resolve
+
+    g = guidance or Guidance()
+    if g.label is not None or g.classifier is not None:
+        raise ParameterError(f"{param('label')} / {param('classifier')} guide class labels; "
+                             f"{checkpoint} is conditioned on text")
+    w, phi = float(g.cfg or 0.0), float(g.cfg_rescale or 0.0)
+    if w < 0 or not 0.0 <= phi <= 1.0:
+        raise ParameterError(f"{param('cfg')} must be >= 0 and {param('cfg_rescale')} in "
+                             f"[0, 1], got {w}, {phi}")
+    pipe = TextToImagePipeline.from_checkpoint(checkpoint, ema=ema, device=device)
+    C, H, W = pipe.latent_shape
+    config = {**pipe.config, "data": {"channels": C, "resolution": [H, W]}}
+    guided = PromptGuided(pipe.guided(w, cfg_rescale=phi), pipe.text_encoder, tuple(prompts),
+                          fits=prompt_fits(w, phi))
+    return Model(resolve(checkpoint), config, pipe.denoiser, guided, ema, pipe.decode)
 
 
 def _diffusers_config(m: Any) -> dict[str, Any]:
@@ -174,8 +218,9 @@ def load_diffusers_model(path: str | os.PathLike, *, ema: bool = True,
         return Model(Path(path), config, den, guide(den, config, g), ema, decode)
     if prompts is None:
         raise ParameterError(f"{path} holds a text-conditioned {m.model_class}: give "
-                             f"{param('prompt')} \"...\" (difflab sample); tune-grid and eval "
-                             "run unconditional models only")
+                             f"{param('prompt')} \"...\" (difflab sample) or "
+                             f"{param('prompts_file')} F (difflab sample, difflab tune-grid); "
+                             "eval runs unconditional and class-conditional models only")
     if m.text_encoder is None:
         raise ParameterError(f"{param('prompt')}: {path} has no text_encoder/ + tokenizer/ to "
                              "encode prompts with (a pipeline folder with a CLIPTextModel is "
@@ -202,22 +247,27 @@ def load_diffusers_model(path: str | os.PathLike, *, ema: bool = True,
         from difflab.guidance import classifier_free
 
         guided = classifier_free(den, w, rescale=phi)  # the null half: the empty prompt
+    fits = prompt_fits(w, phi, negative_prompt=negative_prompt is not None,
+                       control=control is not None)
     return Model(Path(path), config, den, PromptGuided(
-        guided, m.text_encoder, tuple(prompts), negative_prompt, control), ema, decode)
+        guided, m.text_encoder, tuple(prompts), negative_prompt, control, fits=fits), ema,
+        decode)
 
 
 def fit_store(checkpoint: str | os.PathLike, ema: bool = True) -> tuple[Path, Path]:
     """(the folder whose ``fits.json`` holds a checkpoint's fits, the weights file they
-    belong to). A difflab checkpoint directory: itself and its (EMA) network weights
-    (:func:`difflab.fitting.weights_file`). A diffusers folder: ``<folder>.difflab`` beside
-    it (:func:`difflab.interop.fits_folder`; the model's folder is never written) and its
+    belong to). A difflab checkpoint directory (or the run directory holding it): the
+    checkpoint directory and its (EMA) network weights (:func:`difflab.fitting.
+    weights_file`). A diffusers folder: ``<folder>.difflab`` beside it
+    (:func:`difflab.interop.fits_folder`; the model's folder is never written) and its
     network's safetensors file."""
     from difflab.interop import fits_folder, is_diffusers_folder, network_weights
-    from difflab.train.checkpoint import weights_file
+    from difflab.train.checkpoint import resolve, weights_file
 
     if is_diffusers_folder(checkpoint):
         return fits_folder(checkpoint), network_weights(checkpoint)
-    return Path(checkpoint), weights_file(checkpoint, ema)
+    ckpt = resolve(checkpoint)
+    return ckpt, weights_file(ckpt, ema)
 
 
 # --- the solver ---------------------------------------------------------------------------

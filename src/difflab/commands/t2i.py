@@ -173,9 +173,10 @@ def generate_from_prompts(checkpoint: str | os.PathLike, prompts: Sequence[str],
                           pipeline: Any = None) -> tuple[Tensor, list[str]]:
     """(images (N, C, H, W) in [-1, 1], prompts) of a text-to-image checkpoint, one image per
     prompt in prompt order. ``sampler`` "auto": the solver fitted to the checkpoint for
-    ``steps`` if there is one, else the checkpoint's default sampler; ``cfg`` None: the
-    checkpoint's default weight."""
-    from difflab.commands.model import choose_solver
+    ``steps`` and this guidance (``difflab tune-grid --prompts-file F --cfg W``) if there is
+    one, else the checkpoint's default sampler; ``cfg`` None: the checkpoint's default weight.
+    """
+    from difflab.commands.model import choose_solver, prompt_fits
 
     prompts = _check(prompts, "prompt")
     if negative_prompt is not None:
@@ -196,8 +197,12 @@ def generate_from_prompts(checkpoint: str | os.PathLike, prompts: Sequence[str],
         _encode_check(pipe, [negative_prompt], "negative_prompt")
     steps = int(steps or pipe.defaults["steps"])
     kw: dict[str, Any] = {}
-    if sampler == "auto":
-        solver = choose_solver(checkpoint, "auto", steps, spacing=spacing, ema=ema)
+    if sampler == "auto":  # the fit `tune-grid --prompts-file F --cfg W` made for this w
+        w = float(pipe.defaults["cfg"] if cfg is None else cfg)
+        fits = prompt_fits(w, cfg_rescale, negative_prompt=negative_prompt is not None,
+                           interval=guidance_interval is not None)
+        solver = choose_solver(checkpoint, "auto", steps, spacing=spacing, ema=ema,
+                               guidance=fits)
         if solver.fit is not None:
             kw["fit"] = solver.fit
         else:

@@ -27,7 +27,10 @@ A class-conditional checkpoint is fitted for the guidance it will be sampled wit
 of class i mod K, stored as ``bespoke/<steps>/ema/cfg=W`` (:func:`difflab.fitting.store.
 guidance_tag`; no ``--cfg``: ``cfg=0``, the conditional model unguided); ``difflab sample
 --cfg W`` and ``difflab eval --cfg W`` run the fit stored for their w, and no other (a fit
-serves one ODE: guidance changes it).
+serves one ODE: guidance changes it). A text-conditioned model (a difflab text-to-image run, a
+diffusers pipeline folder) is fitted on ``--prompts-file F`` (draw i takes prompt i mod P), with
+``--cfg W`` away from the empty prompt, stored as ``bespoke/<steps>/ema/cfg=W``, which
+``difflab sample --prompt ... --cfg W`` runs for any prompt.
 
 A local diffusers model or pipeline folder is tuned the same way, its fits stored beside the
 folder and never in it (:func:`difflab.commands.model.fit_store`: ``FOLDER.difflab/fits.json``,
@@ -64,7 +67,8 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
                     max_iter: int = 100, device: str | torch.device = "cpu",
                     log: Callable[[str], None] | None = None,
                     overwrite: bool = False, fast: bool = False, cfg: float | None = None,
-                    cfg_rescale: float = 0.0) -> list[tuple[Any, Path]]:
+                    cfg_rescale: float = 0.0,
+                    prompts: Sequence[str] | None = None) -> list[tuple[Any, Path]]:
     """Fit ``sampler``'s grid for each of ``steps`` to a checkpoint's EMA (``ema=False``: raw)
     weights on ``count`` calibration draws from ``seed``, against a ``reference_steps``
     dpm_solver_3 solution, and store each fit with the checkpoint. ``eval_times``: also fit
@@ -84,7 +88,9 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
     (:func:`~difflab.fitting.fast.probe_reference`): no second solve. A class-conditional
     checkpoint is fitted guided by classifier-free guidance of weight ``cfg`` (None or 0: its
     conditional model; ``cfg_rescale``: the rescale), calibration draw i of class i mod K, the
-    fits stored under that guidance (:func:`~difflab.fitting.store.guidance_tag`).
+    fits stored under that guidance (:func:`~difflab.fitting.store.guidance_tag`). A
+    text-conditioned model is fitted on ``prompts`` (draw i: prompt i mod P), guided by
+    ``cfg`` away from the empty prompt.
     """
     from difflab.fitting import reference_profile, tune_grid
     from difflab.interop import check_safetensors, is_diffusers_folder
@@ -118,14 +124,20 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
     guidance = Guidance(cfg=cfg or 0.0, cfg_rescale=cfg_rescale)
     if is_diffusers_folder(checkpoint):  # refused unopened; an output replaced only if asked
         check_safetensors(checkpoint)
-    model = load_model(checkpoint, ema=ema, device=device, guidance=guidance)
+    model = _load(checkpoint, ema=ema, device=device, guidance=guidance, prompts=prompts)
     # a class-conditional model: its guided denoiser, class i mod K for draw i
     den, tag = model.guided.denoiser, model.guided.fits
     if is_diffusers_folder(checkpoint):
         _check_store(checkpoint, sampler, steps, ema, overwrite, tag)
     ckpt, weights = fit_store(model.checkpoint, ema)  # a fit belongs to weights (SHA-256)
     say = log or (lambda line: None)
-    if tag is not None:
+    if prompts is not None:
+        say(f"fitting sampling on {len(prompts)} prompts (draw i: prompt i mod {len(prompts)}), "
+            + (f"classifier-free guidance w = {guidance.cfg:g}" if guidance.cfg else
+               "unguided (--cfg W: guided)")
+            + f" (stored as <sampler>/<steps>/{'ema' if ema else 'model'}/{tag}: what "
+            "sampling with this guidance runs, for any prompt)")
+    elif tag is not None:
         how = (f"with classifier-free guidance w = {guidance.cfg:g}"
                + (f", rescale {cfg_rescale:g}" if cfg_rescale else "")) if guidance.cfg else \
             "unguided (--cfg W: guided)"
@@ -179,6 +191,31 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
             f"{tuned.rmse_default:.4g}), {tuned.evals} sampler runs -> {path}")
         done.append((tuned, path))
     return done
+
+
+def _load(checkpoint: str | os.PathLike, *, ema: bool, device: str | torch.device,
+          guidance: Guidance, prompts: Sequence[str] | None) -> Any:
+    """The model to fit: a text-to-image run or a diffusers pipeline on ``prompts``, any
+    other checkpoint as ``difflab sample`` loads it."""
+    from difflab.commands.model import load_diffusers_model, load_prompted_model
+    from difflab.commands.t2i import is_text_to_image
+    from difflab.interop import is_diffusers_folder
+
+    text = is_text_to_image(checkpoint)
+    if text and prompts is None:
+        raise ParameterError(f"{param('checkpoint')} {checkpoint} is a text-to-image model: "
+                             f"give the calibration prompts with {param('prompts_file')} F "
+                             "(one per line; the fit serves any prompt)")
+    if text:
+        return load_prompted_model(checkpoint, prompts, ema=ema, device=device,
+                                   guidance=guidance)
+    if is_diffusers_folder(checkpoint) and prompts is not None:
+        return load_diffusers_model(checkpoint, ema=ema, device=device, guidance=guidance,
+                                    prompts=prompts)
+    model = load_model(checkpoint, ema=ema, device=device, guidance=guidance)
+    if prompts is not None:
+        raise ParameterError(f"{param('prompts_file')}: {checkpoint} takes no text")
+    return model
 
 
 @dataclass(frozen=True)
@@ -381,12 +418,18 @@ def register(subparsers: Any) -> None:
                         "`difflab sample --cfg W` then runs the fit")
     p.add_argument("--cfg-rescale", dest="cfg_rescale", type=float, default=0.0, metavar="PHI",
                    help="with --cfg: guidance rescale phi in [0, 1] (Lin et al. 2024)")
+    p.add_argument("--prompts-file", default=None, metavar="F",
+                   help="a text-conditioned model (a text-to-image run, a diffusers pipeline): "
+                        "the calibration prompts, one per line (draw i takes prompt i mod P); "
+                        "the fit serves any prompt at its --cfg")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(func=cmd_tune_grid)
 
 
 def cmd_tune_grid(args: argparse.Namespace) -> int:
+    from difflab.commands.t2i import read_prompts
+
     set_threads(args.threads)
     sampler = args.sampler or ("bespoke" if args.fast else "unipc")
     steps = args.steps or ([5, 10, 20] if args.fast else [10])
@@ -402,5 +445,7 @@ def cmd_tune_grid(args: argparse.Namespace) -> int:
                     eval_times=not args.no_eval_times, eval_times_only=args.eval_times_only,
                     base=args.base, start=args.start, max_iter=args.max_iter,
                     device=args.device, log=print, overwrite=args.overwrite, fast=args.fast,
-                    cfg=args.cfg, cfg_rescale=args.cfg_rescale)
+                    cfg=args.cfg, cfg_rescale=args.cfg_rescale,
+                    prompts=None if args.prompts_file is None else read_prompts(
+                        args.prompts_file))
     return 0
