@@ -238,7 +238,7 @@ def load_model(spec: str):
     if read_config(spec).get("kind") == "text_to_image":  # the latent denoiser
         from difflab.train.t2i import load_text_to_image
 
-        m = load_text_to_image(spec)
+        m, _ = load_text_to_image(spec)
         return (m.denoiser, f"difflab text-to-image checkpoint `{spec}` (latents "
                 f"{'x'.join(map(str, m.latent_shape))}, its autoencoder's)", m.latent_shape,
                 resolve(spec))
@@ -259,7 +259,7 @@ def prompt_condition(spec: str, n: int):
     captions = all_captions()
     prompts = [captions[(37 * i) % len(captions)] for i in range(n)]
     with torch.no_grad():
-        return load_text_to_image(spec).text_encoder.condition(prompts)
+        return load_text_to_image(spec)[0].text_encoder.condition(prompts)
 
 
 PROBE_CPU: dict[int, float] = {}  # CPU seconds of the default call's probe, per step count

@@ -134,13 +134,13 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
     if prompts is not None:
         say(f"fitting sampling on {len(prompts)} prompts (draw i: prompt i mod {len(prompts)}), "
             + (f"classifier-free guidance w = {guidance.cfg:g}" if guidance.cfg else
-               "unguided (--cfg W: guided)")
+               "unguided, --cfg W guides")
             + f" (stored as <sampler>/<steps>/{'ema' if ema else 'model'}/{tag}: what "
             "sampling with this guidance runs, for any prompt)")
     elif tag is not None:
         how = (f"with classifier-free guidance w = {guidance.cfg:g}"
                + (f", rescale {cfg_rescale:g}" if cfg_rescale else "")) if guidance.cfg else \
-            "unguided (--cfg W: guided)"
+            "unguided, --cfg W guides"
         say(f"fitting {model.guided.num_classes}-class sampling {how}, draw i of class i mod "
             f"{model.guided.num_classes} (stored as <sampler>/<steps>/"
             f"{'ema' if ema else 'model'}/{tag}: what `difflab sample` runs with this "
