@@ -310,3 +310,23 @@ def test_tune_grid_fits_prompted_sampling_for_its_guidance(run, tmp_path, capsys
     assert choose_solver(own, "auto", 3, guidance=prompt_fits(2.0)).fit == fit
     for other in (prompt_fits(1.0), prompt_fits(2.0, negative_prompt=True)):
         assert choose_solver(own, "auto", 3, guidance=other).fit is None
+
+
+def test_pipeline_auto_runs_the_first_batchs_probe_plan_for_every_batch(run):
+    """The pipeline's default sampler ("auto") is the plan a probe of the guided model picks,
+    resolved once on the first batch (its noise and prompts) and run by every batch: the same
+    latents as that plan sampled batch by batch."""
+    from difflab.pipelines.text_to_image import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_checkpoint(run)
+    prompts = [PROMPTS[i % 2] for i in range(4)]
+    z = pipe(prompts, cfg=1.0, sampler="auto", steps=3, batch_size=2, return_latents=True)
+    den = pipe.guided(1.0)
+    noise = torch.randn((4, *pipe.latent_shape), generator=torch.Generator().manual_seed(0))
+    plan = difflab.samplers.default_plan(den, 3, noise[:2], pipe.condition(prompts[:2]))
+    assert plan is not None and plan.sampler in ("unipc", "dpmpp_2m")
+    for i in (0, 2):
+        with torch.no_grad():
+            x = difflab.sample(den, noise[i:i + 2], fit=plan,
+                               cond=pipe.condition(prompts[i:i + 2]))
+        torch.testing.assert_close(z[i:i + 2], x)

@@ -174,7 +174,8 @@ def generate_from_prompts(checkpoint: str | os.PathLike, prompts: Sequence[str],
     """(images (N, C, H, W) in [-1, 1], prompts) of a text-to-image checkpoint, one image per
     prompt in prompt order. ``sampler`` "auto": the solver fitted to the checkpoint for
     ``steps`` and this guidance (``difflab tune-grid --prompts-file F --cfg W``) if there is
-    one, else the checkpoint's default sampler; ``cfg`` None: the checkpoint's default weight.
+    one, else the plan a probe of the guided model picks (a consistency model: its own
+    sampler); ``cfg`` None: the checkpoint's default weight.
     """
     from difflab.commands.model import choose_solver, prompt_fits
 
@@ -206,7 +207,7 @@ def generate_from_prompts(checkpoint: str | os.PathLike, prompts: Sequence[str],
         if solver.fit is not None:
             kw["fit"] = solver.fit
         else:
-            kw.update(sampler=pipe.defaults["sampler"], steps=steps, spacing=spacing)
+            kw.update(sampler="auto", steps=steps, spacing=spacing)  # the probe's plan
     else:
         solver = choose_solver(None, sampler, steps, spacing=spacing)  # checks the names
         kw.update(sampler=solver.sampler, steps=steps, spacing=spacing)

@@ -74,7 +74,7 @@ class TextToImagePipeline:
         self.denoiser, self.autoencoder, self.text_encoder = denoiser, autoencoder, text_encoder
         self.latent_shape = tuple(int(s) for s in latent_shape)
         self.config = dict(config or {})
-        self.defaults = {"sampler": "dpmpp_2m", "steps": 20, "cfg": 0.0,
+        self.defaults = {"sampler": "auto", "steps": 20, "cfg": 0.0,
                          **self.config.get("sample", {})}
 
     @classmethod
@@ -153,9 +153,12 @@ class TextToImagePipeline:
                  batch_size: int = 64, return_latents: bool = False) -> Tensor:
         """Images (N, C, H, W) in [-1, 1] (on the CPU), one per prompt, in prompt order.
         ``sampler`` / ``steps`` / ``cfg`` default to the checkpoint's ``sample`` section (else
-        dpmpp_2m, 20 steps, cfg 0); ``fit`` (a fitted solver) replaces sampler and grid."""
+        auto, 20 steps, cfg 0); ``fit`` (a fitted solver) replaces sampler and grid. ``"auto"``
+        with no spacing: the plan a probe of the guided model picks (:func:`difflab.samplers.
+        default_plan`, on the first batch's noise and prompts, then shared by every batch, so
+        the probe runs once), or the parameterisation's own sampler (consistency)."""
         from difflab.data.dataset import mix_seed
-        from difflab.samplers import sample
+        from difflab.samplers import AUTO, choose, default_plan, sample
 
         prompts = check_prompts(prompts)
         negatives = None
@@ -176,6 +179,12 @@ class TextToImagePipeline:
         N = len(prompts)
         noise = torch.randn((N,) + self.latent_shape,
                             generator=torch.Generator().manual_seed(int(seed)))
+        if fit is None and sampler == AUTO and spacing is None:  # one plan for every batch
+            b = min(N, batch_size)
+            first = self.condition(prompts[:b], negative_prompt if negatives is None
+                                   else negatives[:b])
+            fit = default_plan(den, steps, noise[:b].to(self.device), first)
+            sampler = None if fit is not None else choose(None, None, den.parameterization)
         out = []
         t0 = time.perf_counter()
         for i in range(0, N, batch_size):

@@ -88,7 +88,7 @@ _T2I_CANVAS = {
               "warmup": 100, "ema_decay": 0.999, "grad_clip": 1.0, "target": "v",
               "weighting": "min_snr", "min_snr_gamma": 5.0, "t_sampler": "uniform",
               "p_uncond": 0.1, "log_every": 50, "ckpt_every": 1000},
-    "sample": {"sampler": "dpmpp_2m", "steps": 20, "cfg": 2.0},
+    "sample": {"sampler": "auto", "steps": 20, "cfg": 2.0},
 }
 
 #: presets of ``difflab train`` that are text-to-image runs
