@@ -390,6 +390,7 @@ def test_class_conditional_folder_cycles_labels_and_names_what_is_missing(tmp_pa
     rc, out, err = run(capsys, "tune-grid", folder, "--steps", 2, "--count", 4,
                        "--reference-steps", 10, "--max-evals", 10)
     assert rc == 0, err
-    assert "4-class sampling unguided" in out and "/ema/cfg=0" in out
+    assert "4-class sampling (draw i: class i mod 4) with no guidance" in out \
+        and "/ema/cfg=0" in out
     fits = json.loads((interop.fits_folder(folder) / "fits.json").read_text())["fits"]
     assert sorted(fits) == ["unipc/2/ema/cfg=0"] and snapshot(folder) == before

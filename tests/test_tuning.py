@@ -310,7 +310,8 @@ def test_cli_tune_grid_fits_a_class_conditional_model_for_its_guidance(tmp_path,
     args = ["tune-grid", str(ckpt), "--sampler", "dpmpp_2m", "--steps", "4", "--count", "12",
             "--reference-steps", "20", "--max-evals", "30"]
     assert main(args + ["--cfg", "2"]) == 0
-    assert "3-class sampling with classifier-free guidance w = 2" in capsys.readouterr().out
+    assert "3-class sampling (draw i: class i mod 3) with classifier-free guidance w = 2" \
+        in capsys.readouterr().out
     assert main(args) == 0  # no --cfg: the conditional model, unguided
     stored = json.loads((ckpt / FITS).read_text())["fits"]
     assert sorted(stored) == ["dpmpp_2m/4/ema/cfg=0", "dpmpp_2m/4/ema/cfg=2"]

@@ -131,20 +131,15 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
         _check_store(checkpoint, sampler, steps, ema, overwrite, tag)
     ckpt, weights = fit_store(model.checkpoint, ema)  # a fit belongs to weights (SHA-256)
     say = log or (lambda line: None)
-    if prompts is not None:
-        say(f"fitting sampling on {len(prompts)} prompts (draw i: prompt i mod {len(prompts)}), "
-            + (f"classifier-free guidance w = {guidance.cfg:g}" if guidance.cfg else
-               "unguided, --cfg W guides")
-            + f" (stored as <sampler>/<steps>/{'ema' if ema else 'model'}/{tag}: what "
-            "sampling with this guidance runs, for any prompt)")
-    elif tag is not None:
-        how = (f"with classifier-free guidance w = {guidance.cfg:g}"
+    if tag is not None:  # guided or prompted: say what is fitted and where it goes
+        K = model.guided.num_classes
+        what = (f"sampling on {len(prompts)} prompts (draw i: prompt i mod {len(prompts)})"
+                if prompts is not None else f"{K}-class sampling (draw i: class i mod {K})")
+        how = (f"classifier-free guidance w = {guidance.cfg:g}"
                + (f", rescale {cfg_rescale:g}" if cfg_rescale else "")) if guidance.cfg else \
-            "unguided, --cfg W guides"
-        say(f"fitting {model.guided.num_classes}-class sampling {how}, draw i of class i mod "
-            f"{model.guided.num_classes} (stored as <sampler>/<steps>/"
-            f"{'ema' if ema else 'model'}/{tag}: what `difflab sample` runs with this "
-            f"guidance)")
+            "no guidance (--cfg W guides)"
+        say(f"fitting {what} with {how}; stored as <sampler>/<steps>/"
+            f"{'ema' if ema else 'model'}/{tag}, what sampling with this guidance runs")
     if seed is None and getattr(den.parameterization, "default_sampler", None):
         seed = 1000  # a model with its own sampler (consistency) is never probed
     labels = model.guided.labels(count)
