@@ -116,7 +116,7 @@ class PromptGuided:
     control: Tensor | None = None
     num_classes: None = None
     label: None = None
-    fits: str | None = None
+    fits: str = "prompts"  # no fit is stored under this: the probe's plan
 
     def labels(self, count: int) -> Any:
         rows = torch.arange(count)
@@ -142,6 +142,20 @@ def prompt_fits(cfg: float, cfg_rescale: float = 0.0, *, negative_prompt: bool =
     return ",".join([guidance_tag(cfg, cfg_rescale), *extra])
 
 
+def _prompt_guidance(guidance: Guidance | None, path: Any) -> tuple[float, float]:
+    """(w, phi) of classifier-free guidance towards a prompt; ParameterError for class-label
+    options or a weight out of range."""
+    g = guidance or Guidance()
+    if g.label is not None or g.classifier is not None:
+        raise ParameterError(f"{param('label')} / {param('classifier')} guide class labels; "
+                             f"{path} is conditioned on text")
+    w, phi = float(g.cfg or 0.0), float(g.cfg_rescale or 0.0)
+    if w < 0 or not 0.0 <= phi <= 1.0:
+        raise ParameterError(f"{param('cfg')} must be >= 0 and {param('cfg_rescale')} in "
+                             f"[0, 1], got {w}, {phi}")
+    return w, phi
+
+
 def load_prompted_model(checkpoint: str | os.PathLike, prompts: Sequence[str], *,
                         ema: bool = True, device: str | torch.device = "cpu",
                         guidance: Guidance | None = None) -> Model:
@@ -152,14 +166,7 @@ def load_prompted_model(checkpoint: str | os.PathLike, prompts: Sequence[str], *
     from difflab.pipelines.text_to_image import TextToImagePipeline
     from difflab.train.checkpoint import resolve
 
-    g = guidance or Guidance()
-    if g.label is not None or g.classifier is not None:
-        raise ParameterError(f"{param('label')} / {param('classifier')} guide class labels; "
-                             f"{checkpoint} is conditioned on text")
-    w, phi = float(g.cfg or 0.0), float(g.cfg_rescale or 0.0)
-    if w < 0 or not 0.0 <= phi <= 1.0:
-        raise ParameterError(f"{param('cfg')} must be >= 0 and {param('cfg_rescale')} in "
-                             f"[0, 1], got {w}, {phi}")
+    w, phi = _prompt_guidance(guidance, checkpoint)
     pipe = TextToImagePipeline.from_checkpoint(checkpoint, ema=ema, device=device)
     C, H, W = pipe.latent_shape
     config = {**pipe.config, "data": {"channels": C, "resolution": [H, W]}}
@@ -235,13 +242,7 @@ def load_diffusers_model(path: str | os.PathLike, *, ema: bool = True,
         f = 2 ** (len(c.conditioning_embedding_out_channels) - 1)
         _, h, w = m.sample_shape
         control = control((int(c.conditioning_channels), h * f, w * f))
-    if g.label is not None or g.classifier is not None:
-        raise ParameterError(f"{param('label')} / {param('classifier')} guide class labels; "
-                             f"{path} is conditioned on text")
-    w, phi = float(g.cfg or 0.0), float(g.cfg_rescale or 0.0)
-    if w < 0 or not 0.0 <= phi <= 1.0:
-        raise ParameterError(f"{param('cfg')} must be >= 0 and {param('cfg_rescale')} in "
-                             f"[0, 1], got {w}, {phi}")
+    w, phi = _prompt_guidance(g, path)
     guided = den
     if w or phi:
         from difflab.guidance import classifier_free
