@@ -341,3 +341,31 @@ def test_cli_tune_grid_fits_a_class_conditional_model_for_its_guidance(tmp_path,
     assert main(["tune-grid", str(plain), "--steps", "3", "--cfg", "2"]) == 2
     assert "needs a class-conditional checkpoint" in capsys.readouterr().err
     assert not (plain / FITS).exists()
+
+
+@pytest.mark.parametrize("extra, names", [
+    (["--cfg", "-1"], "--cfg must be >= 0"),
+    (["--cfg", "1", "--cfg-rescale", "2"], "--cfg-rescale must lie in [0, 1]"),
+    (["--cfg-rescale", "0.5"], "--cfg-rescale only changes guided predictions"),
+    (["--prompts-file", "missing.txt"], "--prompts-file missing.txt does not exist"),
+    (["--prompts-file", "PROMPTS"], "--prompts-file: "),
+])
+def test_cli_tune_grid_refuses_impossible_guidance_before_any_work(tmp_path, capsys, extra,
+                                                                    names):
+    """Bad guidance options are one-line errors naming the option, and nothing is written:
+    a weight out of range, a rescale without a weight, a missing prompts file, prompts for a
+    model that takes no text."""
+    from conftest import mlp_checkpoint
+
+    from difflab.cli import main
+    from difflab.fitting import FITS
+
+    ckpt = mlp_checkpoint(tmp_path / "ck", num_classes=3)
+    (tmp_path / "p.txt").write_text("a cat\n")
+    extra = [str(tmp_path / "p.txt") if a == "PROMPTS" else
+             str(tmp_path / a) if a.endswith("missing.txt") else a for a in extra]
+    assert main(["tune-grid", str(ckpt), "--steps", "3", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and names.replace("missing.txt", str(
+        tmp_path / "missing.txt")) in err, err
+    assert not (ckpt / FITS).exists()
