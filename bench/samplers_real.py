@@ -221,7 +221,8 @@ def diffusers_configs(den) -> list[tuple[str, object, dict]]:
 
 
 def load_model(spec: str):
-    """(denoiser, description, (C, H, W), checkpoint dir or None) of a model argument."""
+    """(denoiser, description, (C, H, W), checkpoint dir or None, text encoder or None) of a
+    model argument (a text-to-image checkpoint: its latent denoiser and text encoder)."""
     if spec.startswith("diffusers:"):
         import difflab
         from difflab.interop.diffusers import _read_json
@@ -234,32 +235,31 @@ def load_model(spec: str):
         shape = (mc.get("in_channels", 1), size, size)
         desc = (f"diffusers folder `{path}` ({mc.get('_class_name')}) opened by "
                 "`difflab.from_diffusers`")
-        return den, desc, shape, None
+        return den, desc, shape, None, None
     if read_config(spec).get("kind") == "text_to_image":  # the latent denoiser
         from difflab.train.t2i import load_text_to_image
 
         m, _ = load_text_to_image(spec)
         return (m.denoiser, f"difflab text-to-image checkpoint `{spec}` (latents "
                 f"{'x'.join(map(str, m.latent_shape))}, its autoencoder's)", m.latent_shape,
-                resolve(spec))
+                resolve(spec), m.text_encoder)
     den, cfg = load_denoiser(spec)
     c, r = cfg["data"]["channels"], cfg["data"]["resolution"]
-    return den, f"difflab checkpoint `{spec}`", (c, r, r), resolve(spec)
+    return den, f"difflab checkpoint `{spec}`", (c, r, r), resolve(spec), None
 
 
-def prompt_condition(spec: str, n: int):
-    """A text-to-image checkpoint's Condition for ``n`` draws (prompt i of the canvas data's
-    180 captions taken 37 apart, so classes, sizes and places all occur; the empty prompt as
-    the null), or None for another model."""
-    if spec.startswith("diffusers:") or read_config(spec).get("kind") != "text_to_image":
+def prompt_condition(encoder, n: int):
+    """The Condition of ``n`` draws for a text-to-image model's text ``encoder`` (prompt i
+    of the canvas data's 180 captions taken 37 apart, so classes, sizes and places all occur;
+    the empty prompt as the null), or None without an encoder."""
+    if encoder is None:
         return None
     from difflab.data.canvas import all_captions
-    from difflab.train.t2i import load_text_to_image
 
     captions = all_captions()
     prompts = [captions[(37 * i) % len(captions)] for i in range(n)]
     with torch.no_grad():
-        return load_text_to_image(spec)[0].text_encoder.condition(prompts)
+        return encoder.condition(prompts)
 
 
 PROBE_CPU: dict[int, float] = {}  # CPU seconds of the default call's probe, per step count
@@ -295,11 +295,11 @@ def stored_fits(spec: str, ckpt, guidance: str | None = None) -> dict:
 
 
 def run_model(args, spec: str) -> dict:
-    den, desc, shape, ckpt = load_model(spec)
+    den, desc, shape, ckpt, encoder = load_model(spec)
     den.eval()
     noise = torch.randn(args.n, *shape, generator=torch.Generator().manual_seed(args.seed))
     cond, model = None, NetModel(den)
-    text = prompt_condition(spec, args.n)
+    text = prompt_condition(encoder, args.n)
     if text is not None and args.cfg is None:
         raise SystemExit(f"{spec} is a text-to-image model: give --cfg W (0: unguided)")
     if args.cfg is not None:  # class i mod K (or prompt i) for draw i, guidance of weight w

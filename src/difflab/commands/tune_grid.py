@@ -142,8 +142,8 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
             f"{'ema' if ema else 'model'}/{tag}, what sampling with this guidance runs")
     if seed is None and getattr(den.parameterization, "default_sampler", None):
         seed = 1000  # a model with its own sampler (consistency) is never probed
-    labels = model.guided.labels(count)
-    cond = None if labels is None else labels.to(model.device)
+    cond = model.guided.labels(count)  # class labels or prompts' Condition; None: neither
+    cond = None if cond is None else cond.to(model.device)
     if seed is None:  # the probe's draws: its fine solve is the reference
         traj = probe_solve(den, model.shape, device=model.device, cond=cond)
         noise = traj.noise

@@ -179,18 +179,19 @@ class TextToImagePipeline:
         N = len(prompts)
         noise = torch.randn((N,) + self.latent_shape,
                             generator=torch.Generator().manual_seed(int(seed)))
+        def condition(i: int, j: int) -> Any:
+            return self.condition(prompts[i:j], negative_prompt if negatives is None
+                                  else negatives[i:j])
+
+        first = condition(0, min(N, batch_size))
         if fit is None and sampler == AUTO and spacing is None:  # one plan for every batch
-            b = min(N, batch_size)
-            first = self.condition(prompts[:b], negative_prompt if negatives is None
-                                   else negatives[:b])
-            fit = default_plan(den, steps, noise[:b].to(self.device), first)
+            fit = default_plan(den, steps, noise[:batch_size].to(self.device), first)
             sampler = None if fit is not None else choose(None, None, den.parameterization)
         out = []
         t0 = time.perf_counter()
         for i in range(0, N, batch_size):
             j = min(N, i + batch_size)
-            neg = negative_prompt if negatives is None else negatives[i:j]
-            cond = self.condition(prompts[i:j], neg)
+            cond = first if i == 0 else condition(i, j)
             gens = [torch.Generator().manual_seed(mix_seed(int(seed), k)) for k in range(i, j)]
             z = sample(den, noise[i:j].to(self.device), sampler=sampler, steps=steps,
                        spacing=spacing, fit=fit, cond=cond, generator=gens)

@@ -62,8 +62,9 @@ same solver on the uniform grid, the plan, and no candidate here beats it). On a
 classifier-free-guided class-conditional model (session 19): 0.85 / 0.54 / 0.48x at w = 2 and
 0.67 / 0.47 / 0.35x at w = 4. On a latent text-to-image model trained with Stable Diffusion's
 recipe (session 20, scaled_linear / eps): 0.73 / 0.95 / 0.69x at w = 3, and unguided 0.55 /
-0.72 / 1.27x: at 20 calls diffusers' UniPC-2 on the Karras grid wins, a grid not among the
-candidates, helped by telling the network the integer index it was trained at.
+0.72 / 1.27x: at 20 calls diffusers' UniPC-2 on the Karras grid (final x0 step, the network
+told integer indices) wins; added as a candidate, Karras changed no plan on six models, the
+probe's draws ranking log-SNR first here.
 """
 
 from __future__ import annotations
@@ -318,9 +319,8 @@ def candidate_grids(denoiser: BaseDenoiser, traj: ProbeTrajectory,
                     steps: int) -> dict[str, Tensor]:
     """The grids the rollout chooses from (module docstring, step 3), by name."""
     out: dict[str, Tensor] = {}
-    # Karras never won a rollout on the four families the probe was built on; it is the best
-    # grid on one model since (a latent eps / scaled_linear model unguided at 20 calls,
-    # docs/results/byom_defaults.md, session 20), where the plan is 1.27x diffusers' best
+    # Karras never won a rollout on the four families the probe was built on; added back
+    # (session 20) it changed no plan on six models (docs/results/byom_defaults.md)
     for family in ("uniform", "log_snr"):
         try:
             out[family] = timesteps(denoiser.schedule, steps, family)
