@@ -82,7 +82,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     best = diffusers_best(args.model, args.diffusers)
-    den, _, shape, ckpt = B.load_model(args.model)
+    den, _, shape, ckpt, _ = B.load_model(args.model)
     den.eval()
     schedule = den.schedule
     noise = torch.randn(args.n, *shape, generator=torch.Generator().manual_seed(args.seed))

@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    den, _, shape, ckpt = B.load_model(args.model)
+    den, _, shape, ckpt, _ = B.load_model(args.model)
     den.eval()
     noise = torch.randn(args.n, *shape, generator=torch.Generator().manual_seed(args.seed))
     with torch.no_grad():
