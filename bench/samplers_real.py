@@ -112,7 +112,8 @@ def cached_reference(args, spec: str, den, noise: torch.Tensor, steps: int,
     if not args.ref_cache:
         return reference(den, noise, steps, cond)
     name = "".join(c if c.isalnum() else "_" for c in spec)
-    tag = f"_cfg{args.cfg:g}" if args.cfg is not None else ""
+    cfg = getattr(args, "cfg", None)  # scripts that reuse this without guidance
+    tag = f"_cfg{cfg:g}" if cfg is not None else ""
     path = Path(args.ref_cache) / f"{name}_seed{args.seed}_n{args.n}_fine{steps}{tag}.pt"
     if path.exists():
         return torch.load(path)
@@ -262,6 +263,30 @@ def prompt_condition(encoder, n: int):
         return encoder.condition(prompts)
 
 
+def draw_mse(x: torch.Tensor, ref: torch.Tensor) -> list[float]:
+    """Each draw's mean squared error to the reference (inf where it is not finite): kept per
+    draw so that ratios can be given with their sampling interval (:func:`ratio_interval`)
+    and runs on other seeds pooled (``bench/byom_summary.py``)."""
+    m = (x - ref).double().pow(2).flatten(1).mean(1)
+    return [v if math.isfinite(v) else math.inf for v in m.tolist()]
+
+
+def ratio_interval(a: list[float], b: list[float], reps: int = 2000, level: float = 0.9,
+                   seed: int = 0) -> tuple[float, float]:
+    """The paired bootstrap interval (``level``) of the RMSE ratio sqrt(mean a / mean b) of two
+    samplers' per-draw squared errors on the same draws: draws resampled with replacement,
+    both samplers' errors on each. At 20 calls a few draws can hold most of a gap (session 21:
+    one draw in 128 held half of one), so a ratio near 1 from 32 draws may be either side."""
+    ta, tb = (torch.tensor(v, dtype=torch.float64) for v in (a, b))
+    if len(ta) != len(tb) or len(ta) < 2 or not (ta.isfinite().all() and tb.isfinite().all()):
+        return math.nan, math.nan
+    idx = torch.randint(0, len(ta), (reps, len(ta)), generator=torch.Generator().manual_seed(seed))
+    r = (ta[idx].mean(1) / tb[idx].mean(1).clamp_min(1e-300)).sqrt()
+    lo, hi = torch.quantile(r, torch.tensor([(1 - level) / 2, (1 + level) / 2],
+                                            dtype=torch.float64)).tolist()
+    return lo, hi
+
+
 PROBE_CPU: dict[int, float] = {}  # CPU seconds of the default call's probe, per step count
 
 
@@ -346,20 +371,24 @@ def run_model(args, spec: str) -> dict:
             rows_dl[label][nfe] = (err, S.get(name).nfe(steps))
         print(label, rows_dl[label], flush=True)
 
+    per_draw: dict[str, dict[str, dict[str, list[float]]]] = {"difflab": {auto: {}},
+                                                              "diffusers": {}}
     for nfe in NFES:  # every sampler the default call picks makes one network call per step
         with torch.no_grad():
             x = S.sample(den, noise, steps=nfe, cond=cond)
         rows_dl[auto][nfe] = (rmse(x, ref) if torch.isfinite(x).all() else math.inf, nfe)
+        per_draw["difflab"][auto][str(nfe)] = draw_mse(x, ref)
     print(auto, rows_dl[auto], flush=True)
     before = f"previous default: {PREVIOUS_DEFAULT[0]} spacing={PREVIOUS_DEFAULT[1]}"
     run(before, *PREVIOUS_DEFAULT)
     if fitted:
         label = f"auto with the fitted solvers stored at {fitted} steps"
-        rows_dl[label] = {}
+        rows_dl[label], per_draw["difflab"][label] = {}, {}
         for nfe in NFES:
             with torch.no_grad():
                 x = S.sample(den, noise, steps=nfe, fit=fits.get(nfe), cond=cond)
             rows_dl[label][nfe] = (rmse(x, ref), S.get(S.choose(None, fits.get(nfe))).nfe(nfe))
+            per_draw["difflab"][label][str(nfe)] = draw_mse(x, ref)
     for name in (args.solvers.split(",") if args.solvers else DIFFLAB):
         run(f"{name} (own spacing {S.get(name).spacing})", name)
     discrete = den.schedule.num_steps is not None
@@ -406,7 +435,7 @@ def run_model(args, spec: str) -> dict:
     for label, cls, config in diffusers_configs(den):
         if keep and label not in keep:
             continue
-        rows_df[label] = {}
+        rows_df[label], per_draw["diffusers"][label] = {}, {}
         for nfe in NFES:
             try:
                 x, calls = diffusers_sample(cls, config, model, noise, nfe)
@@ -415,6 +444,7 @@ def run_model(args, spec: str) -> dict:
                 rows_df[label][nfe] = (math.inf, 0)
                 continue
             rows_df[label][nfe] = (rmse(x, ref) if torch.isfinite(x).all() else math.inf, calls)
+            per_draw["diffusers"][label][str(nfe)] = draw_mse(x, ref)
         print(label, rows_df[label], flush=True)
     if args.figure:
         from difflab.train.monitor import save_grid
@@ -424,13 +454,15 @@ def run_model(args, spec: str) -> dict:
             shown += [S.sample(den, noise[:8], *PREVIOUS_DEFAULT[:1], nfe,
                                spacing=PREVIOUS_DEFAULT[1]), S.sample(den, noise[:8], steps=nfe)]
         save_grid(torch.cat(shown), args.figure, nrow=8, scale=2)
-    return {"spec": spec, "desc": desc, "shape": list(shape), "family": family(den),
+    return {"spec": spec, "n": args.n, "seed": args.seed, "cfg": args.cfg,
+            "desc": desc, "shape": list(shape), "family": family(den),
             "prediction": den.parameterization.name,
             "schedule": den.schedule.config().get("type"), "ref_err": ref_err,
             "auto": auto, "before": before, "tuned": sorted(tuned),
             "probe_cpu_s": {str(n): round(v, 2) for n, v in PROBE_CPU.items()},
             "difflab": {k: {str(n): list(v) for n, v in r.items()} for k, r in rows_dl.items()},
-            "diffusers": {k: {str(n): list(v) for n, v in r.items()} for k, r in rows_df.items()}}
+            "diffusers": {k: {str(n): list(v) for n, v in r.items()} for k, r in rows_df.items()},
+            "per_draw": per_draw}
 
 
 def table(rows) -> list[str]:
@@ -465,18 +497,23 @@ def render(args, results: list[dict]) -> list[str]:
         f"Per model: {args.n} test noises from seed {args.seed}. Reference: dpmpp_3m, "
         f"{args.ref_steps} steps of the probe's fine grid; its own error is estimated by its "
         f"RMSE to the {args.ref_steps // 2}-step solution (below, per model). Error = pixel "
-        "RMSE to the reference ([-1, 1] scale). A cell `e (n)` used n network calls.", "",
+        "RMSE to the reference ([-1, 1] scale). A cell `e (n)` used n network calls. The "
+        "interval of a ratio is a paired bootstrap over the test draws (`ratio_interval`; "
+        "diffusers' best chosen on all of them).", "",
         "## Summary: the default call vs diffusers' best configuration", "",
         "| model | NFE | default now | previous default | diffusers best | ratio now "
-        "| ratio before |", "|---|---|---|---|---|---|---|",
+        "[90 % interval] | ratio before |", "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         for nfe in NFES:
             en = r["difflab"][r["auto"]][str(nfe)][0]
             eb = r["difflab"][r["before"]][str(nfe)][0]
             ed, nd = best(r["diffusers"], nfe)
+            pd = r["per_draw"]
+            lo, hi = ratio_interval(pd["difflab"][r["auto"]][str(nfe)],
+                                    pd["diffusers"][nd].get(str(nfe), []))
             lines.append(f"| {r['spec']} | {nfe} | {en:.3e} | {eb:.3e} | {ed:.3e} ({nd}) "
-                         f"| {en / ed:.2f} | {eb / ed:.2f} |")
+                         f"| {en / ed:.2f} [{lo:.2f}, {hi:.2f}] | {eb / ed:.2f} |")
     for r in results:
         lines += [
             "", f"## {r['spec']}", "",
