@@ -64,7 +64,11 @@ classifier-free-guided class-conditional model (session 19): 0.85 / 0.54 / 0.48x
 recipe (session 20, scaled_linear / eps): 0.73 / 0.95 / 0.69x at w = 3, and unguided 0.55 /
 0.72 / 1.27x: at 20 calls diffusers' UniPC-2 on the Karras grid (final x0 step, the network
 told integer indices) wins; added as a candidate, Karras changed no plan on six models, the
-probe's draws ranking log-SNR first here.
+probe's draws ranking log-SNR first here. On 288 test draws (session 21) that model's unguided
+cells are 1.14x / 1.40x at 10 / 20 calls, and at 20 calls one draw in 128 holds over half of
+the gap to Karras: there the probe's draws, like the test draws, are too heavy-tailed to rank
+grids whose typical errors differ by a few %, and a probe that added draws while uncertain (up
+to 96) picked a 2.3x worse plan on fm_base at 20 calls (docs/results/byom_defaults.md).
 """
 
 from __future__ import annotations
