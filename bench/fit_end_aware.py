@@ -1,0 +1,123 @@
+"""A lead for issue #17 item 5 (session 21): evaluation times chosen by the error at x(0).
+
+    python bench/fit_end_aware.py MODEL REFERENCE.pt [--steps 5,10]
+
+The fast fit (``difflab.fitting.fast.rollout_coefficients``) fits the bespoke rows one after
+another on the solver's own rollout, and with each row j it chooses the time t'_{j-1} the network
+is told (t_{j-1} + f (t_j - t_{j-1}), f in ``EVAL_SHIFTS``) by the row's own residual at t_j.
+Here the same rows are fitted, but each candidate time is judged by the error at x(0) of a
+greedy completion: the rows after j fitted in turn (grid times) to the end. Calibrated on the
+probe's draws against the probe's solve (as ``difflab tune-grid --fast``); judged on ``--n``
+test draws of ``--seed`` against REFERENCE (samplers_real.py's ``--ref-cache`` file for them).
+Prints the test RMSE of the probe plan, the residual choice and the choice by x(0)
+(docs/results/byom_defaults.md, session 21). Cost of the completions: ~n^2 / 2 calls per draw
+and candidate time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import samplers_real as B  # noqa: E402
+
+from difflab import samplers as S  # noqa: E402
+from difflab.fitting import Fit  # noqa: E402
+from difflab.fitting.fast import (  # noqa: E402
+    EVAL_SHIFTS,
+    FAST_RIDGE,
+    _ridge_row,
+    nested_indices,
+    plan_rows,
+    probe_reference,
+)
+from difflab.samplers import probe as P  # noqa: E402
+from difflab.samplers.bespoke import combine  # noqa: E402
+from difflab.samplers.common import EvalTimes, Grid, predict  # noqa: E402
+
+
+def fit_rows(den, ts: list[float], x_T: torch.Tensor, targets: list[torch.Tensor],
+             base: list[list[float]], by: str) -> Fit:
+    """The rollout fit on ``ts`` with each row's evaluation time chosen ``by`` "residual" (the
+    fast fit's rule) or "x0" (the error at x(0) of a greedy completion)."""
+    g = Grid(den.schedule, torch.as_tensor(ts, dtype=torch.float64), x_T)
+    told, n = EvalTimes(den, {}), len(ts) - 1
+
+    def D_at(x: torch.Tensor, i: int, tau: float) -> torch.Tensor:
+        p = (predict(den, x, g, i, None) if tau == ts[i]
+             else told.predict_told(x, g.points[i], tau, None))
+        return p.x0
+
+    def row_fit(D: list[torch.Tensor], y: torch.Tensor) -> list[float]:
+        F = torch.stack([x_T.reshape(-1)] + [d.reshape(-1) for d in D]).double()
+        y = y.reshape(-1).double()
+        return _ridge_row(F @ F.T / y.numel(), F @ y / y.numel(), base[len(D) - 1],
+                          FAST_RIDGE).tolist()
+
+    x, D, rows, taus = x_T, [], [], []
+    for j in range(1, n + 1):
+        movable = bool(g.alpha[j - 1] > 0) and bool(g.sigma[j - 1] > 0)
+        step = float(ts[j]) - float(ts[j - 1])
+        cands = {float(ts[j - 1]) + f * step for f in (EVAL_SHIFTS if movable else ())}
+        best = None
+        for tau in sorted(t for t in cands | {float(ts[j - 1])} if t <= float(ts[0])):
+            Dj = D_at(x, j - 1, tau)
+            row = row_fit(D + [Dj], targets[j - 1])
+            xx, DD = combine(row, x_T, D + [Dj]), D + [Dj]
+            if by == "x0":
+                for k in range(j + 1, n + 1):
+                    DD = DD + [D_at(xx, k - 1, float(ts[k - 1]))]
+                    xx = combine(row_fit(DD, targets[k - 1]), x_T, DD)
+            score = float((xx - (targets[-1] if by == "x0" else targets[j - 1])).double()
+                          .pow(2).mean())
+            if best is None or score < best[0]:
+                best = (score, tau, Dj, row)
+        assert best is not None
+        _, tau, Dj, row = best
+        D.append(Dj)
+        taus.append(tau)
+        rows.append(row)
+        x = combine(row, x_T, D)
+    return Fit("bespoke", list(ts), taus + [float(ts[n])], rows, base="unipc")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("reference", help="the test draws' reference solve (a .pt tensor)")
+    ap.add_argument("--steps", default="5,10")
+    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    den, _, shape, _, _ = B.load_model(args.model)
+    den.eval()
+    noise = torch.randn(args.n, *shape, generator=torch.Generator().manual_seed(args.seed))
+    ref = torch.load(args.reference)
+    traj = P.probe_solve(den, shape)
+    x_T = traj.noise * den.schedule.prior_std(1.0)
+
+    def rmse(x: torch.Tensor) -> float:
+        return math.sqrt(float((x - ref).double().pow(2).mean()))
+
+    for n in (int(s) for s in args.steps.split(",")):
+        plan = P.probe_plan(den, n, shape).plan
+        fr = probe_reference(den, traj, [plan.ts])
+        targets = [fr.x[i] for i in nested_indices(fr.ts, plan.ts)[1:]]
+        base = plan_rows(plan, den.schedule)
+        with torch.no_grad():
+            cells = [f"plan {rmse(S.sample(den, noise, fit=plan)):.5f}"]
+            for by in ("residual", "x0"):
+                fit = fit_rows(den, list(plan.ts), x_T, targets, base, by)
+                cells.append(f"by {by} {rmse(S.sample(den, noise, fit=fit)):.5f}")
+        print(f"{args.model} {n} calls: " + "  ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
