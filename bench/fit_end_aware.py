@@ -35,55 +35,32 @@ from difflab.fitting.fast import (  # noqa: E402
     nested_indices,
     plan_rows,
     probe_reference,
+    rollout_coefficients,
 )
 from difflab.samplers import probe as P  # noqa: E402
 from difflab.samplers.bespoke import combine  # noqa: E402
-from difflab.samplers.common import EvalTimes, Grid, predict  # noqa: E402
 
 
-def fit_rows(den, ts: list[float], x_T: torch.Tensor, targets: list[torch.Tensor],
-             base: list[list[float]], by: str) -> Fit:
-    """The rollout fit on ``ts`` with each row's evaluation time chosen ``by`` "residual" (the
-    fast fit's rule) or "x0" (the error at x(0) of a greedy completion)."""
-    g = Grid(den.schedule, torch.as_tensor(ts, dtype=torch.float64), x_T)
-    told, n = EvalTimes(den, {}), len(ts) - 1
+def completion_error(x_T: torch.Tensor, ts: list[float], targets: list[torch.Tensor],
+                     base: list[list[float]]):
+    """``rollout_coefficients``' judge: a candidate row j scored by the squared error at x(0)
+    of the greedy completion from it (rows j + 1 .. n fitted in turn, grid times)."""
+    n = len(ts) - 1
 
-    def D_at(x: torch.Tensor, i: int, tau: float) -> torch.Tensor:
-        p = (predict(den, x, g, i, None) if tau == ts[i]
-             else told.predict_told(x, g.points[i], tau, None))
-        return p.x0
-
-    def row_fit(D: list[torch.Tensor], y: torch.Tensor) -> list[float]:
+    def row_fit(D: list[torch.Tensor], y: torch.Tensor, k: int) -> list[float]:
         F = torch.stack([x_T.reshape(-1)] + [d.reshape(-1) for d in D]).double()
         y = y.reshape(-1).double()
-        return _ridge_row(F @ F.T / y.numel(), F @ y / y.numel(), base[len(D) - 1],
+        return _ridge_row(F @ F.T / y.numel(), F @ y / y.numel(), base[k - 1],
                           FAST_RIDGE).tolist()
 
-    x, D, rows, taus = x_T, [], [], []
-    for j in range(1, n + 1):
-        movable = bool(g.alpha[j - 1] > 0) and bool(g.sigma[j - 1] > 0)
-        step = float(ts[j]) - float(ts[j - 1])
-        cands = {float(ts[j - 1]) + f * step for f in (EVAL_SHIFTS if movable else ())}
-        best = None
-        for tau in sorted(t for t in cands | {float(ts[j - 1])} if t <= float(ts[0])):
-            Dj = D_at(x, j - 1, tau)
-            row = row_fit(D + [Dj], targets[j - 1])
-            xx, DD = combine(row, x_T, D + [Dj]), D + [Dj]
-            if by == "x0":
-                for k in range(j + 1, n + 1):
-                    DD = DD + [D_at(xx, k - 1, float(ts[k - 1]))]
-                    xx = combine(row_fit(DD, targets[k - 1]), x_T, DD)
-            score = float((xx - (targets[-1] if by == "x0" else targets[j - 1])).double()
-                          .pow(2).mean())
-            if best is None or score < best[0]:
-                best = (score, tau, Dj, row)
-        assert best is not None
-        _, tau, Dj, row = best
-        D.append(Dj)
-        taus.append(tau)
-        rows.append(row)
-        x = combine(row, x_T, D)
-    return Fit("bespoke", list(ts), taus + [float(ts[n])], rows, base="unipc")
+    def judge(j: int, row: list[float], D: list[torch.Tensor], x0_at) -> float:
+        x, D = combine(row, x_T, D), list(D)
+        for k in range(j + 1, n + 1):
+            D.append(x0_at(x, k - 1, float(ts[k - 1])))
+            x = combine(row_fit(D, targets[k - 1], k), x_T, D)
+        return float((x - targets[-1]).double().pow(2).mean())
+
+    return judge
 
 
 def main() -> None:
@@ -113,8 +90,11 @@ def main() -> None:
         base = plan_rows(plan, den.schedule)
         with torch.no_grad():
             cells = [f"plan {rmse(S.sample(den, noise, fit=plan)):.5f}"]
-            for by in ("residual", "x0"):
-                fit = fit_rows(den, list(plan.ts), x_T, targets, base, by)
+            for by, judge in (("residual", None),
+                              ("x0", completion_error(x_T, list(plan.ts), targets, base))):
+                rows, taus, _ = rollout_coefficients(den, plan.ts, traj.noise, targets, base,
+                                                     shifts=EVAL_SHIFTS, judge=judge)
+                fit = Fit("bespoke", list(plan.ts), taus, rows, base=plan.sampler)
                 cells.append(f"by {by} {rmse(S.sample(den, noise, fit=fit)):.5f}")
         print(f"{args.model} {n} calls: " + "  ".join(cells), flush=True)
 

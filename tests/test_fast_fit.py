@@ -18,6 +18,7 @@ from difflab.fitting.fast import (
     ridge_coefficients,
     rollout_coefficients,
 )
+from difflab.samplers.bespoke import combine
 from difflab.samplers.timesteps import timesteps
 from difflab.toy import GaussianMixture
 
@@ -285,6 +286,36 @@ def test_rollout_fit_with_evaluation_times_runs_as_fitted():
     _, _, x_fixed = rollout_coefficients(den, ts, noise, targets, rows0)
     ref = targets[-1]
     assert rmse(x_n, ref) < rmse(x_fixed, ref)
+
+
+def test_rollout_fit_judge_scores_each_candidate_time():
+    """``judge`` replaces the residual as the score of a row's candidate evaluation times: a
+    judge that recomputes the residual from what it is given reproduces the default fit, and
+    one that scores every candidate alike keeps the first of them, the time nearest the data,
+    at every grid point."""
+    sch, den = _mixture()
+    noise = torch.randn(12, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ts = timesteps(sch, 5, "uniform").tolist()
+    fine = fine_reference(den, noise, 500, family="uniform", keep=list(range(0, 501, 100)))
+    targets = [fine.x[i] for i in range(100, 501, 100)]
+    rows0 = solver_coefficients("unipc", sch, ts)
+    x_T = noise * sch.prior_std(1.0)
+    given = []
+
+    def residual(j, row, D, x0_at):
+        given.append((len(row), len(D), callable(x0_at)) == (j + 1, j, True))
+        return float((targets[j - 1] - combine(row, x_T, D)).pow(2).mean())
+
+    want = rollout_coefficients(den, ts, noise, targets, rows0, shifts=EVAL_SHIFTS)
+    got = rollout_coefficients(den, ts, noise, targets, rows0, shifts=EVAL_SHIFTS,
+                               judge=residual)
+    assert given and all(given) and got[1] == want[1]
+    for a, b in zip(got[0], want[0]):
+        assert a == pytest.approx(b, rel=1e-12, abs=1e-15)
+    _, taus, _ = rollout_coefficients(den, ts, noise, targets, rows0, shifts=EVAL_SHIFTS,
+                                      judge=lambda j, row, D, x0_at: 1.0)
+    f = max(EVAL_SHIFTS)
+    assert taus[:-1] == pytest.approx([a + f * (b - a) for a, b in zip(ts, ts[1:])], abs=1e-15)
 
 
 def test_rollout_fit_beats_the_probe_plan_on_held_out_noise():

@@ -257,6 +257,7 @@ def rollout_coefficients(denoiser: BaseDenoiser, ts: Sequence[float], noise: Ten
                          targets: Sequence[Tensor], base: Sequence[Sequence[float]],
                          ridge: float = FAST_RIDGE, cond: Any = None,
                          batch_size: int | None = None, shifts: Sequence[float] = (0.0,),
+                         judge: Callable[..., float] | None = None,
                          ) -> tuple[list[list[float]], list[float], Tensor]:
     """The rows fitted one after another on the solver's own rollout from ``noise`` (module
     docstring): row j minimises ||targets[j-1] - c_j x_T - sum_k d_jk D_k||^2 / N + ridge s_j
@@ -265,9 +266,12 @@ def rollout_coefficients(denoiser: BaseDenoiser, ts: Sequence[float], noise: Ten
     ``shifts``: the evaluation time of D_{j-1} is chosen with row j (module docstring): for
     each f, the network is told t' = t_{j-1} + f (t_j - t_{j-1}) (where alpha, sigma > 0 and
     t' <= t_0), row j is fitted on that D_{j-1}, and the f whose row leaves the least residual
-    is kept. One network call per grid point, shift and draw. Returns ``(rows, eval_ts,
-    x_n)``: the rows, the evaluation time of each grid time, and the fitted solver's output
-    on the calibration draws."""
+    is kept. One network call per grid point, shift and draw. ``judge(j, row, D, x0_at)``, if
+    given, scores a candidate instead of its residual (lower is better; ``D`` = D_0 .. D_{j-1}
+    with the candidate's, ``x0_at(x, i, tau)`` the network's x0 at grid point i told tau:
+    e.g. ``bench/fit_end_aware.py``'s error at x(0) of a greedy completion). Returns ``(rows,
+    eval_ts, x_n)``: the rows, the evaluation time of each grid time, and the fitted solver's
+    output on the calibration draws."""
     n = len(ts) - 1
     if len(targets) != n or len(base) != n:
         raise ValueError(f"a {n}-step grid needs {n} targets and {n} base rows")
@@ -298,7 +302,8 @@ def rollout_coefficients(denoiser: BaseDenoiser, ts: Sequence[float], noise: Ten
             D_j = x0_at(x, j - 1, tau)
             F = torch.cat([F_prev, D_j.reshape(1, -1).to(torch.float64)])
             row = _ridge_row(F @ F.T / y.numel(), F @ y / y.numel(), base[j - 1], ridge)
-            residual = float((y - row @ F).pow(2).mean())
+            residual = (float((y - row @ F).pow(2).mean()) if judge is None
+                        else judge(j, row.tolist(), D + [D_j], x0_at))
             if best is None or residual < best[0]:
                 best = (residual, tau, D_j, row)
         assert best is not None
