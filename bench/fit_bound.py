@@ -80,12 +80,9 @@ def main() -> None:
     ap.add_argument("--diffusers", nargs="+", default=list(RESULTS))
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    den, shape, ckpt, noise = B.setup_test_draws(args)
     best = diffusers_best(args.model, args.diffusers)
-    den, _, shape, ckpt, _ = B.load_model(args.model)
-    den.eval()
     schedule = den.schedule
-    noise = torch.randn(args.n, *shape, generator=torch.Generator().manual_seed(args.seed))
     with torch.no_grad():
         ref = B.cached_reference(args, args.model, den, noise, args.ref_steps)
     stored = B.stored_fits(args.model, ckpt)

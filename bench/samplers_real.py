@@ -249,6 +249,17 @@ def load_model(spec: str):
     return den, f"difflab checkpoint `{spec}`", (c, r, r), resolve(spec), None
 
 
+def setup_test_draws(args) -> tuple:
+    """(denoiser in eval mode, image shape, checkpoint dir or None, test noise) of
+    ``args.model`` with ``args.threads`` torch threads and ``args.n`` draws of ``args.seed``:
+    the set-up the fit benches (fit_bound.py, fit_test_error.py, fit_end_aware.py) share."""
+    torch.set_num_threads(args.threads)
+    den, _, shape, ckpt, _ = load_model(args.model)
+    den.eval()
+    noise = torch.randn(args.n, *shape, generator=torch.Generator().manual_seed(args.seed))
+    return den, shape, ckpt, noise
+
+
 def prompt_condition(encoder, n: int):
     """The Condition of ``n`` draws for a text-to-image model's text ``encoder`` (prompt i
     of the canvas data's 180 captions taken 37 apart, so classes, sizes and places all occur;
