@@ -35,7 +35,7 @@ def pool(runs: list[dict]) -> dict:
         raise SystemExit(f"--pool needs per-draw errors (samplers_real.py, session 21 on): "
                          f"{runs[0]['spec']}")
     out = {**runs[0], "n": sum(r["n"] for r in runs),
-           "seed": ",".join(str(r["seed"]) for r in runs)}
+           "seed": ",".join(str(r["seed"]) for r in runs), "per_draw": {}}
     for side in ("difflab", "diffusers"):
         labels = [{k.split(":")[0]: k for k in r["per_draw"][side]} for r in runs]
         rows, draws = {}, {}
@@ -46,7 +46,7 @@ def pool(runs: list[dict]) -> dict:
                               for r, la in zip(runs, labels)), []) for n in NFES}
             draws[short] = joined
             rows[short] = {n: [math.sqrt(sum(v) / len(v)), 0] for n, v in joined.items()}
-        out[side], out["per_draw"] = rows, {**out.get("per_draw", {}), side: draws}
+        out[side], out["per_draw"][side] = rows, draws
     return out
 
 

@@ -45,6 +45,7 @@ import torch
 from difflab import samplers as S
 from difflab.denoiser import Condition
 from difflab.fitting import load_fit, load_fits
+from difflab.fitting.fast import _draw_mse
 from difflab.fitting.store import guidance_tag
 from difflab.train.checkpoint import load_denoiser, read_config, resolve
 
@@ -278,8 +279,7 @@ def draw_mse(x: torch.Tensor, ref: torch.Tensor) -> list[float]:
     """Each draw's mean squared error to the reference (inf where it is not finite): kept per
     draw so that ratios can be given with their sampling interval (:func:`ratio_interval`)
     and runs on other seeds pooled (``bench/byom_summary.py``)."""
-    m = (x - ref).double().pow(2).flatten(1).mean(1)
-    return [v if math.isfinite(v) else math.inf for v in m.tolist()]
+    return [v if math.isfinite(v) else math.inf for v in _draw_mse(x, ref).tolist()]
 
 
 def ratio_interval(a: list[float], b: list[float], reps: int = 2000, level: float = 0.9,
