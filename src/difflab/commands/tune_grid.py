@@ -68,7 +68,8 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
                     log: Callable[[str], None] | None = None,
                     overwrite: bool = False, fast: bool = False, cfg: float | None = None,
                     cfg_rescale: float = 0.0,
-                    prompts: Sequence[str] | None = None) -> list[tuple[Any, Path]]:
+                    prompts: Sequence[str] | None = None,
+                    polish: int = 0) -> list[tuple[Any, Path]]:
     """Fit ``sampler``'s grid for each of ``steps`` to a checkpoint's EMA (``ema=False``: raw)
     weights on ``count`` calibration draws from ``seed``, against a ``reference_steps``
     dpm_solver_3 solution, and store each fit with the checkpoint. ``eval_times``: also fit
@@ -90,7 +91,9 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
     conditional model; ``cfg_rescale``: the rescale), calibration draw i of class i mod K, the
     fits stored under that guidance (:func:`~difflab.fitting.store.guidance_tag`). A
     text-conditioned model is fitted on ``prompts`` (draw i: prompt i mod P), guided by
-    ``cfg`` away from the empty prompt.
+    ``cfg`` away from the empty prompt. ``polish`` (with ``fast``): that many L-BFGS
+    iterations of the full objective from each fast fit (:mod:`difflab.fitting.fast`: a
+    backward pass through every call per iteration; better fits for a longer run).
     """
     from difflab.fitting import reference_profile, tune_grid
     from difflab.interop import check_safetensors, is_diffusers_folder
@@ -114,6 +117,10 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
     if sampler == "bespoke" and start != "tuned" and base != "unipc":
         raise ParameterError(f"{param('start')} {start} fits from unipc's coefficients; use "
                              f"{param('start')} tuned with {param('base')} {base}")
+    if polish < 0 or (polish and not fast):
+        raise ParameterError(f"{param('polish')} is a number of L-BFGS iterations after "
+                             f"{param('fast')}'s fit (>= 0, with {param('fast')}), got "
+                             f"{polish}{'' if fast else ' without it'}")
     if fast and sampler not in ("unipc", "bespoke"):  # unipc: the default, and the base
         raise ParameterError(f"{param('fast')} fits bespoke solvers; got {param('sampler')} "
                              f"{sampler}")
@@ -155,7 +162,7 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
     if fast:
         return _tune_fast(den, store, noise, steps, cond=cond, seed=seed,
                           reference_steps=reference_steps, batch_size=batch_size,
-                          say=say, traj=traj)
+                          say=say, traj=traj, polish=polish)
     ref, profile = reference_profile(den, noise, reference_steps, batch_size=batch_size,
                                      cond=cond)
     made = dict(seed=seed, reference_steps=reference_steps)
@@ -296,13 +303,14 @@ def _tune_bespoke(den: Any, store: _Store, noise: Any, cond: Any, ref: Any,
 
 def _tune_fast(den: Any, store: _Store, noise: Any, steps: Sequence[int], *, cond: Any,
                seed: int | None, reference_steps: int, batch_size: int,
-               say: Callable[[str], None], traj: Any = None) -> list[tuple[Any, Path]]:
+               say: Callable[[str], None], traj: Any = None,
+               polish: int = 0) -> list[tuple[Any, Path]]:
     """Bespoke solvers for all ``steps`` by the fast fit, each stored with the checkpoint
     where it beats the default call's probe plan on the calibration draws; where it does not,
     nothing is stored (and a stored bespoke fit for that step count is removed), so
     ``difflab sample`` runs the probe's plan: a fit never makes the default worse. ``traj``:
     the probe's fine solve when ``noise`` is the probe's noise (``seed`` None), the plans'
-    reference then."""
+    reference then. ``polish``: L-BFGS iterations of the full objective after each fit."""
     from difflab.fitting import fast_fit_solvers
     from difflab.fitting.fast import describe_fast_fit, probe_reference, rollout_fittable
     from difflab.samplers import default_plan
@@ -322,10 +330,11 @@ def _tune_fast(den: Any, store: _Store, noise: Any, steps: Sequence[int], *, con
             fits.update(fast_fit_solvers(den, roll, noise, reference_steps=reference_steps,
                                          batch_size=batch_size, plans=plans, cond=cond,
                                          objective="rollout", reference=ref,
-                                         plan_mse=plan_mse))
+                                         plan_mse=plan_mse, polish=polish))
         if rest:
             fits.update(fast_fit_solvers(den, rest, noise, reference_steps=reference_steps,
-                                         batch_size=batch_size, plans=plans, cond=cond))
+                                         batch_size=batch_size, plans=plans, cond=cond,
+                                         polish=polish))
     except ValueError as e:  # a grid not nested in the reference grid
         raise ParameterError(f"{param('fast')}: {e}") from None
     done = []
@@ -403,6 +412,12 @@ def register(subparsers: Any) -> None:
                         "ridge least squares on the default call's probe plans, row by row "
                         "on their own rollout (about a minute on a CPU; no grid tuning, no "
                         "L-BFGS): difflab.fitting.fast_fit_solvers")
+    p.add_argument("--polish", type=int, default=0, metavar="N",
+                   help="with --fast: N L-BFGS iterations of the full objective (the error "
+                        "at x(0), through every network call) from each fast fit, kept where "
+                        "it lowers the calibration error; slower (a backward pass per call and "
+                        "iteration: on a CPU seconds per iteration), better fits "
+                        "(docs/fitting.md)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a fit already stored beside a diffusers folder (default: "
                         "refuse)")
@@ -442,5 +457,5 @@ def cmd_tune_grid(args: argparse.Namespace) -> int:
                     device=args.device, log=print, overwrite=args.overwrite, fast=args.fast,
                     cfg=args.cfg, cfg_rescale=args.cfg_rescale,
                     prompts=None if args.prompts_file is None else read_prompts(
-                        args.prompts_file))
+                        args.prompts_file), polish=args.polish)
     return 0

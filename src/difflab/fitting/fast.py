@@ -70,6 +70,23 @@ freedom than 16-24 draws pin down, so each variant (grid times only; chosen time
 on draws it was not fitted on (fitted on one half, rolled out on the other, both ways), the
 better kept and fitted again on all draws, and the plan kept where neither beats it there.
 
+**A polish** (``polish`` > 0; ``difflab tune-grid --fast --polish N``, session 22): N L-BFGS
+iterations of the full objective (:func:`~difflab.fitting.bespoke.tune_solver`: the error at
+x(0) of the rollout, through every network call, coefficients and told times together) from
+the rollout fit. The rows fitted one by one each match the reference at their own time; the
+full objective lets the intermediate states leave the reference trajectory where that serves
+x(0). It is scored on the variants' two folds first (the better variant fitted and polished on
+one half, rolled out on the other) and, where it beats the unpolished fit and the plan there,
+the fit on all draws is polished. Cost: a backward pass through the n calls per iteration, twice
+over (the halves, then all draws): ~1.4 / 3 / 6.5 s per iteration at 5 / 10 / 20 steps for a
+28x28 U-Net on one CPU thread and 24 draws; ``tune-grid --fast --polish 12`` took 6-9 minutes
+on one thread where the fit alone takes ~1.5. Out of sample (32 test draws; ratios to
+diffusers' best, docs/results/byom_defaults.md, session 22) it takes the EDM model's fits from
+0.50 / 0.54 / 0.60x to 0.46 / 0.48 / 0.49x and the zero-SNR model's 10-step fit from 0.47 to
+0.38x, but the rectified-flow model's 10-step fit from 0.50 to 0.74x: better on 19 of the 32
+test draws, far worse on two, which 12 held-out draws per fold did not contain. Not the
+default for that reason.
+
 Network calls per draw: the reference solve (``reference_steps`` with dpmpp_3m), plus sum(n)
 where the reference solver is not one that evaluates at its states, plus 2 sum(n) with
 ``validate``, plus the polish; with the rollout objective the reference solve (none with
@@ -361,8 +378,9 @@ def fast_fit_solvers(denoiser: BaseDenoiser, steps: Sequence[int], noise: Tensor
     step count's grid and base coefficients are then its plan's (``plans`` must hold every
     step count, each run by a solver of :data:`~difflab.samplers.bespoke.BASES`), the
     reference is solved on the probe's fine grid of ``reference_steps`` points merged with the
-    plans' grids, and the rows are fitted on the fitted solver's own rollout; ``family``,
-    ``base`` and ``polish`` do not apply. ``plan_mse``: by step count, the plan's squared error
+    plans' grids, and the rows are fitted on the fitted solver's own rollout; ``family`` and
+    ``base`` do not apply, and the polish fits the told times with the coefficients (kept
+    where it lowers the calibration RMSE). ``plan_mse``: by step count, the plan's squared error
     on each calibration draw where already measured (NaN elsewhere:
     :attr:`~difflab.samplers.probe.ProbeChoice.draw_mse` when calibrating on the probe's draws),
     so the plan is rolled out only where it is missing.
@@ -381,7 +399,7 @@ def fast_fit_solvers(denoiser: BaseDenoiser, steps: Sequence[int], noise: Tensor
                              reference_solver=reference_solver, ridge=ridge, cond=cond,
                              batch_size=batch_size, t_start=t_start,
                              eval_shifts=eval_shifts, log=log, reference=reference,
-                             plan_mse=plan_mse)
+                             plan_mse=plan_mse, polish=polish)
     if objective != "teacher_forcing":
         raise ValueError(f"objective must be 'teacher_forcing' or 'rollout', got {objective!r}")
     schedule = denoiser.schedule
@@ -516,7 +534,8 @@ def _rollout_fits(denoiser: BaseDenoiser, ks: Sequence[int], noise: Tensor,
                   t_start: float, eval_shifts: Sequence[float],
                   log: Callable[[str], None] | None,
                   reference: FineReference | None = None,
-                  plan_mse: Mapping[int, Tensor] | None = None) -> dict[int, Fit]:
+                  plan_mse: Mapping[int, Tensor] | None = None,
+                  polish: int = 0) -> dict[int, Fit]:
     """:func:`fast_fit_solvers` with ``objective="rollout"``."""
     missing = [k for k in ks if plans is None or k not in plans]
     if missing:
@@ -538,6 +557,7 @@ def _rollout_fits(denoiser: BaseDenoiser, ks: Sequence[int], noise: Tensor,
     index = dict(zip(ks, indices))
     t_ref = time.perf_counter() - t0
     out = reference.x[reference.steps]
+    network = denoiser  # the polish differentiates through every call, the first included
     if 0 in reference.x0:  # every rollout's first call, made already (on any of the draws)
         denoiser = SharedStart(denoiser, reference.ts[0], reference.x[0], reference.x0[0])
     fits = {}
@@ -560,7 +580,17 @@ def _rollout_fits(denoiser: BaseDenoiser, ks: Sequence[int], noise: Tensor,
                  "eval_shifts": list(shifts),
                  "rmse_held_out": {",".join(map(str, v)): e for v, e in held_out.items()},
                  **({"plan_final": plan.final} if plan.final else {})}
-        if held_out[shifts] < e_plan:  # the better variant, fitted again on all draws
+        e_polished = math.inf
+        if polish > 0:  # the better variant polished, scored on the same folds
+
+            def refine(fit: Fit, z: Tensor, c: Any, o: Tensor) -> Fit:
+                return _polish(network, fit, z, c, o, polish, batch_size, t_start)
+
+            e_polished = math.sqrt(float(_two_fold_mse(
+                denoiser, plan, noise, targets, out, base_rows, ridge, cond, batch_size,
+                shifts, refine=refine).mean()))
+            extra["rmse_held_out_polished"] = e_polished
+        if min(held_out[shifts], e_polished) < e_plan:  # fitted again on all draws
             rows, taus, x_n = rollout_coefficients(denoiser, plan.ts, noise, targets,
                                                    base_rows, ridge, cond, batch_size, shifts)
             e_fit = math.sqrt(float(_draw_mse(x_n, out).mean()))
@@ -571,8 +601,27 @@ def _rollout_fits(denoiser: BaseDenoiser, ks: Sequence[int], noise: Tensor,
                   calibration=int(noise.shape[0]), reference_steps=reference.steps,
                   fit_times=taus != list(plan.ts), iterations=0, rmse=e_fit,
                   rmse_base=e_plan, extra=extra)
+        if e_polished < min(held_out[shifts], e_plan):  # and polished on all draws
+            polished = _polish(network, fit, noise, cond, out, polish, batch_size, t_start)
+            fit = fit.with_(coeffs=polished.coeffs, eval_ts=polished.eval_ts, fit_times=True,
+                            iterations=polished.iterations, rmse=polished.rmse,
+                            extra={**extra, "objective": "rollout+lbfgs",
+                                   "rmse_rollout": e_fit})
         fits[k] = _timed(fit, t1, t_ref / len(ks), t_ref, log)
     return fits
+
+
+def _polish(denoiser: BaseDenoiser, fit: Fit, noise: Tensor, cond: Any, out: Tensor,
+            iters: int, batch_size: int | None, t_start: float) -> Fit:
+    """``fit`` after ``iters`` L-BFGS iterations of the full objective from it
+    (:func:`~difflab.fitting.bespoke.tune_solver`: the rollout's error at x(0) against ``out``
+    on ``noise``, through every network call, coefficients and told times): the best iterate,
+    ``fit`` itself where none is better."""
+    from difflab.fitting.bespoke import tune_solver
+
+    return tune_solver(denoiser, fit.steps, noise, base=fit.base or "unipc", grid=fit,
+                       cond=cond, reference=out, max_iter=iters, fit_times=True,
+                       batch_size=batch_size, t_start=t_start, init=fit.coeffs)
 
 
 def _plan_rmse(denoiser: BaseDenoiser, plan: SolverPlan, noise: Tensor, out: Tensor,
@@ -596,23 +645,30 @@ def _plan_rmse(denoiser: BaseDenoiser, plan: SolverPlan, noise: Tensor, out: Ten
 def _two_fold_mse(denoiser: BaseDenoiser, plan: SolverPlan, noise: Tensor,
                   targets: Sequence[Tensor], out: Tensor, base_rows: Sequence[Sequence[float]],
                   ridge: float, cond: Any, batch_size: int | None,
-                  shifts: Sequence[float]) -> Tensor:
+                  shifts: Sequence[float],
+                  refine: Callable[[Fit, Tensor, Any, Tensor], Fit] | None = None) -> Tensor:
     """Each draw's squared error under :func:`rollout_coefficients`' fit made without it:
     fitted on the even draws and rolled out on the odd ones, and the other way round. With
-    fewer than 4 draws, the in-sample errors."""
+    fewer than 4 draws, the in-sample errors. ``refine(fit, noise, cond, out)``: a further
+    step on the fitting half (the polish) before the fit is scored."""
     n = noise.shape[0]
-    if n < 4:
+    if n < 4 and refine is None:
         x_n = rollout_coefficients(denoiser, plan.ts, noise, targets, base_rows, ridge, cond,
                                    batch_size, shifts)[2]
         return _draw_mse(x_n, out)
+    folds = ([(slice(0, n), slice(0, n))] if n < 4 else
+             [(slice(0, n, 2), slice(1, n, 2)), (slice(1, n, 2), slice(0, n, 2))])
     mse = torch.empty(n, dtype=torch.float64)
-    for fit_on, score_on in ((slice(0, n, 2), slice(1, n, 2)), (slice(1, n, 2), slice(0, n, 2))):
+    for fit_on, score_on in folds:
         c_fit, c_score = (None if cond is None else cond[s] for s in (fit_on, score_on))
         rows, taus, _ = rollout_coefficients(denoiser, plan.ts, noise[fit_on],
                                              [t[fit_on] for t in targets], base_rows, ridge,
                                              c_fit, batch_size, shifts)
+        fit = Fit("bespoke", list(plan.ts), taus, rows, base=plan.sampler)
+        if refine is not None:
+            fit = refine(fit, noise[fit_on], c_fit, out[fit_on])
         mse[score_on] = _sampled_mse(denoiser, noise[score_on], out[score_on], c_score,
-                                     batch_size, fit=Fit("bespoke", list(plan.ts), taus, rows))
+                                     batch_size, fit=fit)
     return mse
 
 
@@ -647,6 +703,12 @@ def describe_fast_fit(fit: Fit) -> str:
             line += f" ({fit.base} there {fit.rmse_base:.4g})"
     if fit.iterations:
         line += f", {fit.iterations} L-BFGS iterations"
+        if "rmse_rollout" in ex:
+            line += f" (from {ex['rmse_rollout']:.4g})"
+    elif "rmse_held_out_polished" in ex:
+        held = ex["rmse_held_out"][",".join(map(str, ex["eval_shifts"]))]
+        line += (f"; polished, it scored worse on held-out draws "
+                 f"({ex['rmse_held_out_polished']:.4g} against {held:.4g}): not polished")
     if ex.get("kept_base"):
         line += f"; the fit was not better: {fit.base}'s coefficients kept"
     return line
