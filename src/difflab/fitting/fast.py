@@ -379,9 +379,10 @@ def fast_fit_solvers(denoiser: BaseDenoiser, steps: Sequence[int], noise: Tensor
     step count, each run by a solver of :data:`~difflab.samplers.bespoke.BASES`), the
     reference is solved on the probe's fine grid of ``reference_steps`` points merged with the
     plans' grids, and the rows are fitted on the fitted solver's own rollout; ``family`` and
-    ``base`` do not apply, and the polish fits the told times with the coefficients (kept
-    where it lowers the calibration RMSE). ``plan_mse``: by step count, the plan's squared error
-    on each calibration draw where already measured (NaN elsewhere:
+    ``base`` do not apply, and the polish fits the told times with the coefficients (made
+    only where it scores better on held-out halves: module docstring). ``plan_mse``: by step
+    count, the plan's squared error on each calibration draw where already measured (NaN
+    elsewhere:
     :attr:`~difflab.samplers.probe.ProbeChoice.draw_mse` when calibrating on the probe's draws),
     so the plan is rolled out only where it is missing.
     Returns ``{n: Fit}``: sampler "bespoke", the grid, its own times as evaluation times, the
