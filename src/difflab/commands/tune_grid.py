@@ -92,8 +92,9 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
     fits stored under that guidance (:func:`~difflab.fitting.store.guidance_tag`). A
     text-conditioned model is fitted on ``prompts`` (draw i: prompt i mod P), guided by
     ``cfg`` away from the empty prompt. ``polish`` (with ``fast``): that many L-BFGS
-    iterations of the full objective from each fast fit (:mod:`difflab.fitting.fast`: a
-    backward pass through every call per iteration; better fits for a longer run).
+    iterations of the full objective from each fast fit where that scores better on held-out
+    halves of the draws (:mod:`difflab.fitting.fast`: a backward pass through every call per
+    iteration; 4-6x the time).
     """
     from difflab.fitting import reference_profile, tune_grid
     from difflab.interop import check_safetensors, is_diffusers_folder
@@ -414,10 +415,10 @@ def register(subparsers: Any) -> None:
                         "L-BFGS): difflab.fitting.fast_fit_solvers")
     p.add_argument("--polish", type=int, default=0, metavar="N",
                    help="with --fast: N L-BFGS iterations of the full objective (the error "
-                        "at x(0), through every network call) from each fast fit, kept where "
-                        "it lowers the calibration error; slower (a backward pass per call and "
-                        "iteration: on a CPU seconds per iteration), better fits "
-                        "(docs/fitting.md)")
+                        "at x(0), through every network call) from each fast fit, made where "
+                        "the polish scores better on held-out halves of the draws; 4-6x "
+                        "slower (a backward pass per call and iteration), better fits on most "
+                        "models measured, worse on some (docs/fitting.md)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a fit already stored beside a diffusers folder (default: "
                         "refuse)")
