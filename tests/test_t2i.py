@@ -280,7 +280,7 @@ def test_tune_grid_fits_prompted_sampling_for_its_guidance(run, tmp_path, capsys
     """``tune-grid --prompts-file F --cfg W`` fits the latent ODE of sampling guided towards
     prompt i mod P: the stored grid's calibration RMSE is the guided latent sampler's against
     the guided reference (recomputed here), and prompted sampling runs the fit at that w only
-    (a negative prompt or another w: none)."""
+    (a negative prompt or another w: none). ``--fast --polish`` runs on prompted draws too."""
     from difflab.commands.model import choose_solver, prompt_fits
     from difflab.fitting import load_fit, reference_profile
     from difflab.pipelines.text_to_image import TextToImagePipeline
@@ -310,6 +310,12 @@ def test_tune_grid_fits_prompted_sampling_for_its_guidance(run, tmp_path, capsys
     assert choose_solver(own, "auto", 3, guidance=prompt_fits(2.0)).fit == fit
     for other in (prompt_fits(1.0), prompt_fits(2.0, negative_prompt=True)):
         assert choose_solver(own, "auto", 3, guidance=other).fit is None
+    # the fast fit's polish differentiates through prompted, guided calls on halves of the draws
+    assert main(["tune-grid", str(own), "--fast", "--steps", "3", "--count", "4",
+                 "--reference-steps", "10", "--prompts-file", str(prompts), "--cfg", "2",
+                 "--polish", "2"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "fast fit" in ln)
+    assert "L-BFGS iterations (from " in line or "scored worse on held-out draws" in line, line
 
 
 def test_pipeline_auto_runs_the_first_batchs_probe_plan_for_every_batch(run):
