@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--diffusers", nargs="+", default=list(RESULTS))
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    den, shape, ckpt, noise = B.setup_test_draws(args)
+    den, shape, ckpt, noise, _ = B.setup_test_draws(args)
     best = diffusers_best(args.model, args.diffusers)
     schedule = den.schedule
     with torch.no_grad():

@@ -31,7 +31,7 @@ from difflab.fitting import Fit  # noqa: E402
 from difflab.fitting.fast import (  # noqa: E402
     EVAL_SHIFTS,
     FAST_RIDGE,
-    _ridge_row,
+    _fit_row,
     nested_indices,
     plan_rows,
     probe_reference,
@@ -49,9 +49,7 @@ def completion_error(x_T: torch.Tensor, ts: list[float], targets: list[torch.Ten
 
     def row_fit(D: list[torch.Tensor], y: torch.Tensor, k: int) -> list[float]:
         F = torch.stack([x_T.reshape(-1)] + [d.reshape(-1) for d in D]).double()
-        y = y.reshape(-1).double()
-        return _ridge_row(F @ F.T / y.numel(), F @ y / y.numel(), base[k - 1],
-                          FAST_RIDGE).tolist()
+        return _fit_row(F, y.reshape(-1).double(), base[k - 1], FAST_RIDGE).tolist()
 
     def judge(j: int, row: list[float], D: list[torch.Tensor], x0_at) -> float:
         x, D = combine(row, x_T, D), list(D)
@@ -72,7 +70,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    den, shape, _, noise = B.setup_test_draws(args)
+    den, shape, _, noise, _ = B.setup_test_draws(args)
     ref = torch.load(args.reference)
     traj = P.probe_solve(den, shape)
     x_T = traj.noise * den.schedule.prior_std(1.0)

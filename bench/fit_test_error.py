@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--ref-cache", default="")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    den, shape, ckpt, noise = B.setup_test_draws(args)
+    den, shape, ckpt, noise, _ = B.setup_test_draws(args)
     with torch.no_grad():
         ref = B.cached_reference(args, args.model, den, noise, args.ref_steps)
     fits = B.stored_fits(args.model, ckpt)

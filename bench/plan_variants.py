@@ -67,17 +67,7 @@ def main() -> None:
     ap.add_argument("--ref-cache", default="")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    den, _, shape, _, encoder = B.load_model(args.model)
-    den.eval()
-    noise = torch.randn(args.n, *shape, generator=torch.Generator().manual_seed(args.seed))
-    cond = None
-    if args.cfg is not None:  # samplers_real's conditions: prompt 37 i mod 180, or class i mod K
-        from difflab.guidance import classifier_free
-
-        text = B.prompt_condition(encoder, args.n)
-        cond = text if text is not None else torch.arange(args.n) % den.net.num_classes
-        den = classifier_free(den, args.cfg)
+    den, _, _, noise, cond = B.setup_test_draws(args)  # guided as samplers_real guides
     with torch.no_grad():
         ref = B.cached_reference(args, args.model, den, noise, 960, cond)
     out: dict[str, dict[str, list[float]]] = {}

@@ -107,15 +107,16 @@ def reference(den, noise: torch.Tensor, steps: int, cond=None) -> torch.Tensor:
 
 
 def cached_reference(args, spec: str, den, noise: torch.Tensor, steps: int,
-                     cond=None) -> torch.Tensor:
+                     cond=None, draws: str | None = None) -> torch.Tensor:
     """:func:`reference`, read from / written to ``--ref-cache`` when one is given (a file per
-    model, seed, test size and step count)."""
+    model, draws (default: seed and test size), step count and guidance)."""
     if not args.ref_cache:
         return reference(den, noise, steps, cond)
     name = "".join(c if c.isalnum() else "_" for c in spec)
     cfg = getattr(args, "cfg", None)  # scripts that reuse this without guidance
     tag = f"_cfg{cfg:g}" if cfg is not None else ""
-    path = Path(args.ref_cache) / f"{name}_seed{args.seed}_n{args.n}_fine{steps}{tag}.pt"
+    draws = draws or f"seed{args.seed}_n{args.n}"
+    path = Path(args.ref_cache) / f"{name}_{draws}_fine{steps}{tag}.pt"
     if path.exists():
         return torch.load(path)
     ref = reference(den, noise, steps, cond)
@@ -250,15 +251,36 @@ def load_model(spec: str):
     return den, f"difflab checkpoint `{spec}`", (c, r, r), resolve(spec), None
 
 
+def test_guidance(den, encoder, n: int, cfg: float | None, spec: str) -> tuple:
+    """(denoiser, condition) the test draws are sampled with: with guidance weight ``cfg``,
+    classifier-free guidance, draw i prompted with :func:`prompt_condition`'s prompt i (a
+    text-to-image model) or of class i mod K; without, the model as it is and no condition."""
+    text = prompt_condition(encoder, n)
+    if text is not None and cfg is None:
+        raise SystemExit(f"{spec} is a text-to-image model: give --cfg W (0: unguided)")
+    if cfg is None:
+        return den, None
+    from difflab.guidance import classifier_free
+
+    classes = getattr(den.net, "num_classes", None)
+    if not classes and text is None:
+        raise SystemExit(f"--cfg needs a class-conditional or text-to-image model; {spec} "
+                         "is neither")
+    return classifier_free(den, cfg), text if text is not None else torch.arange(n) % classes
+
+
 def setup_test_draws(args) -> tuple:
-    """(denoiser in eval mode, image shape, checkpoint dir or None, test noise) of
-    ``args.model`` with ``args.threads`` torch threads and ``args.n`` draws of ``args.seed``:
-    the set-up the fit benches (fit_bound.py, fit_test_error.py, fit_end_aware.py) share."""
+    """(denoiser in eval mode, image shape, checkpoint dir or None, test noise, condition) of
+    ``args.model`` with ``args.threads`` torch threads and ``args.n`` draws of ``args.seed``,
+    guided as :func:`test_guidance` says where the script has a ``--cfg`` and it is given:
+    the set-up the fit benches (fit_bound.py, fit_test_error.py, fit_end_aware.py,
+    fit_polish.py) and plan_variants.py share."""
     torch.set_num_threads(args.threads)
-    den, _, shape, ckpt, _ = load_model(args.model)
+    den, _, shape, ckpt, encoder = load_model(args.model)
     den.eval()
     noise = torch.randn(args.n, *shape, generator=torch.Generator().manual_seed(args.seed))
-    return den, shape, ckpt, noise
+    den, cond = test_guidance(den, encoder, args.n, getattr(args, "cfg", None), args.model)
+    return den, shape, ckpt, noise, cond
 
 
 def prompt_condition(encoder, n: int):
@@ -334,22 +356,12 @@ def run_model(args, spec: str) -> dict:
     den, desc, shape, ckpt, encoder = load_model(spec)
     den.eval()
     noise = torch.randn(args.n, *shape, generator=torch.Generator().manual_seed(args.seed))
-    cond, model = None, NetModel(den)
-    text = prompt_condition(encoder, args.n)
-    if text is not None and args.cfg is None:
-        raise SystemExit(f"{spec} is a text-to-image model: give --cfg W (0: unguided)")
-    if args.cfg is not None:  # class i mod K (or prompt i) for draw i, guidance of weight w
-        from difflab.guidance import classifier_free
-
-        if args.tune or args.grids or args.figure:
-            raise SystemExit("--cfg runs with --tune '' and no --grids or --figure")
-        classes = getattr(den.net, "num_classes", None)
-        if not classes and text is None:
-            raise SystemExit(f"--cfg needs a class-conditional or text-to-image model; {spec} "
-                             "is neither")
-        cond = text if text is not None else torch.arange(args.n) % classes
-        model = NetModel(den, cond, args.cfg)
-        den = classifier_free(den, args.cfg)
+    if args.cfg is not None and (args.tune or args.grids or args.figure):
+        raise SystemExit("--cfg runs with --tune '' and no --grids or --figure")
+    unguided = den  # class i mod K (or prompt i) for draw i, guidance of weight w
+    den, cond = test_guidance(den, encoder, args.n, args.cfg, spec)
+    model = NetModel(unguided, cond, args.cfg or 0.0)
+    if args.cfg is not None:
         desc += f", classifier-free guidance w = {args.cfg:g} (diffusers' scale {1 + args.cfg:g})"
     with torch.no_grad():
         ref = cached_reference(args, spec, den, noise, args.ref_steps, cond)

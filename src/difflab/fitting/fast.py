@@ -244,6 +244,12 @@ def _ridge_row(g: Tensor, r: Tensor, base_row: Sequence[float], ridge: float) ->
     return torch.linalg.solve(g + lam * torch.eye(len(b), dtype=torch.float64), r + lam * b)
 
 
+def _fit_row(F: Tensor, y: Tensor, base_row: Sequence[float], ridge: float) -> Tensor:
+    """One row's ridge least squares (:func:`_ridge_row`) from its features ``F`` (one per
+    row of F: x_T, D_0, ..) and its target ``y``, both flat float64 over all draws."""
+    return _ridge_row(F @ F.T / y.numel(), F @ y / y.numel(), base_row, ridge)
+
+
 def ridge_coefficients(x_T: Tensor, D: Sequence[Tensor], targets: Sequence[Tensor],
                        base: Sequence[Sequence[float]], ridge: float = FAST_RIDGE
                        ) -> tuple[list[list[float]], list[float], list[float]]:
@@ -318,7 +324,7 @@ def rollout_coefficients(denoiser: BaseDenoiser, ts: Sequence[float], noise: Ten
         for tau in sorted(t for t in taus if t <= float(ts[0])):
             D_j = x0_at(x, j - 1, tau)
             F = torch.cat([F_prev, D_j.reshape(1, -1).to(torch.float64)])
-            row = _ridge_row(F @ F.T / y.numel(), F @ y / y.numel(), base[j - 1], ridge)
+            row = _fit_row(F, y, base[j - 1], ridge)
             residual = (float((y - row @ F).pow(2).mean()) if judge is None
                         else judge(j, row.tolist(), D + [D_j], x0_at))
             if best is None or residual < best[0]:
@@ -579,7 +585,7 @@ def _rollout_fits(denoiser: BaseDenoiser, ks: Sequence[int], noise: Tensor,
         extra = {"method": "fast", "objective": "rollout", "ridge": ridge,
                  "reference_solver": reference.solver, "rmse_probe": e_plan,
                  "eval_shifts": list(shifts),
-                 "rmse_held_out": {",".join(map(str, v)): e for v, e in held_out.items()},
+                 "rmse_held_out": {_variant(v): e for v, e in held_out.items()},
                  **({"plan_final": plan.final} if plan.final else {})}
         e_polished = math.inf
         if polish > 0:  # the better variant polished, scored on the same folds
@@ -610,6 +616,11 @@ def _rollout_fits(denoiser: BaseDenoiser, ks: Sequence[int], noise: Tensor,
                                    "rmse_rollout": e_fit})
         fits[k] = _timed(fit, t1, t_ref / len(ks), t_ref, log)
     return fits
+
+
+def _variant(shifts: Sequence[float]) -> str:
+    """A variant's key in a fit's ``extra["rmse_held_out"]``: its evaluation-time shifts."""
+    return ",".join(map(str, shifts))
 
 
 def _polish(denoiser: BaseDenoiser, fit: Fit, noise: Tensor, cond: Any, out: Tensor,
@@ -707,7 +718,7 @@ def describe_fast_fit(fit: Fit) -> str:
         if "rmse_rollout" in ex:
             line += f" (from {ex['rmse_rollout']:.4g})"
     elif "rmse_held_out_polished" in ex:
-        held = ex["rmse_held_out"][",".join(map(str, ex["eval_shifts"]))]
+        held = ex["rmse_held_out"][_variant(ex["eval_shifts"])]
         line += (f"; polished, it scored worse on held-out draws "
                  f"({ex['rmse_held_out_polished']:.4g} against {held:.4g}): not polished")
     if ex.get("kept_base"):
