@@ -1,12 +1,17 @@
-"""Suite-wide settings: one torch thread per test process.
+"""Suite-wide settings: one torch thread per test process, no plan cache.
 
 The tests use small tensors; on a shared 2-core machine OpenMP's spin-waiting with two threads
 made them up to ~100x slower than one thread (measured by the nets and metrics tests).
 """
 
+import os
+
 import torch
 
 torch.set_num_threads(1)
+# the default call's plans are not kept between runs in the tests (each test probes afresh, and
+# nothing is written to the user's cache); tests of the plan cache point it at a tmp folder
+os.environ["DIFFLAB_CACHE"] = "off"
 
 
 def mlp_checkpoint(path, num_classes=None):

@@ -301,8 +301,10 @@ class Solver:
     def resolve(self, denoiser: Any, noise: Tensor, cond: Any = None) -> Solver:
         """This solver with the probe's plan filled in when it is the default call's
         (``sampler = "auto"``, no fit): resolved once, from the first chunk's noise shape and
-        condition, so every chunk of a run samples with the same plan."""
-        from difflab.samplers import AUTO, choose, default_plan
+        condition, so every chunk of a run samples with the same plan; kept between runs in
+        the user's cache (:mod:`difflab.commands.plan_cache`), so a model is probed once."""
+        from difflab.commands.plan_cache import default_plan
+        from difflab.samplers import AUTO, choose
 
         if self.sampler != AUTO or self.fit is not None:
             return self

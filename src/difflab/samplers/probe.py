@@ -92,7 +92,7 @@ __all__ = ["PROBE_DRAWS", "PROBE_FINE", "PROBE_SEED", "PROBE_SOLVERS", "MAX_PROB
            "ProbeTrajectory", "fine_grid", "probe_trajectory", "first_order_costs",
            "multistep_costs", "cheapest_path", "cheapest_pair_path", "candidate_grids",
            "ProbeChoice", "probe_plan", "probe_solve", "clear_probe_cache", "FIXED_GRIDS",
-           "rollout_finals"]
+           "rollout_finals", "probe_condition", "condition_fingerprint"]
 
 PROBE_DRAWS = 24       # probe noises: the first half places the paths, the second selects
 PROBE_FINE = 60        # points of each family in the fine grid (3 x 60 in all)
@@ -379,14 +379,15 @@ class ProbeChoice:
     draw_mse: Tensor | None = None
 
 
-def _fingerprint(obj: Any) -> Any:
+def condition_fingerprint(obj: Any) -> Any:
+    """A hashable digest of a condition (or tensor): its tensors' SHA-1s, shapes and dtypes."""
     if obj is None:
         return None
     if isinstance(obj, Tensor):
         t = obj.detach().cpu().contiguous()
         return (tuple(t.shape), str(t.dtype), hashlib.sha1(t.numpy().tobytes()).hexdigest())
     if isinstance(obj, Condition):
-        return tuple((k, _fingerprint(v)) for k, v in sorted(obj.kwargs().items()))
+        return tuple((k, condition_fingerprint(v)) for k, v in sorted(obj.kwargs().items()))
     return repr(obj)
 
 
@@ -404,7 +405,8 @@ def clear_probe_cache() -> None:
     _CACHE.clear()
 
 
-def _probe_cond(cond: Any, draws: int) -> Any:
+def probe_condition(cond: Any, draws: int) -> Any:
+    """The condition rows the probe's ``draws`` noises take: ``cond``'s first rows, cycled."""
     if cond is None:
         return None
     cond = Condition.of(cond)
@@ -419,7 +421,8 @@ def _store(denoiser: BaseDenoiser, shape: Sequence[int], pcond: Any, device: tor
     stores = _CACHE.setdefault(denoiser, {})
     for old in [k for k in stores if k[-1] != version]:  # trained since: forget
         del stores[old]
-    key = (tuple(shape), _fingerprint(pcond), str(device), str(dtype), draws, fine, version)
+    key = (tuple(shape), condition_fingerprint(pcond), str(device), str(dtype), draws, fine,
+           version)
     return stores.setdefault(key, {})
 
 
@@ -442,7 +445,8 @@ def probe_solve(denoiser: BaseDenoiser, shape: Sequence[int], *, cond: Any = Non
     """The fine probe solve (module docstring, step 1) from the probe's own noise (``draws``
     normal draws of ``shape`` from :data:`PROBE_SEED`), cached with :func:`probe_plan`'s plans:
     every step count's plan, and ``difflab tune-grid --fast``'s reference, share it."""
-    pcond, device = _probe_cond(cond, draws), torch.device("cpu" if device is None else device)
+    pcond = probe_condition(cond, draws)
+    device = torch.device("cpu" if device is None else device)
     store = _store(denoiser, shape, pcond, device, dtype, draws, fine)
     return _solved(store, denoiser, shape, pcond, device, dtype, draws, fine)
 
@@ -459,7 +463,8 @@ def probe_plan(denoiser: BaseDenoiser, steps: int, shape: Sequence[int], *, cond
     parameter version; the probe solve itself is shared by every step count."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    pcond, device = _probe_cond(cond, draws), torch.device("cpu" if device is None else device)
+    pcond = probe_condition(cond, draws)
+    device = torch.device("cpu" if device is None else device)
     store = _store(denoiser, shape, pcond, device, dtype, draws, fine)
     if steps in store:
         return store[steps]
