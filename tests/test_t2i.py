@@ -210,6 +210,22 @@ def test_sample_prompt_grid_and_prompts_file_npy(run, tmp_path, capsys):
     assert "wrote 3 images" in capsys.readouterr().out
 
 
+def test_sample_keeps_the_probed_plan_between_runs(run, tmp_path, monkeypatch):
+    """A prompted run's default call probes the guided model once: the second `difflab
+    sample` reads the plan from the cache (difflab.commands.plan_cache) and writes the same
+    images; another guidance weight is another plan."""
+    from difflab.samplers.probe import clear_probe_cache
+
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "cache"))
+    outs = [tmp_path / f"{i}.npy" for i in range(3)]
+    for out, w in zip(outs, ("2", "2", "3")):
+        clear_probe_cache()
+        assert main(["sample", str(run), "--prompt", PROMPTS[0], "--count", "2", "--steps",
+                     "3", "--cfg", w, "--out", str(out)]) == 0
+    assert len(list((tmp_path / "cache" / "plans").glob("*.json"))) == 2
+    assert np.array_equal(np.load(outs[0]), np.load(outs[1]))
+
+
 def test_sample_count_cycles_prompts_and_conflicts_with_per_prompt(run, tmp_path, capsys):
     """--count N with prompts: sample i takes prompt i mod P (as a diffusers folder's); it was
     silently ignored before. --count with --per-prompt is a clear error."""

@@ -178,6 +178,7 @@ def generate_from_prompts(checkpoint: str | os.PathLike, prompts: Sequence[str],
     sampler); ``cfg`` None: the checkpoint's default weight.
     """
     from difflab.commands.model import choose_solver, prompt_fits
+    from difflab.commands.plan_cache import default_plan as cached_default_plan
 
     prompts = _check(prompts, "prompt")
     if negative_prompt is not None:
@@ -207,7 +208,8 @@ def generate_from_prompts(checkpoint: str | os.PathLike, prompts: Sequence[str],
         if solver.fit is not None:
             kw["fit"] = solver.fit
         else:
-            kw.update(sampler="auto", steps=steps, spacing=spacing)  # the probe's plan
+            kw.update(sampler="auto", steps=steps, spacing=spacing,
+                      planner=cached_default_plan)  # the probe's plan, kept between runs
     else:
         solver = choose_solver(None, sampler, steps, spacing=spacing)  # checks the names
         kw.update(sampler=solver.sampler, steps=steps, spacing=spacing)

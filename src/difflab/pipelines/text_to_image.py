@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -150,13 +150,17 @@ class TextToImagePipeline:
                  cfg_rescale: float = 0.0, interval: tuple[float, float] | None = None,
                  sampler: str | None = None, steps: int | None = None,
                  spacing: str | None = None, fit: Any = None, seed: int = 0,
-                 batch_size: int = 64, return_latents: bool = False) -> Tensor:
+                 batch_size: int = 64, return_latents: bool = False,
+                 planner: Callable[..., Any] | None = None) -> Tensor:
         """Images (N, C, H, W) in [-1, 1] (on the CPU), one per prompt, in prompt order.
         ``sampler`` / ``steps`` / ``cfg`` default to the checkpoint's ``sample`` section (else
         auto, 20 steps, cfg 0); ``fit`` (a fitted solver) replaces sampler and grid. ``"auto"``
         with no spacing: the plan a probe of the guided model picks (:func:`difflab.samplers.
         default_plan`, on the first batch's noise and prompts, then shared by every batch, so
-        the probe runs once), or the parameterisation's own sampler (consistency)."""
+        the probe runs once), or the parameterisation's own sampler (consistency).
+        ``planner``: what finds that plan, ``planner(denoiser, steps, noise, cond)`` (default
+        :func:`~difflab.samplers.default_plan`; the commands pass one that keeps plans between
+        runs, :mod:`difflab.commands.plan_cache`)."""
         from difflab.data.dataset import mix_seed
         from difflab.samplers import AUTO, choose, default_plan, sample
 
@@ -185,7 +189,8 @@ class TextToImagePipeline:
 
         first = condition(0, min(N, batch_size))
         if fit is None and sampler == AUTO and spacing is None:  # one plan for every batch
-            fit = default_plan(den, steps, noise[:batch_size].to(self.device), first)
+            fit = (planner or default_plan)(den, steps, noise[:batch_size].to(self.device),
+                                            first)
             sampler = None if fit is not None else choose(None, None, den.parameterization)
         out = []
         t0 = time.perf_counter()
