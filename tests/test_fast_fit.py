@@ -239,7 +239,8 @@ def test_cli_tune_grid_fast_keeps_the_probe_where_the_fit_loses(tmp_path, capsys
 
 def test_cli_tune_grid_fast_polish_reaches_the_fit(tmp_path, capsys, monkeypatch):
     """``--polish N`` reaches every fast fit as N L-BFGS iterations, and each fit's line says
-    whether it was polished (and from which RMSE) or why not (worse on held-out draws)."""
+    whether it was polished (and from which RMSE) or why not (worse on held-out draws);
+    ``--ridge`` reaches every fit and is recorded with it."""
     import json
 
     from conftest import mlp_checkpoint
@@ -251,21 +252,22 @@ def test_cli_tune_grid_fast_polish_reaches_the_fit(tmp_path, capsys, monkeypatch
     real, seen = fitting.fast_fit_solvers, []
 
     def spy(*args, **kwargs):
-        seen.append(kwargs.get("polish"))
+        seen.append((kwargs.get("polish"), kwargs.get("ridge")))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(fitting, "fast_fit_solvers", spy)
     ckpt = mlp_checkpoint(tmp_path / "ck")
     assert main(["tune-grid", str(ckpt), "--fast", "--steps", "2", "4", "--count", "8",
-                 "--reference-steps", "20", "--polish", "3"]) == 0
+                 "--reference-steps", "20", "--polish", "3", "--ridge", "0.01"]) == 0
     out = capsys.readouterr().out
-    assert seen and set(seen) == {3}
+    assert seen and set(seen) == {(3, 0.01)}
     lines = [ln for ln in out.splitlines() if "fast fit" in ln]
     assert len(lines) == 2
     assert all("L-BFGS iterations (from " in ln or "scored worse on held-out draws" in ln
                for ln in lines), lines
     fits_file = ckpt / FITS
     for e in (json.loads(fits_file.read_text())["fits"] if fits_file.is_file() else {}).values():
+        assert e["ridge"] == 0.01
         if e.get("objective") == "rollout+lbfgs":
             assert 0 < e["iterations"] <= 3 and e["rmse"] <= e["rmse_rollout"] * (1 + 1e-9)
 

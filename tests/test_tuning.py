@@ -351,12 +351,15 @@ def test_cli_tune_grid_fits_a_class_conditional_model_for_its_guidance(tmp_path,
     (["--prompts-file", "PROMPTS"], "--prompts-file: "),
     (["--polish", "5"], "--polish is a number of L-BFGS iterations after --fast's fit"),
     (["--fast", "--polish", "-1"], "(>= 0, with --fast), got -1"),
+    (["--ridge", "0.1"], "--ridge is the weight (> 0) of --fast's rows toward the plan's solver, "
+                         "got 0.1 without it"),
+    (["--fast", "--ridge", "0"], "toward the plan's solver, got 0.0"),
 ])
 def test_cli_tune_grid_refuses_impossible_guidance_before_any_work(tmp_path, capsys, extra,
                                                                     names):
     """Bad guidance options are one-line errors naming the option, and nothing is written:
     a weight out of range, a rescale without a weight, a missing prompts file, prompts for a
-    model that takes no text; so is a polish without --fast, or of a negative length."""
+    model that takes no text; so is a polish or a ridge without --fast, or out of range."""
     from conftest import mlp_checkpoint
 
     from difflab.cli import main

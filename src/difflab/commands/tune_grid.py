@@ -69,7 +69,7 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
                     overwrite: bool = False, fast: bool = False, cfg: float | None = None,
                     cfg_rescale: float = 0.0,
                     prompts: Sequence[str] | None = None,
-                    polish: int = 0) -> list[tuple[Any, Path]]:
+                    polish: int = 0, ridge: float | None = None) -> list[tuple[Any, Path]]:
     """Fit ``sampler``'s grid for each of ``steps`` to a checkpoint's EMA (``ema=False``: raw)
     weights on ``count`` calibration draws from ``seed``, against a ``reference_steps``
     dpm_solver_3 solution, and store each fit with the checkpoint. ``eval_times``: also fit
@@ -94,7 +94,8 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
     ``cfg`` away from the empty prompt. ``polish`` (with ``fast``): that many L-BFGS
     iterations of the full objective from each fast fit where that scores better on held-out
     halves of the draws (:mod:`difflab.fitting.fast`: a backward pass through every call per
-    iteration; 4-6x the time).
+    iteration; 4-6x the time). ``ridge`` (with ``fast``): the rows' ridge weight toward the
+    plan's solver (None: :data:`~difflab.fitting.fast.FAST_RIDGE`).
     """
     from difflab.fitting import reference_profile, tune_grid
     from difflab.interop import check_safetensors, is_diffusers_folder
@@ -122,6 +123,10 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
         raise ParameterError(f"{param('polish')} is a number of L-BFGS iterations after "
                              f"{param('fast')}'s fit (>= 0, with {param('fast')}), got "
                              f"{polish}{'' if fast else ' without it'}")
+    if ridge is not None and (not fast or not ridge > 0):
+        raise ParameterError(f"{param('ridge')} is the weight (> 0) of {param('fast')}'s "
+                             f"rows toward the plan's solver, got {ridge}"
+                             f"{'' if fast else ' without it'}")
     if fast and sampler not in ("unipc", "bespoke"):  # unipc: the default, and the base
         raise ParameterError(f"{param('fast')} fits bespoke solvers; got {param('sampler')} "
                              f"{sampler}")
@@ -163,7 +168,7 @@ def tune_checkpoint(checkpoint: str | os.PathLike, *, sampler: str = "unipc",
     if fast:
         return _tune_fast(den, store, noise, steps, cond=cond, seed=seed,
                           reference_steps=reference_steps, batch_size=batch_size,
-                          say=say, traj=traj, polish=polish)
+                          say=say, traj=traj, polish=polish, ridge=ridge)
     ref, profile = reference_profile(den, noise, reference_steps, batch_size=batch_size,
                                      cond=cond)
     made = dict(seed=seed, reference_steps=reference_steps)
@@ -305,15 +310,21 @@ def _tune_bespoke(den: Any, store: _Store, noise: Any, cond: Any, ref: Any,
 def _tune_fast(den: Any, store: _Store, noise: Any, steps: Sequence[int], *, cond: Any,
                seed: int | None, reference_steps: int, batch_size: int,
                say: Callable[[str], None], traj: Any = None,
-               polish: int = 0) -> list[tuple[Any, Path]]:
+               polish: int = 0, ridge: float | None = None) -> list[tuple[Any, Path]]:
     """Bespoke solvers for all ``steps`` by the fast fit, each stored with the checkpoint
     where it beats the default call's probe plan on the calibration draws; where it does not,
     nothing is stored (and a stored bespoke fit for that step count is removed), so
     ``difflab sample`` runs the probe's plan: a fit never makes the default worse. ``traj``:
     the probe's fine solve when ``noise`` is the probe's noise (``seed`` None), the plans'
-    reference then. ``polish``: L-BFGS iterations of the full objective after each fit."""
+    reference then. ``polish``: L-BFGS iterations of the full objective after each fit;
+    ``ridge``: the rows' ridge weight (None: the fit's default)."""
     from difflab.fitting import fast_fit_solvers
-    from difflab.fitting.fast import describe_fast_fit, probe_reference, rollout_fittable
+    from difflab.fitting.fast import (
+        FAST_RIDGE,
+        describe_fast_fit,
+        probe_reference,
+        rollout_fittable,
+    )
     from difflab.samplers import default_plan
     from difflab.samplers.probe import PROBE_SEED, probe_plan
 
@@ -321,6 +332,7 @@ def _tune_fast(den: Any, store: _Store, noise: Any, steps: Sequence[int], *, con
     roll = [n for n in steps if n in plans and rollout_fittable(plans[n])]
     rest = [n for n in steps if n not in roll]  # no probe plan there: the uniform grid
     fits = {}
+    ridge = FAST_RIDGE if ridge is None else ridge
     try:
         if roll:  # on the probe plan's own grid, fitted on its own rollout
             ref = plan_mse = None
@@ -331,11 +343,11 @@ def _tune_fast(den: Any, store: _Store, noise: Any, steps: Sequence[int], *, con
             fits.update(fast_fit_solvers(den, roll, noise, reference_steps=reference_steps,
                                          batch_size=batch_size, plans=plans, cond=cond,
                                          objective="rollout", reference=ref,
-                                         plan_mse=plan_mse, polish=polish))
+                                         plan_mse=plan_mse, polish=polish, ridge=ridge))
         if rest:
             fits.update(fast_fit_solvers(den, rest, noise, reference_steps=reference_steps,
                                          batch_size=batch_size, plans=plans, cond=cond,
-                                         polish=polish))
+                                         polish=polish, ridge=ridge))
     except ValueError as e:  # a grid not nested in the reference grid
         raise ParameterError(f"{param('fast')}: {e}") from None
     done = []
@@ -419,6 +431,10 @@ def register(subparsers: Any) -> None:
                         "the polish scores better on held-out halves of the draws; 4-6x "
                         "slower (a backward pass per call and iteration), better fits on most "
                         "models measured, worse on some (docs/fitting.md)")
+    p.add_argument("--ridge", type=float, default=None, metavar="LAMBDA",
+                   help="with --fast: the rows' ridge weight toward the plan's solver, relative "
+                        "to each row's Gram diagonal (default 1e-3; larger keeps the fit nearer "
+                        "the plan: docs/results/byom_defaults.md, session 23)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a fit already stored beside a diffusers folder (default: "
                         "refuse)")
@@ -458,5 +474,5 @@ def cmd_tune_grid(args: argparse.Namespace) -> int:
                     device=args.device, log=print, overwrite=args.overwrite, fast=args.fast,
                     cfg=args.cfg, cfg_rescale=args.cfg_rescale,
                     prompts=None if args.prompts_file is None else read_prompts(
-                        args.prompts_file), polish=args.polish)
+                        args.prompts_file), polish=args.polish, ridge=args.ridge)
     return 0
