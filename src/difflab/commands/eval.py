@@ -195,7 +195,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--sampler", default="auto",
                    help="sampler name(s), comma-separated; auto: the bespoke solver fitted to "
                         "the checkpoint for each --steps where there is one, else the plan a "
-                        "probe of the model picks (2-40 steps), else dpmpp_2m")
+                        "probe of the model picks (2-40 steps; kept in ~/.cache/difflab/plans, "
+                        "DIFFLAB_CACHE=DIR|off), else dpmpp_2m")
     p.add_argument("--steps", default="10", help="step count(s), comma-separated")
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--seed", type=int, default=0,

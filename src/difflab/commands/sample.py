@@ -84,8 +84,8 @@ def register(subparsers: Any) -> None:
                    help="sampler name (difflab.samplers.names()), or auto: the bespoke solver "
                         "fitted to the checkpoint for --steps (written by `difflab train` with "
                         "train.fit_steps or by `difflab tune-grid --sampler bespoke`) if there "
-                        "is one, else the plan a probe of the model picks (2-40 steps), "
-                        "else dpmpp_2m")
+                        "is one, else the plan a probe of the model picks (2-40 steps; kept "
+                        "in ~/.cache/difflab/plans, DIFFLAB_CACHE=DIR|off), else dpmpp_2m")
     s.add_argument("--steps", type=int, default=10, help="sampler steps")
     s.add_argument("--spacing", default=None, choices=SPACINGS,
                    help="time grid rule (default: the grid `difflab tune-grid` fitted for this "
