@@ -35,12 +35,16 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 import difflab.files as files
+
+if TYPE_CHECKING:
+    from difflab.denoiser import BaseDenoiser
+    from difflab.samplers import SolverPlan
 
 __all__ = ["CACHE_ENV", "FORMAT", "plan_cache_dir", "plan_key", "default_plan"]
 
@@ -74,7 +78,7 @@ def _code_digest() -> str:
 
 
 @torch.no_grad()
-def plan_key(denoiser: Any, steps: int, noise: Tensor, cond: Any = None) -> str:
+def plan_key(denoiser: BaseDenoiser, steps: int, noise: Tensor, cond: Any = None) -> str:
     """The cache key of the default call's plan for ``denoiser`` at ``steps`` steps on images
     shaped like ``noise``'s, with condition ``cond`` (module docstring)."""
     from difflab.samplers.probe import (
@@ -107,7 +111,7 @@ def plan_key(denoiser: Any, steps: int, noise: Tensor, cond: Any = None) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=repr).encode()).hexdigest()
 
 
-def _read(path: Path) -> Any:
+def _read(path: Path) -> SolverPlan | None:
     from difflab.samplers import SolverPlan
 
     try:
@@ -120,17 +124,16 @@ def _read(path: Path) -> Any:
         return None
 
 
-def default_plan(denoiser: Any, steps: int, noise: Tensor, cond: Any = None) -> Any:
+def default_plan(denoiser: BaseDenoiser, steps: int, noise: Tensor,
+                 cond: Any = None) -> SolverPlan | None:
     """:func:`difflab.samplers.default_plan` (the probe's plan, or None outside the probe's
     range), read from the cache when this model was probed before for the same run
     (module docstring), else probed and written there."""
-    from difflab.samplers import MAX_PROBE_STEPS
     from difflab.samplers import default_plan as probe_default_plan
+    from difflab.samplers import probes
 
     folder = plan_cache_dir()
-    probed = (folder is not None and not getattr(denoiser.parameterization, "default_sampler",
-                                                 None) and 1 < steps <= MAX_PROBE_STEPS)
-    if not probed:
+    if folder is None or not probes(denoiser, steps):
         return probe_default_plan(denoiser, steps, noise, cond)
     path = folder / f"{plan_key(denoiser, steps, noise, cond)}.json"
     plan = _read(path)

@@ -64,7 +64,7 @@ from difflab.samplers.timesteps import SPACINGS, timesteps
 
 __all__ = ["sample", "names", "get", "choose", "timesteps", "SPACINGS", "FINAL_MODES",
            "SamplerSpec", "SolverPlan", "randn_like", "EvalTimes", "with_eval_times", "step",
-           "STEPS", "DEFAULT", "AUTO", "probe_plan", "ProbeChoice", "default_plan"]
+           "STEPS", "DEFAULT", "AUTO", "probe_plan", "ProbeChoice", "default_plan", "probes"]
 
 DEFAULT = "dpmpp_2m"  # a call naming no sampler, fit, grid or spacing above MAX_PROBE_STEPS
 AUTO = "auto"  # sampler=None or "auto": the fit's sampler if a fit is passed, else DEFAULT
@@ -109,14 +109,21 @@ def with_eval_times(denoiser: BaseDenoiser, ts: Sequence[float],
     return shifted if shifted.eval_ts else denoiser
 
 
+def probes(denoiser: BaseDenoiser, steps: int) -> bool:
+    """Whether a call with no sampler, fit, grid or spacing runs the probe's plan: for 1 <
+    ``steps`` <= :data:`MAX_PROBE_STEPS`, unless the parameterisation has its own sampler
+    (consistency)."""
+    return (not getattr(denoiser.parameterization, "default_sampler", None)
+            and 1 < steps <= MAX_PROBE_STEPS)
+
+
 def default_plan(denoiser: BaseDenoiser, steps: int, noise: Tensor,
                  cond: Any = None) -> SolverPlan | None:
-    """The plan of a call that names no sampler, fit, grid or spacing: for 1 < ``steps`` <=
-    :data:`MAX_PROBE_STEPS` the probe's choice for this model (:func:`probe_plan`: a cheap
-    training-free probe, cached per model, image shape and condition), else None (the
-    parameterisation's own sampler, e.g. consistency, or :data:`DEFAULT` on its grid)."""
-    if getattr(denoiser.parameterization, "default_sampler", None) or not 1 < steps <= \
-            MAX_PROBE_STEPS:
+    """The plan of a call that names no sampler, fit, grid or spacing: where :func:`probes`,
+    the probe's choice for this model (:func:`probe_plan`: a cheap training-free probe, cached
+    per model, image shape and condition), else None (the parameterisation's own sampler,
+    e.g. consistency, or :data:`DEFAULT` on its grid)."""
+    if not probes(denoiser, steps):
         return None
     return probe_plan(denoiser, steps, tuple(noise.shape[1:]), cond=cond, device=noise.device,
                       dtype=noise.dtype).plan
