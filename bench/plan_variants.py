@@ -44,11 +44,12 @@ def parse_plan(spec: str, den, n: int, noise: torch.Tensor, cond) -> SolverPlan:
                           final=None if final == "own" else final)
     else:
         raise SystemExit(f"plan {spec!r}: give default or SAMPLER:SPACING:FINAL[:round]")
-    if rounded:
-        T = den.schedule.num_steps
-        if T is None:
+    if rounded:  # the network's told index rounded, mapped back to a time
+        sch = den.schedule
+        if sch.num_steps is None:
             raise SystemExit(f"{spec}: ':round' needs a discrete-time model (num_steps T)")
-        told = [max(1, round(t * T)) / T if 0 < t < 1 else t for t in plan.ts[:-1]]
+        told = [float(sch.t_from_net_time(max(0, round(float(sch.net_time(t))))))
+                if 0 < t < 1 else t for t in plan.ts[:-1]]
         plan = SolverPlan(plan.sampler, plan.ts, tuple(told) + (plan.ts[-1],), plan.coeffs,
                           plan.final)
     return plan

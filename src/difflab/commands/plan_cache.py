@@ -99,9 +99,9 @@ def plan_key(denoiser: BaseDenoiser, steps: int, noise: Tensor, cond: Any = None
     c2 = None if pcond is None else pcond[:2]
     schedule = denoiser.schedule
     behaviour = []
-    for t in _TIMES:
-        xt = x * float(schedule.prior_std(t)) if t == 1.0 else x
-        x0 = denoiser.predict(xt, t, c2).x0.detach().double().cpu().flatten(1)
+    for t in _TIMES:  # inputs at the scale of x_t for unit-variance data
+        x0 = denoiser.predict(x * float(schedule.prior_std(t)), t, c2).x0
+        x0 = x0.detach().double().cpu().flatten(1)
         behaviour += _digits(torch.cat([x0 @ u.T, x0.pow(2).mean(1, keepdim=True)], 1))
     t_grid = torch.linspace(0, 1, 65, dtype=torch.float64)[1:-1]
     record = {"format": FORMAT, "steps": int(steps), "shape": shape, "dtype": str(dtype),
