@@ -47,6 +47,7 @@ from difflab.denoiser import Condition
 from difflab.fitting import load_fit, load_fits
 from difflab.fitting.fast import _draw_mse
 from difflab.fitting.store import guidance_tag
+from difflab.samplers.plan import SolverPlan
 from difflab.train.checkpoint import load_denoiser, read_config, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,13 +97,36 @@ class NetModel:
         return u + (1 + self.w) * (c - u)
 
 
-def reference(den, noise: torch.Tensor, steps: int, cond=None) -> torch.Tensor:
+REF_ENDS = ("zero", "trained")
+
+
+def reference(den, noise: torch.Tensor, steps: int, cond=None, end: str = "zero") -> torch.Tensor:
     """dpmpp_3m (data prediction, 3rd order) on the probe's fine grid of ``steps`` steps: the
     density sum of the uniform, log-SNR and Karras grids (``difflab.samplers.probe.fine_grid``),
-    dense at both ends, so it converges on VP, VE and rectified-flow models alike."""
+    dense at both ends, so it converges on VP, VE and rectified-flow models alike.
+
+    ``end``: where the probability-flow solution ends on a discrete-time model (T trained
+    steps, times (i + 1) / T). ``"zero"`` integrates the ODE on to t = 0, calling the network
+    below its first trained time 1 / T (index 0) where it was never trained; ``"trained"``
+    stops the ODE at t = 1 / T and returns the data prediction there (what diffusers'
+    schedulers converge to: their last step goes from the first trained index to sigma = 0
+    with x0_hat, the DDPM chain's last step without noise). The "zero" reading's last segment
+    is under-resolved: the fine grid keeps 3 points below 1 / T at any step count (on a
+    Gaussian test case it lands 9 % of the gap between the readings short at 960 steps, where
+    "trained" converges at third order: tests/test_bench_stats.py). The readings differ by
+    about 1e-3 RMSE on the latent model (session 24, docs/results/byom_defaults.md). A
+    continuous-time schedule has one reading."""
     from difflab.samplers.probe import FAMILIES, fine_grid
 
     ts = fine_grid(den.schedule, max(1, round(steps / len(FAMILIES))))
+    T = den.schedule.num_steps
+    if end == "trained" and T is not None:
+        t_min = float(den.schedule.t_from_net_time(0.0))
+        ts = torch.cat([ts[ts > t_min], ts.new_tensor([t_min, 0.0])])
+        return S.sample(den, noise, fit=SolverPlan("dpmpp_3m", tuple(ts.tolist()), final="x0"),
+                        cond=cond)
+    if end not in REF_ENDS:
+        raise ValueError(f"end must be one of {REF_ENDS}, got {end!r}")
     return S.sample(den, noise, "dpmpp_3m", grid=ts, cond=cond)
 
 
@@ -110,16 +134,18 @@ def cached_reference(args, spec: str, den, noise: torch.Tensor, steps: int,
                      cond=None, draws: str | None = None) -> torch.Tensor:
     """:func:`reference`, read from / written to ``--ref-cache`` when one is given (a file per
     model, draws (default: seed and test size), step count and guidance)."""
+    end = getattr(args, "ref_end", "zero")  # scripts that reuse this without the option
     if not args.ref_cache:
-        return reference(den, noise, steps, cond)
+        return reference(den, noise, steps, cond, end)
     name = "".join(c if c.isalnum() else "_" for c in spec)
     cfg = getattr(args, "cfg", None)  # scripts that reuse this without guidance
     tag = f"_cfg{cfg:g}" if cfg is not None else ""
+    tag += "" if end == "zero" or den.schedule.num_steps is None else f"_end{end}"
     draws = draws or f"seed{args.seed}_n{args.n}"
     path = Path(args.ref_cache) / f"{name}_{draws}_fine{steps}{tag}.pt"
     if path.exists():
         return torch.load(path)
-    ref = reference(den, noise, steps, cond)
+    ref = reference(den, noise, steps, cond, end)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ref, path)
     return ref
@@ -429,7 +455,7 @@ def run_model(args, spec: str) -> dict:
 
         cal = torch.randn(args.tune_n, *shape, generator=torch.Generator().manual_seed(123))
         with torch.no_grad():
-            ref_cal = reference(den, cal, args.ref_steps)
+            ref_cal = reference(den, cal, args.ref_steps, end=args.ref_end)
         for name in args.tune.split(","):
             label = f"{name} tuned grid ({args.tune_n} calibration images)"
             tuned.add(label)
@@ -481,6 +507,7 @@ def run_model(args, spec: str) -> dict:
             "desc": desc, "shape": list(shape), "family": family(den),
             "prediction": den.parameterization.name,
             "schedule": den.schedule.config().get("type"), "ref_err": ref_err,
+            "ref_end": args.ref_end,
             "auto": auto, "before": before, "tuned": sorted(tuned),
             "probe_cpu_s": {str(n): round(v, 2) for n, v in PROBE_CPU.items()},
             "difflab": {k: {str(n): list(v) for n, v in r.items()} for k, r in rows_dl.items()},
@@ -568,6 +595,10 @@ def main() -> None:
                          "fits row runs what `difflab tune-grid --fast --cfg W` stored")
     ap.add_argument("--seed", type=int, default=0, help="seed of the test noise")
     ap.add_argument("--ref-steps", type=int, default=960)
+    ap.add_argument("--ref-end", choices=REF_ENDS, default="zero",
+                    help="a discrete-time model's reference: the ODE on to t = 0 (zero) or "
+                         "stopped at its first trained time with the data prediction there "
+                         "(trained); see reference()")
     ap.add_argument("--ref-cache", default="",
                     help="a folder to keep the reference solves in (reused when present)")
     ap.add_argument("--threads", type=int, default=2)

@@ -77,3 +77,43 @@ def test_pool_joins_every_runs_draws_row_by_row(bench):
     assert out["difflab"]["default call"]["10"][0] == pytest.approx(math.sqrt(55 / 5))
     assert out["diffusers"]["UniPC-2 karras"]["20"][0] == pytest.approx(math.sqrt(110 / 5))
     assert out["per_draw"]["difflab"]["default call"]["5"] == [1.0, 4.0, 9.0, 16.0, 25.0]
+
+
+def test_reference_reads_a_discrete_models_end_two_ways(bench):
+    """The benchmark's reference on one Gaussian N(mu, s^2 I) under a discrete scaled_linear
+    chain (sigma~ = 0.029 at its first trained time 1 / T), against the closed-form flow map
+    (x_t - alpha_t mu) / sqrt(alpha_t^2 s^2 + sigma_t^2) = z, constant along the ODE:
+    ``end="trained"`` stops at t = 1 / T and returns E[x_0 | x_t] = mu + alpha s^2 z /
+    sqrt(alpha^2 s^2 + sigma^2) (a shrink of s z by 0.86 for s = 0.05), to 1e-6 of the gap
+    between the readings at 960 steps, converging at third order; ``end="zero"`` solves on to
+    t = 0, x = mu + s z, but the fine grid has 3 points below 1 / T at any step count, so it
+    lands 9 % of the gap short at 960 steps (measured: 10 % at 240, 5 % at 3840;
+    docs/results/byom_defaults.md, session 24)."""
+    from difflab import schedules
+    from difflab.toy import GaussianMixture
+
+    sch = schedules.scaled_linear(0.00085, 0.012, timesteps=1000)
+    mu, s = torch.tensor([[0.3, -0.5, 0.1, 0.8]], dtype=torch.float64), 0.05
+    den = GaussianMixture(mu, s).denoiser(sch, "x0")
+    noise = torch.randn(64, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def flow_state(t: float, x: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+        a, sg = float(sch.alpha(t)), float(sch.sigma(t))
+        return (x - a * mu) / math.sqrt(a * a * s * s + sg * sg), a, sg
+
+    z, _, _ = flow_state(1.0, noise * float(sch.prior_std(1.0)))
+    _, a, sg = flow_state(float(sch.t_from_net_time(0.0)), noise)
+    exact = {"zero": mu + s * z, "trained": mu + a * s * s * z / math.sqrt(a * a * s * s + sg * sg)}
+    gap = float((exact["zero"] - exact["trained"]).pow(2).mean().sqrt())
+    assert gap > 5e-3
+
+    def err(end: str, steps: int = 960) -> float:
+        with torch.no_grad():
+            got = bench[0].reference(den, noise, steps, end=end)
+        return float((got - exact[end]).pow(2).mean().sqrt())
+
+    coarse, fine = err("trained", 240), err("trained")
+    assert fine < 1e-5 * gap and coarse / fine > 32  # third order: 4^3 = 64 for 4x the steps
+    assert 0.05 * gap < err("zero") < 0.15 * gap
+    with pytest.raises(ValueError, match="end must be one of"):
+        bench[0].reference(den, noise, 30, end="one")
