@@ -47,7 +47,6 @@ from difflab.denoiser import Condition
 from difflab.fitting import load_fit, load_fits
 from difflab.fitting.fast import _draw_mse
 from difflab.fitting.store import guidance_tag
-from difflab.samplers.plan import SolverPlan
 from difflab.train.checkpoint import load_denoiser, read_config, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +99,8 @@ class NetModel:
 REF_ENDS = ("zero", "trained")
 
 
-def reference(den, noise: torch.Tensor, steps: int, cond=None, end: str = "zero") -> torch.Tensor:
+def reference(den, noise: torch.Tensor, steps: int, cond=None,
+              end: str = "trained") -> torch.Tensor:
     """dpmpp_3m (data prediction, 3rd order) on the probe's fine grid of ``steps`` steps: the
     density sum of the uniform, log-SNR and Karras grids (``difflab.samplers.probe.fine_grid``),
     dense at both ends, so it converges on VP, VE and rectified-flow models alike.
@@ -116,25 +116,20 @@ def reference(den, noise: torch.Tensor, steps: int, cond=None, end: str = "zero"
     "trained" converges at third order: tests/test_bench_stats.py). The readings differ by
     about 1e-3 RMSE on the latent model (session 24, docs/results/byom_defaults.md). A
     continuous-time schedule has one reading."""
-    from difflab.samplers.probe import FAMILIES, fine_grid
+    from difflab.samplers.probe import FAMILIES, fine_grid, reference_final
 
-    ts = fine_grid(den.schedule, max(1, round(steps / len(FAMILIES))))
-    T = den.schedule.num_steps
-    if end == "trained" and T is not None:
-        t_min = float(den.schedule.t_from_net_time(0.0))
-        ts = torch.cat([ts[ts > t_min], ts.new_tensor([t_min, 0.0])])
-        return S.sample(den, noise, fit=SolverPlan("dpmpp_3m", tuple(ts.tolist()), final="x0"),
-                        cond=cond)
     if end not in REF_ENDS:
         raise ValueError(f"end must be one of {REF_ENDS}, got {end!r}")
-    return S.sample(den, noise, "dpmpp_3m", grid=ts, cond=cond)
+    ts = fine_grid(den.schedule, max(1, round(steps / len(FAMILIES))), end=end)
+    return S.sample(den, noise, "dpmpp_3m", grid=ts, cond=cond,
+                    **reference_final(den.schedule, ts))
 
 
 def cached_reference(args, spec: str, den, noise: torch.Tensor, steps: int,
                      cond=None, draws: str | None = None) -> torch.Tensor:
     """:func:`reference`, read from / written to ``--ref-cache`` when one is given (a file per
     model, draws (default: seed and test size), step count and guidance)."""
-    end = getattr(args, "ref_end", "zero")  # scripts that reuse this without the option
+    end = getattr(args, "ref_end", "trained")  # scripts that reuse this without the option
     if not args.ref_cache:
         return reference(den, noise, steps, cond, end)
     name = "".join(c if c.isalnum() else "_" for c in spec)
@@ -595,10 +590,10 @@ def main() -> None:
                          "fits row runs what `difflab tune-grid --fast --cfg W` stored")
     ap.add_argument("--seed", type=int, default=0, help="seed of the test noise")
     ap.add_argument("--ref-steps", type=int, default=960)
-    ap.add_argument("--ref-end", choices=REF_ENDS, default="zero",
-                    help="a discrete-time model's reference: the ODE on to t = 0 (zero) or "
-                         "stopped at its first trained time with the data prediction there "
-                         "(trained); see reference()")
+    ap.add_argument("--ref-end", choices=REF_ENDS, default="trained",
+                    help="a discrete-time model's reference: stopped at its first trained "
+                         "time with the data prediction there (trained, since session 24), or "
+                         "the ODE on to t = 0 (zero, the figures before); see reference()")
     ap.add_argument("--ref-cache", default="",
                     help="a folder to keep the reference solves in (reused when present)")
     ap.add_argument("--threads", type=int, default=2)

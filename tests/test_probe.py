@@ -67,11 +67,30 @@ def test_fine_grid_is_dense_where_any_family_is(mixture_probe):
     den, traj = mixture_probe
     ts = traj.ts
     assert ts[0] == 1.0 and ts[-1] == 0.0 and bool((ts[1:] < ts[:-1]).all())
-    assert traj.n == 120
+    zero = P.fine_grid(den.schedule, 40, end="zero")  # the density sum on to t = 0
+    assert len(zero) == 121
     for family in P.FAMILIES:  # each family's interval holds one unit of the summed density,
         g = S.timesteps(den.schedule, 40, family)  # so at least one fine point
         for a, b in zip(g, g[1:]):
             assert int(((ts <= a) & (ts >= b)).sum()) >= 1, (family, float(a), float(b))
+
+
+def test_the_fine_solve_stops_at_a_discrete_models_first_trained_time(mixture_probe):
+    """The network never saw t < 1 / T: the probe's grid keeps the "zero" grid's points above
+    t_min = 1 / T, then t_min, then 0, and the solve ends with x0_hat at t_min (its output is
+    the last data prediction); a continuous-time schedule keeps the whole grid."""
+    den, traj = mixture_probe
+    t_min = S.trained_end(den.schedule)
+    assert t_min == pytest.approx(1e-3)
+    zero = P.fine_grid(den.schedule, 40, end="zero")
+    assert int((zero < t_min).sum()) >= 2  # what the old grid spent below t_min
+    assert torch.equal(traj.ts, torch.cat([zero[zero > t_min], zero.new_tensor([t_min, 0.0])]))
+    assert torch.equal(traj.x[-1], traj.x0[-1])
+    continuous = schedules.cosine_continuous()
+    assert S.trained_end(continuous) is None
+    assert torch.equal(P.fine_grid(continuous, 40), P.fine_grid(continuous, 40, end="zero"))
+    with pytest.raises(ValueError, match="end must be"):
+        P.fine_grid(den.schedule, 40, end="one")
 
 
 def test_first_order_cost_is_the_ddim_step_from_the_probe_state(mixture_probe):

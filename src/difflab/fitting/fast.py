@@ -118,7 +118,7 @@ from difflab.fitting.reference import check_steps
 from difflab.samplers import SolverPlan, get, sample, timesteps
 from difflab.samplers.bespoke import BASES, combine, solver_coefficients
 from difflab.samplers.common import EvalTimes, Grid, SharedStart, predict
-from difflab.samplers.probe import PROBE_DRAWS
+from difflab.samplers.probe import PROBE_DRAWS, reference_final
 
 __all__ = ["fast_fit_solvers", "FineReference", "fine_reference", "nested_indices",
            "rollout_coefficients", "rollout_fittable", "plan_rows", "plans_reference",
@@ -192,6 +192,8 @@ def fine_reference(denoiser: BaseDenoiser, noise: Tensor, reference_steps: int =
     x0s: dict[int, list[Tensor]] = {i: [] for i in want if i < n}
     reuse = solver in REUSING_SOLVERS
     chunk = batch_size or noise.shape[0]
+    # a grid ending at a discrete model's first trained time ends with x0_hat there
+    final = reference_final(denoiser.schedule, ts) if "final" in get(solver).options else {}
     for i in range(0, noise.shape[0], chunk):
         x_T = noise[i:i + chunk] * denoiser.schedule.prior_std(float(ts[0]))
         xs[0].append(x_T)
@@ -204,7 +206,8 @@ def fine_reference(denoiser: BaseDenoiser, noise: Tensor, reference_steps: int =
                 x0s[k].append(step["x0"].clone())
 
         out = sample(denoiser, noise[i:i + chunk], solver, grid=ts,
-                     cond=None if cond is None else cond[i:i + chunk], callback=record)
+                     cond=None if cond is None else cond[i:i + chunk], callback=record,
+                     **final)
         xs[n].append(out)
     return FineReference(ts.tolist(), {k: torch.cat(v) for k, v in xs.items()},
                          {k: torch.cat(v) for k, v in x0s.items() if v}, solver,

@@ -60,11 +60,12 @@ from difflab.samplers.common import (
 from difflab.samplers.onestep import STEPS, step
 from difflab.samplers.plan import SolverPlan
 from difflab.samplers.probe import MAX_PROBE_STEPS, ProbeChoice, probe_plan
-from difflab.samplers.timesteps import SPACINGS, timesteps
+from difflab.samplers.timesteps import SPACINGS, timesteps, trained_end
 
-__all__ = ["sample", "names", "get", "choose", "timesteps", "SPACINGS", "FINAL_MODES",
-           "SamplerSpec", "SolverPlan", "randn_like", "EvalTimes", "with_eval_times", "step",
-           "STEPS", "DEFAULT", "AUTO", "probe_plan", "ProbeChoice", "default_plan", "probes"]
+__all__ = ["sample", "names", "get", "choose", "timesteps", "trained_end", "SPACINGS",
+           "FINAL_MODES", "SamplerSpec", "SolverPlan", "randn_like", "EvalTimes",
+           "with_eval_times", "step", "STEPS", "DEFAULT", "AUTO", "probe_plan", "ProbeChoice",
+           "default_plan", "probes"]
 
 DEFAULT = "dpmpp_2m"  # a call naming no sampler, fit, grid or spacing above MAX_PROBE_STEPS
 AUTO = "auto"  # sampler=None or "auto": the fit's sampler if a fit is passed, else DEFAULT

@@ -10,6 +10,10 @@ the model instead of guessing from its schedule's name:
    log-SNR and Karras densities (``fine`` points of each, :func:`fine_grid`: dense wherever any
    of the three is, with no near-duplicate points that would destabilise a multistep solver).
    It keeps the states x_i and data predictions D_i = x0_hat(x_i, t_i) at every fine point.
+   On a discrete-time model it stops at the first trained time 1 / T and ends with x0_hat
+   there, where every candidate grid ends too (session 24: on to t = 0, with the network
+   called where it was never trained and that segment under-resolved, its target was ~1e-3
+   RMSE off on a scaled_linear latent model, more than the candidates differ by at 20 calls).
 2. **Cheapest paths** over the fine points (Chen et al. 2024, "On the trajectory regularity of
    ODE-based diffusion sampling", GITS: dynamic programming over teacher-forced step errors).
    A step i -> k from the probe's own state, in the data-prediction form of
@@ -86,13 +90,13 @@ from torch import Tensor
 from difflab.denoiser import BaseDenoiser, Condition
 from difflab.samplers.common import REGISTRY, Grid, SharedStart, final_x0, first_order
 from difflab.samplers.plan import SolverPlan
-from difflab.samplers.timesteps import timesteps
+from difflab.samplers.timesteps import timesteps, trained_end
 
 __all__ = ["PROBE_DRAWS", "PROBE_FINE", "PROBE_SEED", "PROBE_SOLVERS", "MAX_PROBE_STEPS",
            "ProbeTrajectory", "fine_grid", "probe_trajectory", "first_order_costs",
            "multistep_costs", "cheapest_path", "cheapest_pair_path", "candidate_grids",
            "ProbeChoice", "probe_plan", "probe_solve", "clear_probe_cache", "FIXED_GRIDS",
-           "rollout_finals", "probe_condition", "condition_fingerprint"]
+           "rollout_finals", "probe_condition", "condition_fingerprint", "reference_final"]
 
 PROBE_DRAWS = 24       # probe noises: the first half places the paths, the second selects
 PROBE_FINE = 60        # points of each family in the fine grid (3 x 60 in all)
@@ -113,11 +117,23 @@ def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
     return f0 + w * (f1 - f0)
 
 
-def fine_grid(schedule: Any, fine: int = PROBE_FINE, t_start: float = 1.0) -> Tensor:
+def fine_grid(schedule: Any, fine: int = PROBE_FINE, t_start: float = 1.0,
+              end: str = "trained") -> Tensor:
     """The probe's fine grid: ``len(FAMILIES) * fine`` steps whose density in t is the sum of
     the ``fine``-step uniform, log-SNR and Karras grids' densities (each family's fractional
     grid index, summed, inverted at equal steps). Families a schedule cannot place (no finite
-    sigma_min) are left out."""
+    sigma_min) are left out.
+
+    ``end="trained"``: on a discrete-time model the points below its first trained time
+    t_min = 1 / T (:func:`~difflab.samplers.timesteps.trained_end`) are replaced by t_min itself,
+    so a solve on this grid never calls the network where it was never trained and ends with
+    the step t_min -> 0 (run it with ``final="x0"``: x0_hat at t_min, exact given x(t_min)).
+    ``end="zero"`` keeps them (the grid before session 24): the ODE on to t = 0 with the
+    network extrapolated below t_min, a segment the grid under-resolves, 3 points at any
+    ``fine`` (on a Gaussian under scaled_linear it lands 9 % of the two ends' gap short at
+    960 steps, tests/test_bench_stats.py)."""
+    if end not in ("trained", "zero"):
+        raise ValueError(f"end must be 'trained' or 'zero', got {end!r}")
     tt = torch.linspace(t_start, 0.0, 20_001, dtype=torch.float64)
     count = torch.zeros_like(tt)
     used = 0
@@ -133,7 +149,19 @@ def fine_grid(schedule: Any, fine: int = PROBE_FINE, t_start: float = 1.0) -> Te
     q = torch.linspace(0.0, float(count[-1]), total + 1, dtype=torch.float64)
     ts = _interp(q, count, tt)
     ts[0], ts[-1] = t_start, 0.0
+    t_min = trained_end(schedule) if end == "trained" else None
+    if t_min is not None and t_min < t_start:
+        ts = torch.cat([ts[ts > t_min], ts.new_tensor([t_min, 0.0])])
     return ts
+
+
+def reference_final(schedule: Any, ts: Sequence[float] | Tensor) -> dict[str, str]:
+    """The final-step option of a reference solve on ``ts``: ``{"final": "x0"}`` where ``ts``
+    ends t_min -> 0 at a discrete model's first trained time (:func:`fine_grid`), else none
+    (the solver's own)."""
+    t_min = trained_end(schedule)
+    last = float(ts[-2]) if len(ts) > 1 else math.nan
+    return {"final": "x0"} if t_min is not None and abs(last - t_min) <= 1e-12 else {}
 
 
 @dataclass
@@ -184,7 +212,8 @@ def probe_trajectory(denoiser: BaseDenoiser, noise: Tensor, cond: Any = None,
         if i + 1 < n:
             xs[i + 1] = step["x"].clone()
 
-    out = REGISTRY[solver].fn(denoiser, x0_T, ts, cond=cond, callback=record)
+    out = REGISTRY[solver].fn(denoiser, x0_T, ts, cond=cond, callback=record,
+                              **reference_final(schedule, ts))
     xs[n] = out
     return ProbeTrajectory(ts, Grid(schedule, ts, noise), xs, x0s, noise, cond)  # type: ignore[arg-type]
 

@@ -34,10 +34,23 @@ from torch import Tensor
 
 from difflab.schedules import NoiseSchedule
 
-__all__ = ["SPACINGS", "timesteps", "SIGMA_MAX_CLIP"]
+__all__ = ["SPACINGS", "timesteps", "SIGMA_MAX_CLIP", "trained_end"]
 
 SPACINGS = ("uniform", "log_snr", "karras", "leading", "trailing")
 SIGMA_MAX_CLIP = 4096.0  # sigma~ used for grid placement when sigma~(t_start) = inf
+
+
+def trained_end(schedule: NoiseSchedule) -> float | None:
+    """t = 1 / T, a discrete-time model's first trained time (DDPM index 0, sigma~ =
+    ``schedule.sigma_min``), or None for a continuous-time schedule (trained at every t).
+
+    The network never saw a smaller time, so no grid here goes below it: ``log_snr`` and
+    ``karras`` end there, ``uniform`` and ``trailing`` above it, and the last step to t = 0 is
+    made from the predictions there. The probe's fine grid and every reference solve stop there
+    too (:func:`difflab.samplers.probe.fine_grid`): the probability-flow solution of a discrete
+    model is the ODE from t = 1 to 1 / T followed by x0_hat at 1 / T, the endpoint diffusers'
+    schedulers converge to (docs/results/byom_defaults.md, session 24)."""
+    return None if schedule.num_steps is None else float(schedule.t_from_net_time(0.0))
 
 
 def _finite_sigma_max(schedule: NoiseSchedule, t_start: float) -> float:
