@@ -540,7 +540,10 @@ def render(args, results: list[dict]) -> list[str]:
         f"Machine: 2-core CPU (shared), {platform.machine()}, torch {torch.__version__}, "
         f"{args.threads} torch thread(s)", "",
         f"Per model: {args.n} test noises from seed {args.seed}. Reference: dpmpp_3m, "
-        f"{args.ref_steps} steps of the probe's fine grid; its own error is estimated by its "
+        f"{args.ref_steps} steps of the probe's fine grid, on a discrete-time model "
+        + ("stopped at its first trained time 1 / T with x0_hat there (`--ref-end trained`)"
+           if args.ref_end == "trained" else "on to t = 0 below 1 / T (`--ref-end zero`)")
+        + "; its own error is estimated by its "
         f"RMSE to the {args.ref_steps // 2}-step solution (below, per model). Error = pixel "
         "RMSE to the reference ([-1, 1] scale). A cell `e (n)` used n network calls. The "
         "interval of a ratio is a paired bootstrap over the test draws (`ratio_interval`; "

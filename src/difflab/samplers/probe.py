@@ -212,8 +212,9 @@ def probe_trajectory(denoiser: BaseDenoiser, noise: Tensor, cond: Any = None,
         if i + 1 < n:
             xs[i + 1] = step["x"].clone()
 
-    out = REGISTRY[solver].fn(denoiser, x0_T, ts, cond=cond, callback=record,
-                              **reference_final(schedule, ts))
+    spec = REGISTRY[solver]
+    final = reference_final(schedule, ts) if "final" in spec.options else {}
+    out = spec.fn(denoiser, x0_T, ts, cond=cond, callback=record, **final)
     xs[n] = out
     return ProbeTrajectory(ts, Grid(schedule, ts, noise), xs, x0s, noise, cond)  # type: ignore[arg-type]
 

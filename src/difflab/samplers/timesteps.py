@@ -45,7 +45,7 @@ def trained_end(schedule: NoiseSchedule) -> float | None:
     ``schedule.sigma_min``), or None for a continuous-time schedule (trained at every t).
 
     The network never saw a smaller time, so no grid here goes below it: ``log_snr`` and
-    ``karras`` end there, ``uniform`` and ``trailing`` above it, and the last step to t = 0 is
+    ``karras`` end there, ``uniform`` and ``trailing`` at or above it, and the last step to t = 0 is
     made from the predictions there. The probe's fine grid and every reference solve stop there
     too (:func:`difflab.samplers.probe.fine_grid`): the probability-flow solution of a discrete
     model is the ODE from t = 1 to 1 / T followed by x0_hat at 1 / T, the endpoint diffusers'
