@@ -73,6 +73,10 @@ cells are 1.14x / 1.40x at 10 / 20 calls, and at 20 calls one draw in 128 holds 
 the gap to Karras: there the probe's draws, like the test draws, are too heavy-tailed to rank
 grids whose typical errors differ by a few %, and a probe that added draws while uncertain (up
 to 96) picked a 2.3x worse plan on fm_base at 20 calls (docs/results/byom_defaults.md).
+Session 24: with the fine solve stopped at 1 / T (step 1) that model's 20-call plan is unipc on
+the 2M path with the x0 final step, 1.27x diffusers' best on 288 draws against the reference
+stopped at 1 / T as well (1.83x before; 0.90 / 1.55 / 0.98x on the three draw sets), every
+other model's plan unchanged.
 """
 
 from __future__ import annotations
