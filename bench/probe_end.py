@@ -1,11 +1,11 @@
 """The default call's probe aimed at either end of a discrete model's flow (issue #17 item 4,
 session 24).
 
-    python bench/probe_end.py MODEL ZERO_REF_CACHE SEED N CFG|none trained|zero
+    python bench/probe_end.py MODEL REF_CACHE SEED N CFG|none trained|zero
 
 Prints the probe's plan at 5 / 10 / 20 calls and its RMSE on samplers_real's test draws against
-both readings of the reference (``--ref-end zero``, read from ZERO_REF_CACHE, and ``trained``,
-kept in /tmp/s24/brefs). ``trained`` runs the probe as the library has it since session 24 (its
+both readings of the reference (``--ref-end zero`` and ``trained``, both kept in REF_CACHE
+under samplers_real's names). ``trained`` runs the probe as the library has it since session 24 (its
 fine solve stops at the first trained time t = 1 / T and ends with x0_hat there); ``zero``
 patches it back to the probe before (the fine grid on to t = 0, the network called below
 1 / T, unipc's own final step). docs/results/byom_defaults.md, session 24.
@@ -36,17 +36,17 @@ def fine_grid_zero(schedule, fine: int = P.PROBE_FINE, t_start: float = 1.0,
 
 
 def main() -> None:
-    model, zero_refs, seed, n, cfg, mode = sys.argv[1:7]
+    model, refs, seed, n, cfg, mode = sys.argv[1:7]
     if mode == "zero":
         P.fine_grid = fine_grid_zero
         P.reference_final = lambda schedule, ts: {}  # unipc's own final step
     torch.set_num_threads(1)
     args = argparse.Namespace(model=model, n=int(n), seed=int(seed), threads=1, ref_end="zero",
-                              cfg=None if cfg == "none" else float(cfg), ref_cache=zero_refs)
+                              cfg=None if cfg == "none" else float(cfg), ref_cache=refs)
     den, _, _, noise, cond = B.setup_test_draws(args)
     with torch.no_grad():
         ref_zero = B.cached_reference(args, model, den, noise, 960, cond)
-        args.ref_end, args.ref_cache = "trained", "/tmp/s24/brefs"
+        args.ref_end = "trained"
         ref_trained = B.cached_reference(args, model, den, noise, 960, cond)
     for steps in (5, 10, 20):
         choice = P.probe_plan(den, steps, tuple(noise.shape[1:]), cond=cond)

@@ -146,7 +146,8 @@ def test_tuned_solver_with_classifier_free_guidance():
     tuned = tune_solver(den, 3, cal, grid=grid, cond=y, max_iter=30, batch_size=40,
                         reference_steps=100)
     assert tuned.rmse < 0.7 * tuned.rmse_base, tuned
-    ref = S.sample(den, cal, "dpm_solver_3", grid=timesteps(sch, 100, "log_snr"), cond=y)
+    ref = S.sample(den, cal, "dpm_solver_3", grid=timesteps(sch, 100, "log_snr"), cond=y,
+                   final="x0")  # the fits' reference ends with x0_hat at 1 / T
     x = S.sample(den, cal, "bespoke", fit=tuned, cond=y)
     assert rmse(x, ref) == pytest.approx(tuned.rmse, rel=1e-9)
 
@@ -176,10 +177,11 @@ def test_fitted_solvers_run_when_passed_and_only_then():
     den = mix.denoiser(sch, "eps")
     cal = torch.randn(256, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     test = torch.randn(512, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    ref = S.sample(den, test, "dpm_solver_3", grid=timesteps(sch, 200, "log_snr"))
+    # the fits' reference: dpm_solver_3 on log-SNR, ending at 1 / T with x0_hat (trained_end)
+    ref = S.sample(den, test, "dpm_solver_3", grid=timesteps(sch, 200, "log_snr"), final="x0")
     fits = fit_solvers(den, [3, 5], cal, max_iter=40, batch_size=128)
     assert sorted(fits) == [3, 5] and not getattr(den, "solvers", {})
-    ref_cal = S.sample(den, cal, "dpm_solver_3", grid=timesteps(sch, 100, "log_snr"))
+    ref_cal = S.sample(den, cal, "dpm_solver_3", grid=timesteps(sch, 100, "log_snr"), final="x0")
     _, profile = reference_profile(den, cal, 100)
     for k in (3, 5):
         # fitted from the adaptive and the uniform-t grid; the fit with the lowest

@@ -46,7 +46,9 @@ def test_reference_profile_is_the_rate_of_the_gaussian_data_prediction():
     sqrt(alpha_t^2 s^2 + sigma_t^2) z, so the data prediction along it is D(lambda) = mu +
     s^2 z / sqrt(s^2 + e^-lambda) and |dD/dlambda| = s^2 |z| e^-lambda (s^2 + e^-lambda)^-3/2
     / 2. The profile (finite differences on the reference solve, at the log-SNR midpoints)
-    matches it to the differences' O(h^2) error; the reference is the ODE solution itself."""
+    matches it to the differences' O(h^2) error; the reference is the ODE solution itself, to
+    the first trained time 1 / T, then x0_hat there: mu + alpha s^2 z / sqrt(alpha^2 s^2 +
+    sigma^2) at t = 1 / T (samplers.trained_end; 1e-4 from mu + s z here, sigma~ = 0.01)."""
     sch = schedules.linear()
     s, dim = 0.5, 8
     mu = torch.linspace(-1, 1, dim, dtype=torch.float64)
@@ -58,7 +60,11 @@ def test_reference_profile_is_the_rate_of_the_gaussian_data_prediction():
     x_T = noise * sch.prior_std(1.0)
     a_T, s_T = (float(v) for v in sch.alpha_sigma(torch.tensor(1.0, dtype=torch.float64)))
     z = (x_T - a_T * mu) / (a_T ** 2 * s ** 2 + s_T ** 2) ** 0.5
-    torch.testing.assert_close(ref, mu + s * z, atol=2e-5, rtol=0)  # the exact x_0
+    a_0, s_0 = (float(v) for v in sch.alpha_sigma(
+        torch.tensor(S.trained_end(sch), dtype=torch.float64)))
+    exact_end = mu + a_0 * s ** 2 * z / (a_0 ** 2 * s ** 2 + s_0 ** 2) ** 0.5
+    assert float((exact_end - (mu + s * z)).abs().max()) > 1e-4  # the two ends differ
+    torch.testing.assert_close(ref, exact_end, atol=2e-5, rtol=0)
     lam = torch.tensor(profile["log_snr"], dtype=torch.float64)
     rate = torch.tensor(profile["rate"], dtype=torch.float64)
     e = torch.exp(-lam)

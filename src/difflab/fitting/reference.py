@@ -4,7 +4,9 @@ A fit (a tuned grid, a bespoke solver) minimises the error of a few-step solver 
 accurate solution of the probability-flow ODE from the same calibration noise (LD3, Tong et al.
 2024, Eq. 6; Shaul et al. 2024, Sec. 3). The reference is dpm_solver_3 on a fine log-SNR grid;
 the same solve also measures how fast the data prediction moves along the trajectories, which
-places the adaptive grid (:func:`difflab.fitting.grids.adaptive_grid`).
+places the adaptive grid (:func:`difflab.fitting.grids.adaptive_grid`). On a discrete-time
+model the grid ends at the first trained time 1 / T and the solve ends with x0_hat there
+(:func:`difflab.samplers.probe.reference_final`), the endpoint every difflab reference shares.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import Tensor
 
 from difflab.denoiser import BaseDenoiser
 from difflab.samplers import sample, timesteps
+from difflab.samplers.probe import reference_final
 
 __all__ = ["calibration_reference", "reference_profile", "check_steps"]
 
@@ -69,7 +72,7 @@ def reference_profile(denoiser: BaseDenoiser, noise: Tensor, reference_steps: in
 
         refs.append(sample(denoiser, noise[i:i + chunk], "dpm_solver_3", reference_steps,
                            grid=ts_ref, cond=None if cond is None else cond[i:i + chunk],
-                           callback=record))
+                           callback=record, **reference_final(denoiser.schedule, ts_ref)))
     rate = (sumsq / noise.numel()).sqrt()
     return torch.cat(refs), {"log_snr": (0.5 * (lam[1:] + lam[:-1])).tolist(),
                              "rate": rate.tolist()}
