@@ -14,6 +14,7 @@ patches it back to the probe before (the fine grid on to t = 0, the network call
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 from pathlib import Path
@@ -26,20 +27,12 @@ import samplers_real as B  # noqa: E402
 import difflab.samplers.probe as P  # noqa: E402
 from difflab import samplers as S  # noqa: E402
 
-ORIGINAL_FINE_GRID = P.fine_grid
-
-
-def fine_grid_zero(schedule, fine: int = P.PROBE_FINE, t_start: float = 1.0,
-                   end: str = "zero") -> torch.Tensor:
-    """The probe's fine grid before session 24: on to t = 0 below a discrete model's 1 / T."""
-    return ORIGINAL_FINE_GRID(schedule, fine, t_start, end="zero")
-
 
 def main() -> None:
     model, refs, seed, n, cfg, mode = sys.argv[1:7]
     if mode == "zero":
-        P.fine_grid = fine_grid_zero
-        P.reference_final = lambda schedule, ts: {}  # unipc's own final step
+        P.fine_grid = functools.partial(P.fine_grid, end="zero")
+        P.reference_final = lambda schedule, ts, solver: {}  # unipc's own final step
     torch.set_num_threads(1)
     args = argparse.Namespace(model=model, n=int(n), seed=int(seed), threads=1, ref_end="zero",
                               cfg=None if cfg == "none" else float(cfg), ref_cache=refs)

@@ -47,6 +47,7 @@ from difflab.denoiser import Condition
 from difflab.fitting import load_fit, load_fits
 from difflab.fitting.fast import _draw_mse
 from difflab.fitting.store import guidance_tag
+from difflab.samplers.probe import FAMILIES, FINE_GRID_ENDS, fine_grid, reference_final
 from difflab.train.checkpoint import load_denoiser, read_config, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,9 +97,6 @@ class NetModel:
         return u + (1 + self.w) * (c - u)
 
 
-REF_ENDS = ("zero", "trained")
-
-
 def reference(den, noise: torch.Tensor, steps: int, cond=None,
               end: str = "trained") -> torch.Tensor:
     """dpmpp_3m (data prediction, 3rd order) on the probe's fine grid of ``steps`` steps: the
@@ -116,13 +114,9 @@ def reference(den, noise: torch.Tensor, steps: int, cond=None,
     "trained" converges at third order: tests/test_bench_stats.py). The readings differ by
     about 1e-3 RMSE on the latent model (session 24, docs/results/byom_defaults.md). A
     continuous-time schedule has one reading."""
-    from difflab.samplers.probe import FAMILIES, fine_grid, reference_final
-
-    if end not in REF_ENDS:
-        raise ValueError(f"end must be one of {REF_ENDS}, got {end!r}")
     ts = fine_grid(den.schedule, max(1, round(steps / len(FAMILIES))), end=end)
     return S.sample(den, noise, "dpmpp_3m", grid=ts, cond=cond,
-                    **reference_final(den.schedule, ts))
+                    **reference_final(den.schedule, ts, "dpmpp_3m"))
 
 
 def cached_reference(args, spec: str, den, noise: torch.Tensor, steps: int,
@@ -593,7 +587,7 @@ def main() -> None:
                          "fits row runs what `difflab tune-grid --fast --cfg W` stored")
     ap.add_argument("--seed", type=int, default=0, help="seed of the test noise")
     ap.add_argument("--ref-steps", type=int, default=960)
-    ap.add_argument("--ref-end", choices=REF_ENDS, default="trained",
+    ap.add_argument("--ref-end", choices=FINE_GRID_ENDS, default="trained",
                     help="a discrete-time model's reference: stopped at its first trained "
                          "time with the data prediction there (trained, since session 24), or "
                          "the ODE on to t = 0 (zero, the figures before); see reference()")

@@ -192,8 +192,7 @@ def fine_reference(denoiser: BaseDenoiser, noise: Tensor, reference_steps: int =
     x0s: dict[int, list[Tensor]] = {i: [] for i in want if i < n}
     reuse = solver in REUSING_SOLVERS
     chunk = batch_size or noise.shape[0]
-    # a grid ending at a discrete model's first trained time ends with x0_hat there
-    final = reference_final(denoiser.schedule, ts) if "final" in get(solver).options else {}
+    final = reference_final(denoiser.schedule, ts, solver)  # x0_hat at 1 / T (discrete)
     for i in range(0, noise.shape[0], chunk):
         x_T = noise[i:i + chunk] * denoiser.schedule.prior_std(float(ts[0]))
         xs[0].append(x_T)

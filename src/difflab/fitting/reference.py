@@ -72,7 +72,8 @@ def reference_profile(denoiser: BaseDenoiser, noise: Tensor, reference_steps: in
 
         refs.append(sample(denoiser, noise[i:i + chunk], "dpm_solver_3", reference_steps,
                            grid=ts_ref, cond=None if cond is None else cond[i:i + chunk],
-                           callback=record, **reference_final(denoiser.schedule, ts_ref)))
+                           callback=record,
+                           **reference_final(denoiser.schedule, ts_ref, "dpm_solver_3")))
     rate = (sumsq / noise.numel()).sqrt()
     return torch.cat(refs), {"log_snr": (0.5 * (lam[1:] + lam[:-1])).tolist(),
                              "rate": rate.tolist()}

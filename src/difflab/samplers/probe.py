@@ -100,10 +100,12 @@ __all__ = ["PROBE_DRAWS", "PROBE_FINE", "PROBE_SEED", "PROBE_SOLVERS", "MAX_PROB
            "ProbeTrajectory", "fine_grid", "probe_trajectory", "first_order_costs",
            "multistep_costs", "cheapest_path", "cheapest_pair_path", "candidate_grids",
            "ProbeChoice", "probe_plan", "probe_solve", "clear_probe_cache", "FIXED_GRIDS",
-           "rollout_finals", "probe_condition", "condition_fingerprint", "reference_final"]
+           "rollout_finals", "probe_condition", "condition_fingerprint", "reference_final",
+           "FINE_GRID_ENDS"]
 
 PROBE_DRAWS = 24       # probe noises: the first half places the paths, the second selects
 PROBE_FINE = 60        # points of each family in the fine grid (3 x 60 in all)
+FINE_GRID_ENDS = ("trained", "zero")  # where fine_grid ends on a discrete-time model
 PROBE_SEED = 61_723    # the probe noise's own generator seed
 # (sampler, final-step mode): one call a step, stable at 5 calls
 PROBE_SOLVERS = (("unipc", "extrapolate"), ("unipc", "x0"), ("dpmpp_2m", "x0"))
@@ -136,8 +138,8 @@ def fine_grid(schedule: Any, fine: int = PROBE_FINE, t_start: float = 1.0,
     network extrapolated below t_min, a segment the grid under-resolves, 3 points at any
     ``fine`` (on a Gaussian under scaled_linear it lands 9 % of the two ends' gap short at
     960 steps, tests/test_bench_stats.py)."""
-    if end not in ("trained", "zero"):
-        raise ValueError(f"end must be 'trained' or 'zero', got {end!r}")
+    if end not in FINE_GRID_ENDS:
+        raise ValueError(f"end must be one of {FINE_GRID_ENDS}, got {end!r}")
     tt = torch.linspace(t_start, 0.0, 20_001, dtype=torch.float64)
     count = torch.zeros_like(tt)
     used = 0
@@ -159,13 +161,14 @@ def fine_grid(schedule: Any, fine: int = PROBE_FINE, t_start: float = 1.0,
     return ts
 
 
-def reference_final(schedule: Any, ts: Sequence[float] | Tensor) -> dict[str, str]:
-    """The final-step option of a reference solve on ``ts``: ``{"final": "x0"}`` where ``ts``
-    ends t_min -> 0 at a discrete model's first trained time (:func:`fine_grid`), else none
-    (the solver's own)."""
+def reference_final(schedule: Any, ts: Sequence[float] | Tensor, solver: str) -> dict[str, str]:
+    """The final-step option of a reference solve by ``solver`` on ``ts``: ``{"final": "x0"}``
+    where ``ts`` ends t_min -> 0 at a discrete model's first trained time (:func:`fine_grid`)
+    and the solver has the option, else none (the solver's own)."""
     t_min = trained_end(schedule)
-    last = float(ts[-2]) if len(ts) > 1 else math.nan
-    return {"final": "x0"} if t_min is not None and abs(last - t_min) <= 1e-12 else {}
+    ends_there = (t_min is not None and len(ts) > 1
+                  and math.isclose(float(ts[-2]), t_min, rel_tol=1e-9))
+    return {"final": "x0"} if ends_there and "final" in REGISTRY[solver].options else {}
 
 
 @dataclass
@@ -216,9 +219,8 @@ def probe_trajectory(denoiser: BaseDenoiser, noise: Tensor, cond: Any = None,
         if i + 1 < n:
             xs[i + 1] = step["x"].clone()
 
-    spec = REGISTRY[solver]
-    final = reference_final(schedule, ts) if "final" in spec.options else {}
-    out = spec.fn(denoiser, x0_T, ts, cond=cond, callback=record, **final)
+    out = REGISTRY[solver].fn(denoiser, x0_T, ts, cond=cond, callback=record,
+                              **reference_final(schedule, ts, solver))
     xs[n] = out
     return ProbeTrajectory(ts, Grid(schedule, ts, noise), xs, x0s, noise, cond)  # type: ignore[arg-type]
 
