@@ -3,12 +3,16 @@ wrote (``--json``): per model, diffusers' best configuration at 5 / 10 / 20 call
 ratio of the main difflab rows (and of the stored fits, from a second run) to it, with the
 ratio's 90 % paired bootstrap interval over the test draws where the run kept each draw's
 error (``per_draw``, session 21 on). ``--pool`` joins the runs of one model on other seeds
-(the same guidance) into one set of draws, rows matched by label.
+(the same guidance) into one set of draws, rows matched by label. ``--tails`` adds, where the
+draws were kept, the ratio on the *median* draw (sqrt of the median squared error over sqrt of
+diffusers' best's) and the share of the row's summed squared error its worst draw holds: a
+diagnostic of heavy tails (session 25), not a second reading of the target, which is the RMSE
+ratio over all draws.
 
     python bench/byom_summary.py docs/results/byom_defaults.json \\
         docs/results/byom_defaults_flow_edm.json docs/results/byom_defaults_eps.json \\
         --fits docs/results/byom_defaults_fits.json
-    python bench/byom_summary.py --pool docs/results/byom_s21_latent0_s{1,2,3}.json
+    python bench/byom_summary.py --pool --tails docs/results/byom_s24_latent0_s{1,2,3}.json
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -56,6 +61,8 @@ def main() -> None:
     ap.add_argument("--fits", default=None, help="a run whose rows include the stored fits")
     ap.add_argument("--pool", action="store_true",
                     help="join the runs of each model (and guidance) into one set of draws")
+    ap.add_argument("--tails", action="store_true",
+                    help="add the median draw's ratio and the worst draw's share of the error")
     args = ap.parse_args()
     runs: dict[tuple, list[dict]] = {}
     for path in args.results:
@@ -84,6 +91,10 @@ def main() -> None:
                 b = per_draw.get("diffusers", {}).get(best[n][1], {}).get(n)
                 if a and b:
                     cell += " [{:.2f}, {:.2f}]".format(*ratio_interval(a, b))
+                    if args.tails:
+                        cell += "; median draw {:.2f}x, worst draw {:.0%}".format(
+                            math.sqrt(statistics.median(a) / statistics.median(b)),
+                            max(a) / sum(a))
                 cells.append(cell + ")")
             print(f"   {k[:58]:58s} " + " ".join(cells))
 

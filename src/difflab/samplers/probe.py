@@ -55,28 +55,16 @@ once). On a 28x28 U-Net, one thread: ~58 s CPU for 5, 10 and 20 steps together, 
 solve included (session 18; ~87 s with a rollout per mode and per first call). The plan is cached
 on the side (:func:`probe_plan`), keyed by the parameters' in-place version counters, so
 training the model invalidates it.
-Measured on five model families in docs/results/byom_defaults.md (sessions 11, 16, 17):
-within diffusers' best scheduler in 14 of 15 cells (5 / 10 / 20 calls) on session 16's models;
-rectified flow at 20 calls was 1.05x on 32 test draws and 1.17x on 384 (the probe's draws
-ranked uniform+path_2m first, and it failed on a few test draws). On five models trained
-afresh in session 17: 13 cells below 1.0x, the eps / linear model at 10 calls 1.00x (diffusers'
-own best method and grid) and at 20 calls 1.007x (1.014x and 1.021x on two sets of 128 more
-draws, session 18: diffusers' DPM++2M on its `linspace` grid is 1-2 % better there than the
-same solver on the uniform grid, the plan, and no candidate here beats it). On a
-classifier-free-guided class-conditional model (session 19): 0.85 / 0.54 / 0.48x at w = 2 and
-0.67 / 0.47 / 0.35x at w = 4. On a latent text-to-image model trained with Stable Diffusion's
-recipe (session 20, scaled_linear / eps): 0.73 / 0.95 / 0.69x at w = 3, and unguided 0.55 /
-0.72 / 1.27x: at 20 calls diffusers' UniPC-2 on the Karras grid (final x0 step, the network
-told integer indices) wins; added as a candidate, Karras changed no plan on six models, the
-probe's draws ranking log-SNR first here. On 288 test draws (session 21) that model's unguided
-cells are 1.14x / 1.40x at 10 / 20 calls, and at 20 calls one draw in 128 holds over half of
-the gap to Karras: there the probe's draws, like the test draws, are too heavy-tailed to rank
-grids whose typical errors differ by a few %, and a probe that added draws while uncertain (up
-to 96) picked a 2.3x worse plan on fm_base at 20 calls (docs/results/byom_defaults.md).
-Session 24: with the fine solve stopped at 1 / T (step 1) that model's 20-call plan is unipc on
-the 2M path with the x0 final step, 1.27x diffusers' best on 288 draws against the reference
-stopped at 1 / T as well (1.83x before; 0.90 / 1.55 / 0.98x on the three draw sets), every
-other model's plan unchanged.
+
+Measured on nine model and guidance settings (cosine / v, EDM / VE, rectified flow, eps /
+linear-beta DDPM from diffusers, zero-terminal-SNR v, a classifier-free-guided model at w = 2
+and 4, a latent text-to-image model at w = 0 and 3) against diffusers' best scheduler at 5, 10
+and 20 calls: docs/results/byom_defaults.md, one section per session, newest first. Where it
+falls short it is measured there: on the eps / linear model at 20 calls diffusers' DPM++2M on
+its rounded `linspace` grid is ~1 % better than the same solver on the uniform grid; on the
+latent model unguided the plan beats diffusers' best on the median draw (0.63x / 0.91x at 10 /
+20 calls on 288 draws) but one draw in 288, near a split of the flow, holds 62 % / 34 % of its
+squared error, a tail 24 probe draws cannot see.
 """
 
 from __future__ import annotations
