@@ -92,9 +92,8 @@ def main() -> None:
                 if a and b:
                     cell += " [{:.2f}, {:.2f}]".format(*ratio_interval(a, b))
                     if args.tails:
-                        cell += "; median draw {:.2f}x, worst draw {:.0%}".format(
-                            math.sqrt(statistics.median(a) / statistics.median(b)),
-                            max(a) / sum(a))
+                        typical = math.sqrt(statistics.median(a) / statistics.median(b))
+                        cell += f"; median draw {typical:.2f}x, worst draw {max(a) / sum(a):.0%}"
                 cells.append(cell + ")")
             print(f"   {k[:58]:58s} " + " ".join(cells))
 
