@@ -4,14 +4,22 @@
         [--steps 10,20] [--n 32] [--seed 1] [--cfg W] [--ref-cache DIR] [--json OUT]
 
 Each plan is ``default`` (the default call's probe plan) or ``SAMPLER:SPACING:FINAL`` (FINAL a
-final-step mode of ``difflab.samplers.common.FINAL_MODES`` or ``own``), with ``:round``
+final-step mode of ``difflab.samplers.common.FINAL_MODES`` or ``own``; SPACING a spacing of
+``difflab.samplers.timesteps``, ``karrasRHO`` (Karras with that rho, e.g. ``karras5``) or
+``karras+log_snr@M``: the Karras grid's first M steps, then log-spaced sigma~ down to
+sigma_min in the remaining ones), with ``:round``
 appended to tell the network the trained knot k / T nearest each grid time while the state
 stays on the grid (what diffusers' schedulers do when they round a Karras sigma's timestep;
 discrete-time models only). Prints each plan's test RMSE against samplers_real's 960-step
 reference (``--ref-cache``); ``--json`` keeps each draw's squared error.
 
+``--seeds 1:32,2:128`` runs several draw sets (SEED:N) in turn and also prints each plan's
+error pooled over all their draws, with the median draw's error and the share of the summed
+squared error that the worst draw holds (heavy tails, session 25).
+
 Session 22: on the latent model unguided at 20 calls, ``unipc:karras:x0:round`` gives
-diffusers' UniPC-2 Karras error to the digit (docs/results/byom_defaults.md).
+diffusers' UniPC-2 Karras error to the digit (docs/results/byom_defaults.md). Session 25: the
+same model on 544 draws, the Karras grid against the probe's plan and the hybrids above.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -29,6 +38,24 @@ import samplers_real as B  # noqa: E402
 
 from difflab import samplers as S  # noqa: E402
 from difflab.samplers.plan import SolverPlan  # noqa: E402
+from difflab.samplers.timesteps import _from_sigmas  # noqa: E402
+
+
+def grid(schedule, n: int, spacing: str) -> tuple[float, ...]:
+    """The n-step grid of ``spacing`` (module docstring: a spacing or ``karras+log_snr@M``)."""
+    if spacing.startswith("karras") and spacing[6:].replace(".", "", 1).isdigit():
+        return tuple(S.timesteps(schedule, n, "karras", rho=float(spacing[6:])).tolist())
+    if not spacing.startswith("karras+log_snr@"):
+        return tuple(S.timesteps(schedule, n, spacing).tolist())
+    m = int(spacing.split("@")[1])
+    if not 0 < m < n:
+        raise SystemExit(f"{spacing}: M must lie in (0, {n})")
+    sig = [math.exp(-0.5 * float(schedule.log_snr(float(t))))
+           for t in S.timesteps(schedule, n, "karras")[:m + 1]]
+    rest = torch.linspace(math.log(sig[m]), math.log(float(schedule.sigma_min)), n - m,
+                          dtype=torch.float64).exp()
+    sigmas = torch.cat([torch.tensor(sig[:m], dtype=torch.float64), rest])
+    return tuple(_from_sigmas(schedule, sigmas, 1.0).tolist())
 
 
 def parse_plan(spec: str, den, n: int, noise: torch.Tensor, cond) -> SolverPlan:
@@ -40,7 +67,7 @@ def parse_plan(spec: str, den, n: int, noise: torch.Tensor, cond) -> SolverPlan:
         plan = S.default_plan(den, n, noise, cond)
     elif len(parts) == 3:
         sampler, spacing, final = parts
-        plan = SolverPlan(sampler, tuple(S.timesteps(den.schedule, n, spacing).tolist()),
+        plan = SolverPlan(sampler, grid(den.schedule, n, spacing),
                           final=None if final == "own" else final)
     else:
         raise SystemExit(f"plan {spec!r}: give default or SAMPLER:SPACING:FINAL[:round]")
@@ -66,23 +93,35 @@ def main() -> None:
                     help="a class-conditional or text-to-image model's guidance (0: unguided)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ref-cache", default="")
+    ap.add_argument("--seeds", default="",
+                    help="SEED:N,...: draw sets, pooled at the end (instead of --seed, --n)")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
-    den, _, _, noise, cond = B.setup_test_draws(args)  # guided as samplers_real guides
-    with torch.no_grad():
-        ref = B.cached_reference(args, args.model, den, noise, 960, cond)
+    sets = ([tuple(int(v) for v in item.split(":")) for item in args.seeds.split(",")]
+            if args.seeds else [(args.seed, args.n)])
     out: dict[str, dict[str, list[float]]] = {}
-    for n in (int(s) for s in args.steps.split(",")):
-        for spec in args.plans.split(","):
-            plan = parse_plan(spec, den, n, noise, cond)
-            with torch.no_grad():
-                mse = B.draw_mse(S.sample(den, noise, fit=plan, cond=cond), ref)
-            out.setdefault(spec, {})[str(n)] = mse
-            print(f"{n} calls  {spec:32s} RMSE {math.sqrt(sum(mse) / len(mse)):.5f}", flush=True)
+    for args.seed, args.n in sets:
+        den, _, _, noise, cond = B.setup_test_draws(args)  # guided as samplers_real guides
+        with torch.no_grad():
+            ref = B.cached_reference(args, args.model, den, noise, 960, cond)
+        for n in (int(s) for s in args.steps.split(",")):
+            for spec in args.plans.split(","):
+                plan = parse_plan(spec, den, n, noise, cond)
+                with torch.no_grad():
+                    mse = B.draw_mse(S.sample(den, noise, fit=plan, cond=cond), ref)
+                out.setdefault(spec, {}).setdefault(str(n), []).extend(mse)
+                print(f"seed {args.seed} ({args.n})  {n} calls  {spec:32s} "
+                      f"RMSE {math.sqrt(sum(mse) / len(mse)):.5f}", flush=True)
+    if len(sets) > 1:
+        for spec, by_n in out.items():
+            for n, mse in by_n.items():
+                print(f"pooled ({len(mse)} draws)  {n} calls  {spec:32s} "
+                      f"RMSE {math.sqrt(sum(mse) / len(mse)):.5f}  median draw "
+                      f"{math.sqrt(statistics.median(mse)):.5f}  worst draw "
+                      f"{max(mse) / sum(mse):.0%}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "n": args.n,
-                                               "seed": args.seed, "cfg": args.cfg,
-                                               "per_draw": out}, indent=1))
+        Path(args.json).write_text(json.dumps({"model": args.model, "sets": sets,
+                                               "cfg": args.cfg, "per_draw": out}, indent=1))
 
 
 if __name__ == "__main__":
