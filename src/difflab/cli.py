@@ -25,6 +25,7 @@ from difflab.commands import (
     tune_grid,
 )
 from difflab.commands.common import HelpFormatter, render_error
+from difflab.denoiser import split_batch
 
 __all__ = ["build_parser", "main", "flag_names", "FLAGS"]
 
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with split_batch():  # inference calls run on every thread the command was given
+            return int(args.func(args) or 0)
     except (ValueError, OSError, FloatingPointError) as e:
         # bad input, a full disk, a diverged run: one clear line, no traceback
         message = " ".join(render_error(e, flag_names(parser, args.command)).split())

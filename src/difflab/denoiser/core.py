@@ -24,6 +24,7 @@ from difflab.denoiser.parameterization import (
     get,
 )
 from difflab.denoiser.prediction import Prediction, TimePoint, broadcast_time
+from difflab.denoiser.split import call_net
 from difflab.schedules import NoiseSchedule
 
 __all__ = ["PREDICTIONS", "BaseDenoiser", "Denoiser"]
@@ -127,10 +128,8 @@ class Denoiser(BaseDenoiser):
                  cond: Any) -> Prediction:
         p = self.parameterization
         x_in, time_in = p.net_inputs(x, alpha, sigma, net_t)
-        if cond is None:
-            out = self.net(x_in, time_in)
-        else:
-            out = self.net(x_in, time_in, **Condition.of(cond).kwargs())
+        kwargs = {} if cond is None else Condition.of(cond).kwargs()
+        out = call_net(self.net, x_in, time_in, **kwargs)  # split over threads where asked
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
         if not self.learned_variance:
