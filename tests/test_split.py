@@ -40,7 +40,7 @@ def two_threads():
 
 
 def test_a_split_call_equals_the_whole_batch_and_runs_one_thread_per_part(two_threads):
-    net = Recorder()
+    net = Recorder().eval()
     den = Denoiser(net, cosine(), prediction="eps")
     x = torch.randn(5, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     t = torch.linspace(0.2, 0.9, 5)
@@ -59,8 +59,9 @@ def test_a_split_call_equals_the_whole_batch_and_runs_one_thread_per_part(two_th
     assert torch.get_num_threads() == 2  # restored
 
 
-def test_no_split_with_gradients_one_thread_or_outside_the_context(two_threads):
-    net = Recorder()
+def test_no_split_with_gradients_in_training_mode_one_thread_or_outside_the_context(
+        two_threads):
+    net = Recorder().eval()
     den = Denoiser(net, cosine(), prediction="v")
     x = torch.randn(4, 1, 4, 4)
     with split_batch():
@@ -69,10 +70,14 @@ def test_no_split_with_gradients_one_thread_or_outside_the_context(two_threads):
         net.calls.clear()
         with torch.no_grad(), split_batch(False):
             den.predict(x, 0.5)
+        net.train()  # dropout would draw across threads: a training-mode net is not split
+        with torch.no_grad():
+            den.predict(x, 0.5)
+        net.eval()
         torch.set_num_threads(1)
         with torch.no_grad():
             den.predict(x, 0.5)
-    assert [c[0] for c in net.calls] == [4, 4]
+    assert [c[0] for c in net.calls] == [4, 4, 4]
     assert all(c[2] == threading.current_thread().name for c in net.calls)
 
 
@@ -89,9 +94,11 @@ def test_a_sampler_inside_the_context_gives_each_parts_own_samples(two_threads):
             self.body = body
 
         def forward(self, x, t):
+            sizes.append(x.shape[0])
             return self.body(x) * (1 + t.view(-1, 1, 1, 1))
 
-    den = Denoiser(Net(), cosine(), prediction="v")
+    sizes: list[int] = []
+    den = Denoiser(Net().eval(), cosine(), prediction="v")
     noise = torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         with split_batch():
@@ -100,3 +107,4 @@ def test_a_sampler_inside_the_context_gives_each_parts_own_samples(two_threads):
         alone = torch.cat([difflab.sample(den, noise[:3], sampler="ddim", steps=8),
                            difflab.sample(den, noise[3:], sampler="ddim", steps=8)])
     assert torch.equal(split, alone)
+    assert sizes[:2] == [3, 3] and set(sizes) == {3}  # every call was split, then halves alone

@@ -11,8 +11,10 @@ depending on the host's other load), while its parts share nothing. ``difflab tu
 
 A part's outputs are, to the bit, those of the same rows called alone on one thread; against
 the whole batch on several threads they differ by float round-off (a kernel's blocking may
-depend on its batch size and thread count). Calls that record gradients, calls on another
-device and calls made from inside a part run as they are. torch's thread count is
+depend on its batch size and thread count). Calls that record gradients, calls to a network
+in training mode (its dropout draws would interleave across threads, and a run would no
+longer repeat itself), calls on another device and calls made from inside a part run as they
+are. torch's thread count is
 process-wide, so it is lowered to 1 only while the parts run and restored after; that is why
 splitting is opt-in: the commands turn it on (threads belong to the caller, not to a library
 function).
@@ -64,10 +66,11 @@ def _part(value: Any, batch: int, a: int, b: int) -> Any:
 
 def call_net(net: Callable[..., Tensor], x: Tensor, time_in: Any, **kwargs: Any) -> Tensor:
     """``net(x, time_in, **kwargs)``, split over torch's threads inside :func:`split_batch`
-    when it records no gradients and runs on the CPU (module docstring)."""
+    when it records no gradients, runs on the CPU and ``net`` is in eval mode (module
+    docstring)."""
     workers = min(torch.get_num_threads(), x.shape[0]) if x.ndim else 1
     if (not _ENABLED.get() or workers < 2 or torch.is_grad_enabled()
-            or x.device.type != "cpu"):
+            or x.device.type != "cpu" or getattr(net, "training", False)):
         return net(x, time_in, **kwargs)
     B = x.shape[0]
     bounds = [(i * B // workers, (i + 1) * B // workers) for i in range(workers)]

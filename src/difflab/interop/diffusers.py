@@ -587,7 +587,8 @@ def load_diffusers(path: str | os.PathLike, *, scheduler: dict | str | os.PathLi
         encoder = CLIPTextEncoder(text_dir, attend_padding=True)
         if device is not None:
             encoder.to(device)
-    denoiser = Denoiser(net, mapping.schedule, mapping.prediction)
+    # loaded to sample from, as its diffusers model is (no dropout draws, no batch statistics)
+    denoiser = Denoiser(net, mapping.schedule, mapping.prediction).eval()
     return DiffusersModel(denoiser, net, mapping, cls_name, model_config, lay.scheduler,
                           model_dir, (c_in, int(h), int(w)), _weights_file(model_dir, variant),
                           vae_model, vae_config, control, encoder)
