@@ -1,13 +1,16 @@
 """Inference network calls split over CPU threads (difflab.denoiser.split)."""
 
+import json
 import threading
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import difflab
-from difflab.denoiser import Condition, Denoiser, split_batch
+from difflab.cli import main
+from difflab.denoiser import Condition, Denoiser, split, split_batch
 from difflab.schedules import cosine
 
 
@@ -108,3 +111,38 @@ def test_a_sampler_inside_the_context_gives_each_parts_own_samples(two_threads):
                            difflab.sample(den, noise[3:], sampler="ddim", steps=8)])
     assert torch.equal(split, alone)
     assert sizes[:2] == [3, 3] and set(sizes) == {3}  # every call was split, then halves alone
+
+
+def test_difflab_sample_splits_a_guided_unets_calls_and_keeps_its_images(tmp_path, two_threads,
+                                                                          monkeypatch):
+    """`difflab sample` with classifier-free guidance on a trained class-conditional U-Net: with
+    two torch threads its network calls are split (labels and the guided batch cut with the
+    images), and its images are those of the same command on one thread, unsplit, to float
+    round-off."""
+    unet = {"type": "unet", "in_channels": 1, "out_channels": 1, "model_channels": 8,
+            "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [],
+            "image_size": 8, "num_classes": None}
+    cfg = {"net": unet, "schedule": {"type": "cosine", "timesteps": 1000}, "prediction": "v",
+           "data": {"name": "digits", "resolution": 8, "channels": 1, "num_classes": 10},
+           "train": {"steps": 3, "batch_size": 8, "log_every": 1, "sample_steps": 2,
+                     "grid_size": 10, "target": "v"}}
+    (tmp_path / "tiny.json").write_text(json.dumps(cfg))
+    run = tmp_path / "run"
+    assert main(["train", str(tmp_path / "tiny.json"), "--out", str(run), "--quiet",
+                 "--conditional", "--steps", "2", "--threads", "1"]) == 0
+    parts: list[int] = []
+    pool = split._pool
+    monkeypatch.setattr(split, "_pool", lambda workers: parts.append(workers) or pool(workers))
+    outs = {}
+    for threads in (2, 1):
+        torch.set_num_threads(threads)
+        npy = tmp_path / f"t{threads}.npy"
+        assert main(["sample", str(run), "--out", str(npy), "--count", "6", "--steps", "4",
+                     "--sampler", "dpmpp_2m", "--cfg", "1.5", "--label", "3", "--seed", "11",
+                     "--npy-dtype", "float"]) == 0
+        outs[threads] = np.load(npy)
+        if threads == 2:
+            assert parts and set(parts) == {2}  # every guided call of the sampler, split
+            parts.clear()
+    assert not parts  # one thread: nothing split
+    np.testing.assert_allclose(outs[2], outs[1], rtol=0, atol=1e-5)
