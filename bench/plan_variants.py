@@ -38,11 +38,11 @@ import samplers_real as B  # noqa: E402
 
 from difflab import samplers as S  # noqa: E402
 from difflab.samplers.plan import SolverPlan  # noqa: E402
-from difflab.samplers.timesteps import _from_sigmas  # noqa: E402
 
 
 def grid(schedule, n: int, spacing: str) -> tuple[float, ...]:
-    """The n-step grid of ``spacing`` (module docstring: a spacing or ``karras+log_snr@M``)."""
+    """The n-step grid of ``spacing`` (module docstring: a spacing, ``karrasRHO`` or
+    ``karras+log_snr@M``)."""
     if spacing.startswith("karras") and spacing[6:].replace(".", "", 1).isdigit():
         return tuple(S.timesteps(schedule, n, "karras", rho=float(spacing[6:])).tolist())
     if not spacing.startswith("karras+log_snr@"):
@@ -50,12 +50,9 @@ def grid(schedule, n: int, spacing: str) -> tuple[float, ...]:
     m = int(spacing.split("@")[1])
     if not 0 < m < n:
         raise SystemExit(f"{spacing}: M must lie in (0, {n})")
-    sig = [math.exp(-0.5 * float(schedule.log_snr(float(t))))
-           for t in S.timesteps(schedule, n, "karras")[:m + 1]]
-    rest = torch.linspace(math.log(sig[m]), math.log(float(schedule.sigma_min)), n - m,
-                          dtype=torch.float64).exp()
-    sigmas = torch.cat([torch.tensor(sig[:m], dtype=torch.float64), rest])
-    return tuple(_from_sigmas(schedule, sigmas, 1.0).tolist())
+    karras = S.timesteps(schedule, n, "karras")  # its first m steps, then the log-SNR grid
+    rest = S.timesteps(schedule, n - m, "log_snr", t_start=float(karras[m]))
+    return tuple(karras[:m].tolist() + rest.tolist())
 
 
 def parse_plan(spec: str, den, n: int, noise: torch.Tensor, cond) -> SolverPlan:

@@ -14,10 +14,9 @@ the whole batch on several threads they differ by float round-off (a kernel's bl
 depend on its batch size and thread count). Calls that record gradients, calls to a network
 in training mode (its dropout draws would interleave across threads, and a run would no
 longer repeat itself), calls on another device and calls made from inside a part run as they
-are. torch's thread count is
-process-wide, so it is lowered to 1 only while the parts run and restored after; that is why
-splitting is opt-in: the commands turn it on (threads belong to the caller, not to a library
-function).
+are. torch's thread count is process-wide, so it is lowered to 1 only while the parts run and
+restored after; that is why splitting is opt-in: the commands turn it on (threads belong to
+the caller, not to a library function).
 """
 
 from __future__ import annotations
@@ -68,11 +67,13 @@ def call_net(net: Callable[..., Tensor], x: Tensor, time_in: Any, **kwargs: Any)
     """``net(x, time_in, **kwargs)``, split over torch's threads inside :func:`split_batch`
     when it records no gradients, runs on the CPU and ``net`` is in eval mode (module
     docstring)."""
-    workers = min(torch.get_num_threads(), x.shape[0]) if x.ndim else 1
-    if (not _ENABLED.get() or workers < 2 or torch.is_grad_enabled()
-            or x.device.type != "cpu" or getattr(net, "training", False)):
+    if (not _ENABLED.get() or torch.is_grad_enabled() or x.device.type != "cpu"
+            or getattr(net, "training", False)):  # every call passes here: cheap tests first
         return net(x, time_in, **kwargs)
     B = x.shape[0]
+    workers = min(torch.get_num_threads(), B)
+    if workers < 2:
+        return net(x, time_in, **kwargs)
     bounds = [(i * B // workers, (i + 1) * B // workers) for i in range(workers)]
     inference = torch.is_inference_mode_enabled()
 
