@@ -178,6 +178,24 @@ def test_ddim_trailing_equals_diffusers_ddim(kind, unet, tmp_path):
     assert rel(ours, diffusers_loop(unet, off, x, 50)) > 20 * rel(ours, ref)
 
 
+def test_dpmpp_2m_linspace_equals_diffusers_dpm_solver_multistep(unet, tmp_path):
+    """DPM-Solver++(2M) on diffusers' default "linspace" indices (timesteps round(linspace(0,
+    T - 1, n + 1)), last dropped) with a first-order step to sigma = 0: difflab's dpmpp_2m on
+    spacing="linspace" with final="x0" = DPMSolverMultistepScheduler(final_sigmas_type="zero")
+    on the same noise, at step counts with and without diffusers' lower_order_final."""
+    sched = diffusers.DPMSolverMultistepScheduler(solver_order=2, final_sigmas_type="zero")
+    assert sched.config.timestep_spacing == "linspace"
+    den = interop.from_diffusers(save(tmp_path, unet, sched))
+    x = noise()
+    for steps in (7, 20):
+        ref = diffusers_loop(unet, sched, x, steps)
+        ts = S.timesteps(den.schedule, steps, "linspace")
+        assert (den.schedule.net_time(ts[:-1]).round() == sched.timesteps.double()).all()
+        ours = S.sample(den, x, "dpmpp_2m", steps, spacing="linspace", final="x0")
+        assert rel(ours, ref) < 1e-5, (steps, rel(ours, ref))
+        assert not torch.equal(ts, S.timesteps(den.schedule, steps, "trailing"))
+
+
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_euler_on_a_flow_model_equals_flow_match_euler(dynamic, unet, tmp_path):
     """difflab's Euler on diffusers' own sigmas (mapped to difflab times by the schedule) =

@@ -260,3 +260,38 @@ def test_probe_rolls_each_solver_out_once_per_grid_and_shares_the_first_call():
         S.probe_plan(den, n, (8,), dtype=torch.float64)
         solvers = len({s for s, _ in P.PROBE_SOLVERS})
         assert den.net.calls - calls == len(grids) * solvers * (n - 1) + len(starts)
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+def test_a_winning_uniform_grid_meets_its_linspace_twin(monkeypatch, steps):
+    """Where the uniform grid wins on a discrete-time model, the winning solver is rolled out
+    once more, on diffusers' "linspace" twin, scored on all draws against the fine solve as
+    the uniform grid is, and the closer of the two is the plan; a continuous-time model has
+    no twin."""
+    linear = schedules.linear(1e-4, 0.02, timesteps=1000)
+    den = GaussianMixture.random(6, 8, seed=11).denoiser(linear, "eps")
+    only_uniform = {"uniform": S.timesteps(linear, steps, "uniform")}
+    monkeypatch.setattr(P, "candidate_grids", lambda *a: dict(only_uniform))
+    P.clear_probe_cache()
+    P.probe_solve(den, (8,), dtype=torch.float64)
+    calls = den.net.calls
+    choice = S.probe_plan(den, steps, (8,), dtype=torch.float64)
+    solvers = len({s for s, _ in P.PROBE_SOLVERS})
+    # one rollout per solver on the uniform grid (its first call shared), one on the twin
+    assert den.net.calls - calls == (solvers + 1) * (steps - 1) + 1
+    traj = next(iter(P._CACHE[den].values()))["traj"]
+    x_T = traj.noise * linear.prior_std(1.0)
+    best = min((k for k in choice.scores if k[2] == "uniform"), key=choice.scores.__getitem__)
+    twin = (best[0], best[1], "linspace")
+    assert set(choice.scores) == {k for k in choice.scores if k[2] == "uniform"} | {twin}
+    ts = S.timesteps(linear, steps, "linspace")
+    x = S.REGISTRY[twin[0]].fn(den, x_T, ts, final=twin[1])
+    assert choice.scores[twin] == pytest.approx(rmse(x, traj.x[-1]), rel=1e-9)
+    winner = min((best, twin), key=choice.scores.__getitem__)
+    assert (choice.plan.sampler, choice.plan.final, choice.grid_name) == winner
+    assert list(choice.plan.ts) == pytest.approx(S.timesteps(linear, steps, winner[2]).tolist())
+    # no twin on a continuous-time model
+    flow = GaussianMixture.random(6, 8, seed=11).denoiser(schedules.rectified_flow(), "flow")
+    only_uniform["uniform"] = S.timesteps(flow.schedule, steps, "uniform")
+    choice = S.probe_plan(flow, steps, (8,), dtype=torch.float64)
+    assert {k[2] for k in choice.scores} == {"uniform"} and choice.grid_name == "uniform"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 
@@ -46,6 +47,10 @@ def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("spacing", S.SPACINGS)
 @pytest.mark.parametrize("steps", [1, 7, 1000])
 def test_grids_decrease_without_duplicates_and_end_clean(spacing, steps):
+    if spacing == "linspace" and steps == 1000:  # T - 1 steps at most (one index a step)
+        with pytest.raises(ValueError, match="at most T - 1"):
+            timesteps(LINEAR, steps, spacing)
+        steps = 999
     ts = timesteps(LINEAR, steps, spacing)
     assert ts.shape == (steps + 1,) and ts.dtype == F64
     assert bool((ts[1:] < ts[:-1]).all()), "duplicate or increasing grid points"
@@ -65,6 +70,12 @@ def test_grid_definitions():
         torch.testing.assert_close(timesteps(LINEAR, steps, "trailing")[:-1], (trailing + 1) / T)
         leading = (torch.arange(steps, dtype=F64) * (T // steps)).flip(0)
         torch.testing.assert_close(timesteps(LINEAR, steps, "leading")[:-1], (leading + 1) / T)
+    # linspace: numpy's round(linspace(0, T - 1, n + 1)), reversed, index 0 dropped (rounding
+    # half to even as numpy does, e.g. 499.5 -> 500 at n = 26)
+    for steps in (5, 20, 26, 999):
+        idx = np.linspace(0, T - 1, steps + 1).round()[::-1][:-1].copy()
+        torch.testing.assert_close(timesteps(LINEAR, steps, "linspace")[:-1],
+                                   (torch.from_numpy(idx) + 1) / T)
     assert abs(float(timesteps(LINEAR, 5, "leading")[0]) - 0.801) < 1e-12  # not the prior
     # log_snr: uniform log-SNR from lambda(1) to sigma_min; karras: Eq. 5 with rho = 7
     lam = LINEAR.log_snr(timesteps(LINEAR, 9, "log_snr")[:-1])

@@ -45,6 +45,15 @@ the model instead of guessing from its schedule's name:
    their ranking (session 17: on a freshly trained eps / linear model at 10 calls the second
    half alone ranked uniform+log_snr first, 1.11x diffusers' best on the test draws, where
    all draws rank the uniform grid first, 1.00x).
+4. **The uniform grid's twin.** A discrete-time model's uniform grid has two integer forms:
+   ``uniform`` (= diffusers' "trailing", DDPM indices 999, 949 .. 49 at 20 steps) and
+   diffusers' "linspace" (uniform between t = 1 and 1 / T: 999, 949 .. 549, 500, 450 .. 50).
+   Where the uniform grid wins, the winning solver is also rolled out on its twin (all
+   draws, as the uniform grid) and the closer of the two is kept: one rollout more, and only
+   there. Which form is better depends on the model by ~1 % (session 26: the eps / linear
+   model prefers linspace at 10 and 20 calls on the probe's draws and on three test sets,
+   where it was 1.01-1.02x diffusers' best at 20 calls on the trailing form; five other
+   discrete settings prefer uniform as often as not, docs/results/byom_defaults.md).
 
 Cost: the fine solve (3 ``fine`` calls on ``draws`` images), plus for each step count the
 candidates' rollouts, once per model, image shape, condition and step count: ~12 n calls, half
@@ -102,7 +111,9 @@ PROBE_SOLVERS = (("unipc", "extrapolate"), ("unipc", "x0"), ("dpmpp_2m", "x0"))
 MAX_PROBE_STEPS = 40   # above this the fixed grids agree to well under the probe's own error
 FAMILIES = ("uniform", "log_snr", "karras")
 # candidates that depend on the model only through its schedule, not on any probe draw
-FIXED_GRIDS = ("uniform", "log_snr", "uniform+log_snr")
+FIXED_GRIDS = ("uniform", "log_snr", "uniform+log_snr", "linspace")
+# a winning grid's twin on a discrete-time model, tried with the winning solver only (step 4)
+TWINS = {"uniform": "linspace"}
 
 
 def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
@@ -371,6 +382,18 @@ def candidate_grids(denoiser: BaseDenoiser, traj: ProbeTrajectory,
     return unique
 
 
+def _twin_grid(schedule: Any, steps: int, twin: str, ts: Tensor) -> Tensor | None:
+    """``twin``'s grid for ``steps`` steps (module docstring, step 4), or None where the
+    schedule has none or it equals the winner's ``ts``."""
+    if schedule.num_steps is None:
+        return None
+    try:
+        other = timesteps(schedule, steps, twin)
+    except ValueError:
+        return None
+    return None if torch.equal(other, ts) else other
+
+
 def rollout_finals(denoiser: BaseDenoiser, solver: str, x: Tensor, ts: Tensor, cond: Any,
                    finals: Sequence[str]) -> dict[str, Tensor]:
     """``solver``'s output from ``x`` on ``ts`` for each final-step mode in ``finals``, from one
@@ -524,6 +547,16 @@ def probe_plan(denoiser: BaseDenoiser, steps: int, shape: Sequence[int], *, cond
     paths = [k for k in scores if k[2] not in FIXED_GRIDS]
     finalists = [min(keys, key=scores.__getitem__) for keys in (fixed, paths) if keys]
     solver, final, name = min(finalists, key=held.__getitem__)  # paired: the same held draws
+    twin = TWINS.get(name)
+    ts = _twin_grid(denoiser.schedule, steps, twin, grids[name]) if twin else None
+    if ts is not None:  # a fixed grid: all draws score it, paired with the winner's score
+        x_start, cond_start, target = draws_from[0]
+        x = rollout_finals(shared, solver, x_start, ts, cond_start, [final])[final]
+        mse = (x - target).double().pow(2).flatten(1).mean(1)
+        scores[solver, final, twin] = _finite(mse.mean().sqrt())
+        draw_mse[solver, final, twin] = mse
+        if scores[solver, final, twin] < scores[solver, final, name]:
+            name, grids[twin] = twin, ts
     choice = ProbeChoice(SolverPlan(solver, grids[name], final=final), name, scores,
                          draw_mse[solver, final, name])
     store[steps] = choice

@@ -15,6 +15,13 @@ the VE-equivalent noise level and lambda = log_snr(t):
   (Karras et al. 2022, Eq. 5), then t = 0.
 * ``trailing`` diffusers' "trailing" DDPM indices round(arange(T, 0, -T / steps)) - 1
   (Lin et al. 2024, Table 2), i.e. t = (index + 1) / T, then t = 0. Discrete schedules only.
+* ``linspace`` diffusers' "linspace" indices of its multistep solvers (DPMSolverMultistep,
+  UniPC, DEIS): round(linspace(0, T - 1, steps + 1)), reversed, the last (index 0) dropped,
+  i.e. t = (index + 1) / T, then t = 0. The uniform grid between t = 1 and the first trained
+  time 1 / T on integer indices; it differs from ``uniform`` / ``trailing`` by about one
+  index in the lower half (T = 1000, 20 steps: 500, 450 .. 50 against 499, 449 .. 49), which
+  can matter by ~1 % at 20 calls (docs/results/byom_defaults.md, session 26). Discrete
+  schedules only.
 * ``leading``  diffusers' "leading" indices arange(steps) * (T // steps), reversed: kept for
   compatibility with checkpoints tuned on it. It does **not** start at the prior (with
   T = 1000 and 5 steps its first index is 800, t = 0.801), so ``t_start`` is ignored.
@@ -36,7 +43,7 @@ from difflab.schedules import NoiseSchedule
 
 __all__ = ["SPACINGS", "timesteps", "SIGMA_MAX_CLIP", "trained_end"]
 
-SPACINGS = ("uniform", "log_snr", "karras", "leading", "trailing")
+SPACINGS = ("uniform", "log_snr", "karras", "leading", "trailing", "linspace")
 SIGMA_MAX_CLIP = 4096.0  # sigma~ used for grid placement when sigma~(t_start) = inf
 
 
@@ -106,6 +113,13 @@ def timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "log_snr", *,
             raise ValueError(f"spacing {spacing!r} has at most T = {T} steps, got {steps}")
         if spacing == "leading":
             idx = (torch.arange(steps, dtype=f64) * (T // steps)).flip(0)
+        elif spacing == "linspace":  # numpy's linspace (i * step, exact end), half to even
+            if steps > T - 1:  # a step under one index would round two points together
+                raise ValueError(f"spacing 'linspace' has at most T - 1 = {T - 1} steps, "
+                                 f"got {steps}")
+            idx = torch.arange(steps + 1, dtype=f64) * ((T - 1) / steps)
+            idx[-1] = T - 1
+            idx = idx.round().flip(0)[:steps]
         else:
             idx = (torch.arange(T, 0, -T / steps, dtype=f64).round() - 1)[:steps]
         ts = torch.cat([(idx + 1) / T, torch.zeros(1, dtype=f64)])
