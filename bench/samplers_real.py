@@ -1,10 +1,12 @@
 """Samplers on trained image models: difflab vs diffusers schedulers, same network, same noise.
 
-    python bench/samplers_real.py runs/bench_train3/difflab/checkpoint
+    python bench/samplers_real.py runs/bench_train3/difflab/checkpoint --out REPORT.md
     python bench/samplers_real.py runs/fm_base runs/byom_flow runs/byom_edm \\
-        diffusers:runs/byom_eps/export --seed 1 --tune '' --out docs/results/byom_defaults.md
+        diffusers:runs/byom_eps/export --seed 1 --tune '' --json RESULTS.json
 
-writes docs/results/samplers_real.md (or ``--out``; ``--json`` also stores every number).
+prints the summary; ``--out`` writes the whole report (a file it is told to write: session 26
+found the old default, docs/results/samplers_real.md, replaced by every run made for another
+purpose), ``--json`` also stores every number.
 
 Mixtures give exact answers (bench/samplers.py); this checks that the defaults also serve real
 networks. A model is a difflab checkpoint (or run directory), or ``diffusers:PATH``: a local
@@ -594,7 +596,9 @@ def main() -> None:
     ap.add_argument("--ref-cache", default="",
                     help="a folder to keep the reference solves in (reused when present)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "samplers_real.md"))
+    ap.add_argument("--out", default="",
+                    help="write the whole markdown report here (e.g. docs/results/"
+                         "samplers_real.md, what docs/benchmarks.md collects)")
     ap.add_argument("--json", default="", help="also write every number here")
     ap.add_argument("--solvers", default="",
                     help="difflab solvers on their own spacing (comma list; default: all "
