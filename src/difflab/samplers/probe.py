@@ -69,13 +69,11 @@ Measured on nine model and guidance settings (cosine / v, EDM / VE, rectified fl
 linear-beta DDPM from diffusers, zero-terminal-SNR v, a classifier-free-guided model at w = 2
 and 4, a latent text-to-image model at w = 0 and 3) against diffusers' best scheduler at 5, 10
 and 20 calls: docs/results/byom_defaults.md, one section per session, newest first. Where it
-falls short it is measured there: on the eps / linear model at 20 calls diffusers' DPM++2M on
-its rounded `linspace` grid is ~1 % better than the same solver on the uniform grid; on the
-latent model unguided the plan beats diffusers' best on the median draw (0.64x / 0.89x at 10 /
-20 calls on 544 draws) but loses on RMSE (1.05x / 1.15x): a few draws in a hundred, near a split
-of the flow, go the other way under the large high-noise steps of the log-SNR grid and its
-paths (the worst holds 40 % / 21 % of the squared error), a tail that 24 probe draws rarely
-contain and the Karras grid does not have.
+falls short it is measured there: on the latent model unguided the plan beats diffusers' best on
+the median draw (0.64x / 0.89x at 10 / 20 calls on 544 draws) but loses on RMSE (1.05x / 1.15x):
+a few draws in a hundred, near a split of the flow, go the other way under the large high-noise
+steps of the log-SNR grid and its paths (the worst holds 40 % / 21 % of the squared error), a
+tail that 24 probe draws rarely contain and the Karras grid does not have.
 """
 
 from __future__ import annotations
