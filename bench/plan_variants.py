@@ -7,9 +7,9 @@ Each plan is ``default`` (the default call's probe plan) or ``SAMPLER:SPACING:FI
 final-step mode of ``difflab.samplers.common.FINAL_MODES`` or ``own``; SPACING a spacing of
 ``difflab.samplers.timesteps``, ``karrasRHO`` (Karras with that rho, e.g. ``karras5``) or
 ``karras+log_snr@M``: the Karras grid's first M steps, then log-spaced sigma~ down to
-sigma_min in the remaining ones; on a discrete-time model also ``uniform_trained``, uniform
-from t = 1 to the first trained time 1 / T with that last point made 0, and ``linspace``,
-the same on integer DDPM indices (diffusers' ``timestep_spacing="linspace"``)), with ``:round``
+sigma_min in the remaining ones; on a discrete-time model also ``uniform_trained``, the
+``linspace`` grid unrounded: uniform from t = 1 to the first trained time 1 / T with that last
+point made 0), with ``:round``
 appended to tell the network the trained knot k / T nearest each grid time while the state
 stays on the grid (what diffusers' schedulers do when they round a Karras sigma's timestep;
 discrete-time models only). Prints each plan's test RMSE against samplers_real's 960-step
@@ -46,15 +46,14 @@ from difflab.samplers.plan import SolverPlan  # noqa: E402
 
 def grid(schedule, n: int, spacing: str) -> tuple[float, ...]:
     """The n-step grid of ``spacing`` (module docstring: a spacing, ``karrasRHO``,
-    ``karras+log_snr@M``, ``uniform_trained`` or ``linspace``)."""
+    ``karras+log_snr@M`` or ``uniform_trained``)."""
     if spacing.startswith("karras") and spacing[6:].replace(".", "", 1).isdigit():
         return tuple(S.timesteps(schedule, n, "karras", rho=float(spacing[6:])).tolist())
-    if spacing in ("uniform_trained", "linspace"):  # t = 1 .. t_min = 1 / T, t_min made 0
+    if spacing == "uniform_trained":  # timesteps' linspace grid before its rounding
         T = schedule.num_steps
         if T is None:
             raise SystemExit(f"{spacing}: needs a discrete-time model (num_steps T)")
         idx = torch.linspace(T - 1, 0, n + 1, dtype=torch.float64)[:-1]  # DDPM indices
-        idx = idx.round() if spacing == "linspace" else idx  # diffusers' integer knots
         return tuple(((idx + 1) / T).tolist() + [0.0])
     if not spacing.startswith("karras+log_snr@"):
         return tuple(S.timesteps(schedule, n, spacing).tolist())

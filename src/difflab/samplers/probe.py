@@ -52,8 +52,8 @@ the model instead of guessing from its schedule's name:
    draws, as the uniform grid) and the closer of the two is kept: one rollout more, and only
    there. Which form is better depends on the model by ~1 % (session 26: the eps / linear
    model prefers linspace at 10 and 20 calls on the probe's draws and on three test sets,
-   where it was 1.01-1.02x diffusers' best at 20 calls on the trailing form; five other
-   discrete settings prefer uniform as often as not, docs/results/byom_defaults.md).
+   where it was 1.01-1.02x diffusers' best at 20 calls on the trailing form; on six other
+   discrete settings linspace is better in 23 of 54 cells, docs/results/byom_defaults.md).
 
 Cost: the fine solve (3 ``fine`` calls on ``draws`` images), plus for each step count the
 candidates' rollouts, once per model, image shape, condition and step count: ~12 n calls, half
