@@ -382,9 +382,7 @@ def candidate_grids(denoiser: BaseDenoiser, traj: ProbeTrajectory,
 
 def _twin_grid(schedule: Any, steps: int, twin: str, ts: Tensor) -> Tensor | None:
     """``twin``'s grid for ``steps`` steps (module docstring, step 4), or None where the
-    schedule has none or it equals the winner's ``ts``."""
-    if schedule.num_steps is None:
-        return None
+    schedule has none (a continuous-time one) or it equals the winner's ``ts``."""
     try:
         other = timesteps(schedule, steps, twin)
     except ValueError:
@@ -529,30 +527,31 @@ def probe_plan(denoiser: BaseDenoiser, steps: int, shape: Sequence[int], *, cond
     for solver, final in solvers:
         finals.setdefault(solver, []).append(final)
     shared = SharedStart(denoiser, float(traj.ts[0]))  # every rollout's first call, once
-    for name, ts in grids.items():
-        # a fixed grid saw no probe draw: all of them score it; a path only the held half
+
+    def roll(name: str, ts: Tensor, solver: str, modes: Sequence[str]) -> None:
+        """Score ``solver`` on grid ``name`` in each final mode: a fixed grid saw no probe
+        draw, so all of them score it; a path only the held half."""
         start = 0 if name in FIXED_GRIDS else half
         x_start, cond_start, target = draws_from[start]
+        outs = rollout_finals(shared, solver, x_start, ts, cond_start, modes)
+        for final, x in outs.items():
+            mse = (x - target).double().pow(2).flatten(1).mean(1)
+            key = (solver, final, name)
+            scores[key] = _finite(mse.mean().sqrt())
+            held[key] = _finite(mse[half - start:].mean().sqrt())
+            draw_mse[key] = torch.cat([mse.new_full((start,), math.nan), mse])
+
+    for name, ts in grids.items():
         for solver, modes in finals.items():
-            outs = rollout_finals(shared, solver, x_start, ts, cond_start, modes)
-            for final, x in outs.items():
-                mse = (x - target).double().pow(2).flatten(1).mean(1)
-                key = (solver, final, name)
-                scores[key] = _finite(mse.mean().sqrt())
-                held[key] = _finite(mse[half - start:].mean().sqrt())
-                draw_mse[key] = torch.cat([mse.new_full((start,), math.nan), mse])
+            roll(name, ts, solver, modes)
     fixed = [k for k in scores if k[2] in FIXED_GRIDS]
     paths = [k for k in scores if k[2] not in FIXED_GRIDS]
     finalists = [min(keys, key=scores.__getitem__) for keys in (fixed, paths) if keys]
     solver, final, name = min(finalists, key=held.__getitem__)  # paired: the same held draws
     twin = TWINS.get(name)
     ts = _twin_grid(denoiser.schedule, steps, twin, grids[name]) if twin else None
-    if ts is not None:  # a fixed grid: all draws score it, paired with the winner's score
-        x_start, cond_start, target = draws_from[0]
-        x = rollout_finals(shared, solver, x_start, ts, cond_start, [final])[final]
-        mse = (x - target).double().pow(2).flatten(1).mean(1)
-        scores[solver, final, twin] = _finite(mse.mean().sqrt())
-        draw_mse[solver, final, twin] = mse
+    if ts is not None:  # a fixed grid like the winner: both scored on all draws
+        roll(twin, ts, solver, [final])
         if scores[solver, final, twin] < scores[solver, final, name]:
             name, grids[twin] = twin, ts
     choice = ProbeChoice(SolverPlan(solver, grids[name], final=final), name, scores,
